@@ -1,0 +1,36 @@
+"""moe_compile: a torch.compile backend for prefill-only serving of MoE models.
+
+::
+
+    import moe_compile
+    fast = torch.compile(model, backend="moe_prefill", options={...})
+    print(moe_compile.explain(model, input_ids))
+
+See README.md and docs/architecture.md.
+"""
+
+from __future__ import annotations
+
+from . import ops  # noqa: F401  (registers the moe_compile::moe custom op)
+from .backend import BACKEND_NAME, last_report, moe_prefill_backend, register
+from .explain import explain
+from .options import Options
+from .prepare import prepare
+from .report import BlockReport, Report, Skipped
+from .spec import ExpertSpec
+
+__version__ = "0.1.0"
+__all__ = [
+    "BACKEND_NAME",
+    "BlockReport",
+    "ExpertSpec",
+    "Options",
+    "Report",
+    "Skipped",
+    "explain",
+    "last_report",
+    "moe_prefill_backend",
+    "prepare",
+]
+
+register()

@@ -1,0 +1,143 @@
+"""The ``moe_prefill`` torch.compile backend: the whole pipeline in one place.
+
+::
+
+    Dynamo graph (torch IR, parameters lifted to inputs)
+      -> AOTAutograd: functional inference ATen graph
+      -> passes (moe_compile.passes.build_pipeline): detect -> canonicalize -> lower
+      -> Inductor (post-grad custom pass) or eager execution of the rewritten graph
+
+Options arrive through ``torch.compile(..., options={...})`` and are validated by
+:class:`~moe_compile.options.Options`. The backend is registered under the name
+``moe_prefill`` on import and through the ``torch_dynamo_backends`` entry point,
+so ``backend="moe_prefill"`` works without importing the package.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import itertools
+import re
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from .debug import GraphDumper
+from .graph import normalize_module_path
+from .options import Options
+from .passes import PassContext, build_pipeline
+from .report import Report
+
+BACKEND_NAME = "moe_prefill"
+
+_graph_ids = itertools.count()
+_last_report: Report | None = None
+#: reports of the graphs compiled while `collect_reports()` is active
+_collector: contextvars.ContextVar[list[Report] | None] = contextvars.ContextVar("moe_compile_reports", default=None)
+
+
+def moe_prefill_backend(gm: fx.GraphModule, example_inputs: list[Any], **kwargs: Any) -> Callable:
+    """A torch.compile backend (``backend="moe_prefill"``)."""
+    options = Options.from_user(kwargs.get("options"))
+    graph_name = f"graph_{next(_graph_ids)}"
+    report = Report(graphs=1)
+    tensors = [t for t in example_inputs if isinstance(t, torch.Tensor)]
+    on_cuda = any(t.is_cuda for t in tensors)
+    ctx = PassContext(
+        options=options,
+        report=report,
+        graph_name=graph_name,
+        real_inputs=list(example_inputs),
+        param_names=_param_names(gm),
+        training=torch.is_grad_enabled() and any(t.requires_grad for t in tensors),
+        dumper=GraphDumper(options.debug_dir, graph_name) if options.debug else None,
+    )
+    pipeline = build_pipeline(options)
+
+    def run_passes(aten_gm: fx.GraphModule) -> None:
+        if ctx.real_inputs is not None and len(aten_gm.graph.find_nodes(op="placeholder")) != len(ctx.real_inputs):
+            ctx.real_inputs = None  # placeholders do not line up: probe with random weights
+        for graph_pass in pipeline:
+            graph_pass(aten_gm, ctx)
+        if ctx.dumper is not None:
+            ctx.dumper.summary(aten_gm, report)
+        _publish(report)
+
+    if options.use_inductor(on_cuda):
+        from torch._inductor.compile_fx import compile_fx
+
+        hook = _InductorPostGradHook(run_passes)
+        return compile_fx(gm, example_inputs, config_patches={"post_grad_custom_pre_pass": hook, "fx_graph_cache": False})
+
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    def fw_compiler(aten_gm: fx.GraphModule, _fake_inputs: list[Any]) -> Callable:
+        run_passes(aten_gm)
+        return make_boxed_func(aten_gm.forward)
+
+    return aot_autograd(fw_compiler=fw_compiler)(gm, example_inputs)
+
+
+class _InductorPostGradHook:
+    """Runs the passes inside Inductor, on its post-grad ATen graph."""
+
+    def __init__(self, run: Callable[[fx.GraphModule], None]):
+        self.run = run
+
+    def __call__(self, graph: fx.Graph) -> None:
+        self.run(graph.owning_module)
+
+    def uuid(self) -> None:  # never cache: the passes fill the report
+        return None
+
+
+def _param_names(gm: fx.GraphModule) -> dict[int, str]:
+    """Placeholder position -> parameter or buffer FQN, from Dynamo's sources."""
+    names = {}
+    for i, node in enumerate(gm.graph.find_nodes(op="placeholder")):
+        arg = node.meta.get("grapharg")
+        source = getattr(arg, "source", None)
+        if source is None:
+            continue
+        name = source.name() if callable(source.name) else source.name
+        names[i] = normalize_module_path(re.sub(r"\._(parameters|buffers)\['([^']+)'\]", r".\2", name))
+    return names
+
+
+def _publish(report: Report) -> None:
+    global _last_report
+    _last_report = report
+    reports = _collector.get()
+    if reports is not None:
+        reports.append(report)
+
+
+@contextlib.contextmanager
+def collect_reports() -> Iterator[Report]:
+    """Merge the reports of every graph compiled inside the ``with`` block."""
+    merged = Report()
+    reports: list[Report] = []
+    token = _collector.set(reports)
+    try:
+        yield merged
+    finally:
+        _collector.reset(token)
+        for r in reports:
+            merged.merge(r)
+
+
+def last_report() -> Report | None:
+    """The report of the graph the backend compiled last (None before any)."""
+    return _last_report
+
+
+def register() -> None:
+    """Register ``moe_prefill`` with Dynamo unless the entry point already does."""
+    from torch._dynamo.backends import registry
+
+    if BACKEND_NAME not in registry._BACKENDS and BACKEND_NAME not in registry._COMPILER_FNS:
+        registry.register_backend(compiler_fn=moe_prefill_backend, name=BACKEND_NAME)

@@ -1,0 +1,78 @@
+"""The ``moe-compile`` command line.
+
+``moe-compile inspect --config PATH_OR_DIR`` builds the model of a checkpoint
+directory or config file with random weights (on the meta device when it is
+large), compiles it with ``moe_prefill`` and prints the report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+#: above this many parameters `inspect` traces on the meta device (no memory, no verification)
+META_THRESHOLD = 500_000_000
+
+
+def _load_config(path: str):
+    from transformers import AutoConfig
+
+    p = Path(path)
+    if not p.exists():
+        raise SystemExit(f"moe-compile: no such config file or directory: {path}")
+    if p.is_dir() and not (p / "config.json").exists():
+        raise SystemExit(f"moe-compile: {path} has no config.json")
+    return AutoConfig.from_pretrained(str(p))
+
+
+def _build(config, device: str):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        meta_model = AutoModelForCausalLM.from_config(config)
+    if device == "auto":
+        n = sum(p.numel() for p in meta_model.parameters())
+        device = "meta" if n > META_THRESHOLD else "cpu"
+    if device == "meta":
+        return meta_model.eval()
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    import torch
+
+    import moe_compile
+
+    config = _load_config(args.config)
+    if args.layers is not None:
+        config.num_hidden_layers = args.layers
+        for key in ("layer_types", "mlp_layer_types"):
+            if isinstance(getattr(config, key, None), list):
+                setattr(config, key, getattr(config, key)[: args.layers])
+    model = moe_compile.prepare(_build(config, args.device))
+    device = next(model.parameters()).device
+    input_ids = torch.randint(0, config.vocab_size, (1, args.seq), device=device)
+    report = moe_compile.explain(model, input_ids, options={"inductor": False})
+    print(report)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="moe-compile", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("inspect", help="show the MoE blocks the backend finds in a checkpoint or config")
+    p.add_argument("--config", required=True, help="checkpoint directory or config.json")
+    p.add_argument("--layers", type=int, default=None, help="keep only the first N decoder layers")
+    p.add_argument("--seq", type=int, default=8, help="tokens in the random input (default 8)")
+    p.add_argument("--device", choices=("auto", "cpu", "meta"), default="auto",
+                   help="where to build the random-weight model (auto: meta when large)")  # fmt: skip
+    p.set_defaults(func=cmd_inspect)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

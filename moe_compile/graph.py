@@ -1,0 +1,145 @@
+"""Small helpers over FX graphs that several passes share."""
+
+from __future__ import annotations
+
+import re
+from collections import deque
+from collections.abc import Iterable, Iterator
+
+import networkx as nx
+import torch
+import torch.fx as fx
+from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+aten = torch.ops.aten
+
+
+def op_name(node: fx.Node) -> str:
+    """``aten::mm``, ``transformers::grouped_mm_fallback``, ``getitem``… for call_function nodes."""
+    if node.op != "call_function":
+        return node.op
+    target = node.target
+    if isinstance(target, torch._ops.OpOverload):
+        return target._schema.name
+    return getattr(target, "__name__", str(target))
+
+
+def val(node: object) -> object:
+    return node.meta.get("val") if isinstance(node, fx.Node) else None
+
+
+def tensor_val(node: object) -> torch.Tensor | None:
+    v = val(node)
+    return v if isinstance(v, torch.Tensor) else None
+
+
+def same(a: object, b: object) -> bool:
+    """Sizes equal for every value of the symbols (never adds a guard)."""
+    try:
+        return bool(statically_known_true(a == b))  # type: ignore[arg-type]
+    except Exception:
+        return False
+
+
+def same_shape(a: Iterable, b: Iterable) -> bool:
+    a, b = tuple(a), tuple(b)
+    return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+
+
+def numel(shape: Iterable) -> object:
+    n: object = 1
+    for s in shape:
+        n = n * s
+    return n
+
+
+def hint(size: object) -> int:
+    """A concrete value for a (possibly symbolic) size: its hint."""
+    if isinstance(size, torch.SymInt):
+        h = size.node.hint
+        if h is None:
+            h = size.node.shape_env.size_hint(size.node.expr)
+        return int(h)
+    return int(size)  # type: ignore[call-overload]
+
+
+def tensor_args(node: fx.Node) -> list[fx.Node]:
+    return [a for a in node.all_input_nodes if tensor_val(a) is not None]
+
+
+def to_networkx(graph: fx.Graph) -> nx.DiGraph:
+    """Data-flow graph: an edge from each input node to each node that uses it."""
+    g = nx.DiGraph()
+    for node in graph.nodes:
+        g.add_node(node)
+        for inp in node.all_input_nodes:
+            g.add_edge(inp, node)
+    return g
+
+
+def post_dominators(g: nx.DiGraph, graph: fx.Graph) -> dict[fx.Node, fx.Node]:
+    """Immediate post-dominator of each node (on the way to the graph's output)."""
+    output = next(n for n in reversed(graph.nodes) if n.op == "output")
+    return nx.immediate_dominators(g.reverse(copy=False), output)
+
+
+def walk_back(node: fx.Node, through: Iterable[str], max_steps: int = 32) -> Iterator[fx.Node]:
+    """Yield ``node`` and then its first argument repeatedly while the op is in ``through``."""
+    through = set(through)
+    for _ in range(max_steps):
+        yield node
+        if node.op != "call_function" or op_name(node) not in through or not node.args:
+            return
+        first = node.args[0]
+        if not isinstance(first, fx.Node):
+            return
+        node = first
+
+
+def backward_region(roots: Iterable[fx.Node], stop: set[fx.Node], limit: int = 4000) -> list[fx.Node]:
+    """Nodes needed to compute ``roots``, not going past (but including) ``stop`` nodes."""
+    seen: set[fx.Node] = set()
+    queue = deque(roots)
+    while queue and len(seen) < limit:
+        node = queue.popleft()
+        if node in seen:
+            continue
+        seen.add(node)
+        if node in stop:
+            continue
+        queue.extend(node.all_input_nodes)
+    return list(seen)
+
+
+_INDEX = re.compile(r"\[(\d+)\]")
+_MODULES = re.compile(r"\._modules\['([^']+)'\]")
+
+
+def normalize_module_path(path: str) -> str:
+    """``L['self'].model.layers[0]._modules['mlp']`` -> ``model.layers.0.mlp``."""
+    path = re.sub(r"^L\['self'\]\.?", "", path)
+    path = re.sub(r"^L\['([^']+)'\]\.?", r"\1.", path)
+    path = _MODULES.sub(r".\1", path)
+    path = _INDEX.sub(r".\1", path)
+    return path.strip(".")
+
+
+def module_path(node: fx.Node) -> str:
+    """The innermost module a node came from, normalised (empty if unknown)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    path, _cls = list(stack.values())[-1]
+    return normalize_module_path(path)
+
+
+def common_module_path(nodes: Iterable[fx.Node]) -> str:
+    paths = [module_path(n).split(".") for n in nodes if module_path(n)]
+    if not paths:
+        return ""
+    common: list[str] = []
+    for parts in zip(*paths):
+        if len(set(parts)) != 1:
+            break
+        common.append(parts[0])
+    return ".".join(common)

@@ -1,0 +1,200 @@
+"""The canonical MoE operation, ``moe_compile::moe``, and its torch implementations.
+
+Shape legend: ``T`` tokens, ``K`` experts per token, ``E`` experts, ``H`` hidden
+size, ``I`` intermediate size, ``N`` up-projection width (``2I`` gated, else ``I``),
+``S = T*K`` (token, expert) pairs.
+
+Semantics (what every implementation must compute)::
+
+    out[t] = sum_k  topk_weights[t, k] * expert_{topk_ids[t, k]}(hidden[t])
+    expert_e(x) = down_e(act(up_e(x)))
+
+The router is *not* part of the op: it stays as ordinary graph nodes, so every
+router kind (softmax/sigmoid, renormalised or not, group-limited, biased, scaled)
+is preserved exactly. Expert weights are passed as they are stored (see
+:mod:`moe_compile.spec` for the layouts), so no weight is copied or transposed.
+
+Two implementations live here, side by side:
+
+- :func:`moe_torch`: the default implementation of the op. Pairs are sorted by
+  expert and each expert's rows run as one matmul (``grouped_mm`` on CUDA
+  when the dtype and alignment allow, else a loop with one host sync).
+- :func:`moe_reference`: an obviously correct per-pair loop, for tests only.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .spec import ExpertSpec
+
+__all__ = ["moe", "moe_torch", "moe_reference", "activate"]
+
+
+def activate(up_SN: torch.Tensor, spec: ExpertSpec) -> torch.Tensor:
+    """Apply the (gated) activation: ``[S, N] -> [S, I]``."""
+    if spec.gated:
+        if spec.gate_layout == "interleaved":
+            gate_SI, up_SI = up_SN[..., ::2], up_SN[..., 1::2]
+        else:
+            gate_SI, up_SI = up_SN.chunk(2, dim=-1)
+    else:
+        gate_SI, up_SI = up_SN, None
+    if spec.activation == "swiglu_oai":
+        assert up_SI is not None
+        gate_SI = gate_SI.clamp(max=spec.limit)
+        up_SI = up_SI.clamp(min=-spec.limit, max=spec.limit)
+        return (up_SI + 1) * (gate_SI * torch.sigmoid(gate_SI * spec.alpha))
+    if spec.activation == "silu":
+        act_SI = F.silu(gate_SI)
+    elif spec.activation == "gelu":
+        act_SI = F.gelu(gate_SI)
+    elif spec.activation == "gelu_tanh":
+        act_SI = F.gelu(gate_SI, approximate="tanh")
+    else:
+        act_SI = F.relu(gate_SI)
+    return act_SI * up_SI if up_SI is not None else act_SI
+
+
+def _expert_linear(x: torch.Tensor, w: torch.Tensor, transposed: bool) -> torch.Tensor:
+    """One expert's projection: ``w`` is ``[out, in]`` (``[in, out]`` when transposed)."""
+    return x @ w if transposed else x @ w.t()
+
+
+def _use_grouped_mm(x: torch.Tensor, w: torch.Tensor) -> bool:
+    grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+    return (
+        grouped_mm is not None
+        and x.is_cuda
+        and x.dtype == torch.bfloat16
+        and w.dtype == torch.bfloat16
+        and torch.cuda.get_device_capability(x.device) >= (9, 0)
+        and x.shape[-1] % 8 == 0
+        and w.shape[-1] % 8 == 0
+        and w.shape[-2] % 8 == 0
+    )
+
+
+def _grouped_linear(
+    x_SD: torch.Tensor, w: torch.Tensor, counts_E: torch.Tensor, offs_E: torch.Tensor, transposed: bool
+) -> torch.Tensor:
+    """Rows of ``x_SD`` are sorted by expert; ``counts_E[e]`` rows go to expert ``e``."""
+    if _use_grouped_mm(x_SD, w):
+        w_EDO = w if transposed else w.transpose(-2, -1)
+        grouped_mm = getattr(F, "grouped_mm", None) or torch._grouped_mm
+        return grouped_mm(x_SD, w_EDO, offs=offs_E)
+    out_dim = w.shape[-1] if transposed else w.shape[-2]
+    out_SO = x_SD.new_empty(x_SD.shape[0], out_dim)
+    start = 0
+    # NOTE: one host sync for the per-expert row counts.
+    for e, n in enumerate(counts_E.tolist()):
+        if n:
+            out_SO[start : start + n] = _expert_linear(x_SD[start : start + n], w[e], transposed)
+            start += n
+    return out_SO
+
+
+def moe_torch(
+    hidden_TH: torch.Tensor,
+    topk_ids_TK: torch.Tensor,
+    topk_weights_TK: torch.Tensor,
+    w_up: torch.Tensor,
+    w_down: torch.Tensor,
+    b_up_EN: torch.Tensor | None,
+    b_down_EH: torch.Tensor | None,
+    spec: ExpertSpec,
+) -> torch.Tensor:
+    """Sort-by-expert implementation of the canonical op (see the module docstring)."""
+    T, K = topk_ids_TK.shape
+    E = w_up.shape[0]
+    x_TH = hidden_TH.to(w_up.dtype)
+    ids_S = topk_ids_TK.reshape(-1).long()
+    order_S = torch.argsort(ids_S, stable=True)  # pairs sorted by expert
+    sorted_ids_S = ids_S[order_S]
+    counts_E = torch.bincount(ids_S, minlength=E)
+    offs_E = torch.cumsum(counts_E, 0, dtype=torch.int32)
+
+    x_SH = x_TH[order_S // K]
+    up_SN = _grouped_linear(x_SH, w_up, counts_E, offs_E, spec.transposed)
+    if b_up_EN is not None:
+        up_SN = up_SN + b_up_EN[sorted_ids_S]
+    act_SI = activate(up_SN, spec)
+    down_SH = _grouped_linear(act_SI, w_down, counts_E, offs_E, spec.transposed)
+    if b_down_EH is not None:
+        down_SH = down_SH + b_down_EH[sorted_ids_S]
+
+    weighted_SH = down_SH * topk_weights_TK.reshape(-1)[order_S].unsqueeze(-1)
+    unsorted_SH = torch.empty_like(weighted_SH).index_copy_(0, order_S, weighted_SH)
+    return unsorted_SH.view(T, K, -1).sum(dim=1).to(hidden_TH.dtype)
+
+
+def moe_reference(
+    hidden_TH: torch.Tensor,
+    topk_ids_TK: torch.Tensor,
+    topk_weights_TK: torch.Tensor,
+    w_up: torch.Tensor,
+    w_down: torch.Tensor,
+    b_up_EN: torch.Tensor | None,
+    b_down_EH: torch.Tensor | None,
+    spec: ExpertSpec,
+) -> torch.Tensor:
+    """The obvious loop over tokens and their experts, in fp32 (tests only)."""
+    T, K = topk_ids_TK.shape
+    out_TH = torch.zeros(T, hidden_TH.shape[-1], dtype=torch.float32, device=hidden_TH.device)
+    for t in range(T):
+        for k in range(K):
+            e = int(topk_ids_TK[t, k])
+            x_1H = hidden_TH[t : t + 1].float()
+            up_1N = _expert_linear(x_1H, w_up[e].float(), spec.transposed)
+            if b_up_EN is not None:
+                up_1N = up_1N + b_up_EN[e].float()
+            y_1H = _expert_linear(activate(up_1N, spec), w_down[e].float(), spec.transposed)
+            if b_down_EH is not None:
+                y_1H = y_1H + b_down_EH[e].float()
+            out_TH[t] += topk_weights_TK[t, k].float() * y_1H[0]
+    return out_TH.to(hidden_TH.dtype)
+
+
+def check_inputs(
+    hidden: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    w_up: torch.Tensor,
+    w_down: torch.Tensor,
+    b_up: torch.Tensor | None,
+    b_down: torch.Tensor | None,
+    spec: ExpertSpec,
+) -> None:
+    """Shape checks shared by the fake and every real implementation."""
+    torch._check(hidden.dim() == 2, lambda: f"moe: hidden must be [T, H], got {tuple(hidden.shape)}")
+    torch._check(topk_ids.dim() == 2, lambda: f"moe: topk_ids must be [T, K], got {tuple(topk_ids.shape)}")
+    torch._check(topk_weights.shape == topk_ids.shape, lambda: "moe: topk_weights and topk_ids differ in shape")
+    torch._check(w_up.dim() == 3 and w_down.dim() == 3, lambda: "moe: expert weights must be [E, out, in]")
+    H = hidden.shape[1]
+    up_in = w_up.shape[1] if spec.transposed else w_up.shape[2]
+    down_out = w_down.shape[2] if spec.transposed else w_down.shape[1]
+    torch._check(up_in == H and down_out == H, lambda: f"moe: expert weights do not match hidden size {H}")
+
+
+@torch.library.custom_op("moe_compile::moe", mutates_args=())
+def moe(
+    hidden: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    w_up: torch.Tensor,
+    w_down: torch.Tensor,
+    b_up: torch.Tensor | None,
+    b_down: torch.Tensor | None,
+    spec: str,
+) -> torch.Tensor:
+    """``hidden [T, H]``, ``topk_ids [T, K]``, ``topk_weights [T, K]`` and the expert weights -> ``[T, H]``."""
+    s = ExpertSpec.decode(spec)
+    check_inputs(hidden, topk_ids, topk_weights, w_up, w_down, b_up, b_down, s)
+    return moe_torch(hidden, topk_ids, topk_weights, w_up, w_down, b_up, b_down, s)
+
+
+@moe.register_fake
+def _moe_fake(hidden, topk_ids, topk_weights, w_up, w_down, b_up, b_down, spec):
+    check_inputs(hidden, topk_ids, topk_weights, w_up, w_down, b_up, b_down, ExpertSpec.decode(spec))
+    return hidden.new_empty(hidden.shape)

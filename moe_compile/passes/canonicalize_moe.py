@@ -1,0 +1,264 @@
+"""Rewrite each detected MoE block into one call of the canonical op.
+
+Matches: the :class:`~.detect_moe.MoEMatch` objects left by :mod:`.detect_moe`.
+
+Emits, per block (``x`` of any shape ``[..., H]``, output cast back if needed)::
+
+    x_TH = aten.reshape(x, [-1, H])
+    moe  = moe_compile.moe(x_TH, topk_ids, topk_weights, w_up, w_down, b_up, b_down, spec)
+    # every use of the block's old output now uses `moe`; the old expert nodes are dead
+
+Requires, or the block is left untouched with the reason in the report:
+
+- the old output can be computed from ``x``, ``topk_ids``, ``topk_weights`` and
+  the block's expert weights and biases alone (a post-expert norm, say, reads
+  another parameter: skipped);
+- one :class:`~moe_compile.spec.ExpertSpec` reproduces the old subgraph on random
+  probe inputs (with the real weights, at the graph's shapes) within the dtype's
+  tolerance. The candidates come from the detector's structural guesses; a
+  pattern none of them reproduces is not rewritten. With ``verify=False`` the
+  first guess is taken unchecked.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from .. import ops  # noqa: F401  (registers moe_compile::moe)
+from ..graph import backward_region, hint, same, same_shape, tensor_val
+from ..report import BlockReport, Skipped
+from ..spec import ExpertSpec
+from .base import GraphPass, PassContext, set_fake_val
+from torch._subclasses.fake_tensor import unset_fake_temporarily
+from .detect_moe import MoEMatch
+
+aten = torch.ops.aten
+
+#: relative error (Frobenius) under which a candidate spec counts as reproducing the block
+TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-9, torch.float16: 2e-2, torch.bfloat16: 3e-2}
+
+
+class _Region:
+    """The block's old subgraph, cut out as a standalone graph module."""
+
+    def __init__(self, gm: fx.GraphModule, inputs: list[fx.Node], out: fx.Node, nodes: set[fx.Node]):
+        graph = fx.Graph()
+        env: dict[fx.Node, fx.Node] = {}
+        for i, node in enumerate(inputs):
+            env[node] = graph.placeholder(f"in{i}")
+        for node in gm.graph.nodes:
+            if node in nodes and node not in env:
+                env[node] = graph.node_copy(node, env.__getitem__)
+        graph.output(env[out])
+        self.module = fx.GraphModule(gm, graph)
+        self.inputs = inputs
+
+
+def _cut_region(m: MoEMatch, ctx: PassContext) -> tuple[_Region, list[fx.Node]] | str:
+    """The nodes computing ``m.out`` from the block's inputs, and the bias placeholders found."""
+
+    stop = {m.hidden, m.topk_ids, m.topk_weights, m.w_up, m.w_down}
+    nodes = set(backward_region([m.out], stop))
+    biases, syms, foreign = [], [], []
+    for node in nodes:
+        if node in stop or node.op != "placeholder":
+            continue
+        v = node.meta.get("val")
+        if isinstance(v, torch.SymInt):
+            syms.append(node)
+        elif isinstance(v, torch.Tensor) and v.dim() == 2 and same(v.shape[0], m.num_experts):
+            biases.append(node)
+        else:
+            foreign.append(ctx.param_name(node))
+    if foreign:
+        return f"the block also reads {', '.join(sorted(foreign))} (e.g. a post-expert norm); not canonical"
+    if len(biases) > 2:
+        return f"{len(biases)} per-expert vectors feed the block; expected at most two biases"
+    inputs = [m.hidden, m.topk_ids, m.topk_weights, m.w_up, m.w_down, *biases, *syms]
+    return _Region(m.out.graph.owning_module, inputs, m.out, nodes), biases
+
+
+def _bias_roles(m: MoEMatch, biases: list[fx.Node]) -> tuple[fx.Node | None, fx.Node | None] | str:
+    b_up = b_down = None
+    for b in biases:
+        # an up bias is added before the down matmul, so the down matmul depends on it
+        feeds_down = _depends_on(m.down_mm, b)
+        if feeds_down and b_up is None:
+            b_up = b
+        elif not feeds_down and b_down is None:
+            b_down = b
+        else:
+            return "could not tell the up bias from the down bias"
+    return b_up, b_down
+
+
+def _depends_on(node: fx.Node, source: fx.Node) -> bool:
+    seen, stack = set(), [node]
+    while stack:
+        n = stack.pop()
+        if n is source:
+            return True
+        if n in seen:
+            continue
+        seen.add(n)
+        stack.extend(n.all_input_nodes)
+    return False
+
+
+def _probe_inputs(m: MoEMatch, region: _Region, ctx: PassContext, seed: int = 0) -> list | None:
+    """Random hidden states, routing and weights, real expert weights (None when on meta)."""
+    gen = torch.Generator().manual_seed(seed)
+    values = []
+    for i, node in enumerate(region.inputs):
+        v = node.meta["val"]
+        if isinstance(v, torch.SymInt):
+            values.append(hint(v))
+            continue
+        shape = [hint(s) for s in v.shape]
+        real = ctx.real_value(node) if node.op == "placeholder" else None
+        if isinstance(real, torch.Tensor) and not isinstance(real, torch._subclasses.FakeTensor):
+            if real.is_meta:
+                return None
+            values.append(real)
+        else:
+            if i == 1:  # topk_ids: k distinct experts per token
+                T, K = shape
+                value = torch.rand(T, m.num_experts, generator=gen).argsort(-1)[:, :K]
+            elif i == 2:  # topk_weights: positive, like a router's
+                value = torch.rand(shape, generator=gen)
+            else:
+                value = torch.randn(shape, generator=gen)
+            # the same strides as in the graph: views in the region may rely on them
+            probe = torch.empty_strided(shape, [hint(s) for s in v.stride()], dtype=v.dtype)
+            values.append(probe.copy_(value))
+        if v.device.type == "meta":
+            return None
+    device = next((x.device for x in values if isinstance(x, torch.Tensor) and x.device.type != "cpu"), None)
+    return [x.to(device) if device is not None and isinstance(x, torch.Tensor) else x for x in values]
+
+
+def _choose_spec(m: MoEMatch, region: _Region, bias_roles, ctx: PassContext) -> tuple[ExpertSpec | None, str]:
+    if not ctx.options.verify:
+        return m.candidates[0], "not verified (verify=False)"
+    # the compiler may run under a fake-tensor mode: the probe computes for real
+    with unset_fake_temporarily(), torch.no_grad():
+        return _verify(m, region, bias_roles, ctx)
+
+
+def _verify(m: MoEMatch, region: _Region, bias_roles, ctx: PassContext) -> tuple[ExpertSpec | None, str]:
+    probe = _probe_inputs(m, region, ctx)
+    if probe is None:
+        return m.candidates[0], "not verified (meta tensors)"
+    if True:
+        expected = region.module(*probe)
+        x, ids, weights, w_up, w_down = probe[:5]
+        b_up, b_down = (probe[region.inputs.index(b)] if b is not None else None for b in bias_roles)
+        tol = TOLERANCE.get(expected.dtype, 1e-4)
+        best = float("inf")
+        for spec in m.candidates:
+            try:
+                got = ops.moe_torch(x.reshape(-1, m.hidden_size), ids, weights, w_up, w_down, b_up, b_down, spec)
+            except RuntimeError:
+                continue
+            err = _rel_err(got.reshape(expected.shape).to(expected.dtype), expected)
+            best = min(best, err)
+            if err <= tol:
+                return spec, f"probe rel err {err:.1e}"
+    return None, f"no canonical form reproduces the block on probe inputs (best rel err {best:.2g})"
+
+
+def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def _layout(m: MoEMatch, spec: ExpertSpec, has_bias: bool) -> str:
+    n = "2I" if spec.gated else "I"
+    shapes = f"[E,H,{n}]/[E,I,H] transposed" if spec.transposed else f"[E,{n},H]/[E,H,I]"
+    extra = [s for s, on in (("biases", has_bias), ("interleaved gate/up", spec.gated and spec.gate_layout == "interleaved")) if on]
+    source = "per-pair gathered (batched_mm)" if m.source == "batched" else "grouped"
+    return f"fused 3D {shapes}" + "".join(f", {e}" for e in extra) + f"; {source}"
+
+
+def _reshape_like(graph: fx.Graph, node: fx.Node, like: fx.Node, hidden: fx.Node) -> fx.Node:
+    """``node`` reshaped to ``like``'s shape, sizes taken from ``hidden`` where symbolic."""
+    target = tensor_val(like).shape
+    if same_shape(tensor_val(node).shape, target):
+        return node
+    hv = tensor_val(hidden).shape
+    sizes = []
+    for s in target:
+        if isinstance(s, int):
+            sizes.append(s)
+            continue
+        d = next((i for i, h in enumerate(hv) if same(h, s)), None)
+        if d is None:
+            sizes.append(-1)
+            continue
+        size = graph.call_function(aten.sym_size.int, (hidden, d))
+        size.meta["val"] = hv[d]
+        sizes.append(size)
+    out = graph.call_function(aten.reshape.default, (node, sizes))
+    set_fake_val(out)
+    return out
+
+
+class CanonicalizeMoE(GraphPass):
+    name = "canonicalize_moe"
+
+    def run(self, gm: fx.GraphModule, ctx: PassContext) -> bool:
+        matches: list[MoEMatch] = ctx.state.get("moe_matches", [])
+        blocks: list[tuple[fx.Node, BlockReport]] = []
+        ctx.state["moe_blocks"] = blocks
+        for m in matches:
+            if ctx.training:
+                ctx.report.skipped.append(
+                    Skipped(m.path, "autograd is on: moe_prefill rewrites inference graphs only "
+                            "(run under torch.no_grad() or torch.inference_mode())")
+                )  # fmt: skip
+                continue
+            cut = _cut_region(m, ctx)
+            roles = _bias_roles(m, cut[1]) if not isinstance(cut, str) else cut
+            if isinstance(roles, str):
+                ctx.report.skipped.append(Skipped(m.path, roles))
+                continue
+            region, _ = cut
+            spec, verified = _choose_spec(m, region, roles, ctx)
+            if spec is None:
+                ctx.report.skipped.append(Skipped(m.path, verified))
+                continue
+            node = self._rewrite(gm, m, spec, roles)
+            names = {"w_up": m.w_up, "w_down": m.w_down, "b_up": roles[0], "b_down": roles[1]}
+            report = BlockReport(
+                path=m.path,
+                num_experts=m.num_experts,
+                top_k=m.top_k,
+                hidden_size=m.hidden_size,
+                intermediate_size=m.intermediate_size,
+                activation=spec.describe(),
+                layout=_layout(m, spec, roles[0] is not None or roles[1] is not None),
+                router=m.router,
+                shared_experts=m.shared_experts,
+                verified=verified,
+                rewrites=["canonical moe op"],
+                weights={k: ctx.param_name(v) for k, v in names.items() if v is not None},
+            )
+            ctx.report.blocks.append(report)
+            blocks.append((node, report))
+        return bool(blocks)
+
+    def _rewrite(self, gm: fx.GraphModule, m: MoEMatch, spec: ExpertSpec, roles) -> fx.Node:
+        graph = gm.graph
+        with graph.inserting_before(m.out):
+            x = graph.call_function(aten.reshape.default, (m.hidden, [-1, m.hidden_size]))
+            set_fake_val(x)
+            args = (x, m.topk_ids, m.topk_weights, m.w_up, m.w_down, roles[0], roles[1], spec.encode())
+            moe = graph.call_function(torch.ops.moe_compile.moe.default, args)
+            set_fake_val(moe)
+            moe.meta["moe_block"] = m.path
+            result = _reshape_like(graph, moe, m.out, m.hidden)
+            if tensor_val(result).dtype != tensor_val(m.out).dtype:
+                result = graph.call_function(aten._to_copy.default, (result,), {"dtype": tensor_val(m.out).dtype})
+                set_fake_val(result)
+        m.out.replace_all_uses_with(result)
+        return moe

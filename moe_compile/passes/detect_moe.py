@@ -1,0 +1,358 @@
+"""Detect MoE blocks in an inference ATen graph, by data flow.
+
+Matches (per block)::
+
+    expert weights  w_up [E, ., .], w_down [E, ., .]    placeholders (parameters)
+    dispatch        x [T, H] rows gathered / sorted by expert id (index, sort, histc…)
+    up              matmul(x rows, w_up)      grouped_mm | grouped_mm_fallback | bmm | mm
+    activation      silu | gelu | relu | GPT-OSS clamp+sigmoid …, optional bias add
+    down            matmul(act, w_down)
+    combine         mul(down, routing weights [T, K]) -> scatter back -> sum over K -> out
+
+Found by structure, never by class name:
+
+1. expert weights are 3D placeholders ``[E, ., .]`` whose values reach a matmul,
+   directly or through views and an ``index`` by expert id;
+2. an up matmul is paired with the first expert matmul that depends on it (down);
+3. ``x`` is found by walking back from the up matmul's other operand through
+   views and row gathers; ``T`` and ``H`` follow from its shape;
+4. ``topk_ids`` is the latest integer ``[T, K]`` tensor that the up matmul
+   depends on; the routing weights are the ``[T, K]`` float tensor that
+   multiplies the down matmul's output (walking back through views, casts and
+   the sort permutation);
+5. the block's output is the first node, on the down matmul's post-dominator
+   chain, holding ``T*H`` elements.
+
+Emits: nothing in the graph. Each match (:class:`MoEMatch`) goes to
+``ctx.state["moe_matches"]``; a near miss goes to ``ctx.report.skipped`` with
+its reason. :mod:`.canonicalize_moe` verifies and rewrites the matches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.fx as fx
+
+from ..graph import (
+    common_module_path,
+    numel,
+    op_name,
+    post_dominators,
+    same,
+    same_shape,
+    tensor_val,
+    to_networkx,
+    walk_back,
+)
+from ..report import Skipped
+from ..spec import ExpertSpec
+from .base import GraphPass, PassContext
+
+GROUPED_MATMULS = {"aten::_grouped_mm", "transformers::grouped_mm_fallback"}
+MATMULS = {"aten::mm", "aten::bmm", "aten::matmul", "aten::addmm", "aten::baddbmm"} | GROUPED_MATMULS
+#: ops that only re-shape, re-type or re-order values (walked through to find a block's inputs)
+VIEWS = {
+    "aten::view", "aten::_unsafe_view", "aten::reshape", "aten::unsqueeze", "aten::squeeze",
+    "aten::expand", "aten::clone", "aten::alias", "aten::t", "aten::transpose", "aten::permute",
+    "aten::contiguous", "aten::_to_copy", "aten::to",
+}  # fmt: skip
+#: row gathers: ``index(x, [rows])`` and friends keep x's values, reordered or repeated
+GATHERS = {"aten::index", "aten::index_select", "aten::repeat_interleave", "aten::gather"}
+ACTIVATION_OPS = {"aten::silu": "silu", "aten::gelu": "gelu", "aten::relu": "relu", "aten::tanh": "gelu_tanh"}
+
+
+@dataclasses.dataclass
+class MoEMatch:
+    """One detected MoE block: the nodes the canonical op takes, and what it is."""
+
+    path: str
+    hidden: fx.Node  # x, any shape [..., H] with T*H elements
+    topk_ids: fx.Node  # [T, K] integer
+    topk_weights: fx.Node  # [T, K] float
+    w_up: fx.Node
+    w_down: fx.Node
+    up_mm: fx.Node
+    down_mm: fx.Node
+    out: fx.Node  # the node whose value the block produces (T*H elements)
+    num_experts: int
+    top_k: int
+    hidden_size: int
+    intermediate_size: int
+    candidates: list[ExpertSpec]  # spec guesses, most likely first; verification picks
+    router: str
+    shared_experts: bool
+    source: str  # "grouped" (sort + grouped matmul) or "batched" (weights gathered per pair)
+    b_up: fx.Node | None = None
+    b_down: fx.Node | None = None
+
+
+def _expert_weight_uses(gm: fx.GraphModule) -> dict[fx.Node, tuple[fx.Node, int, bool]]:
+    """matmul node -> (weight placeholder, operand position, gathered by index)."""
+    uses: dict[fx.Node, tuple[fx.Node, int, bool]] = {}
+    for ph in gm.graph.find_nodes(op="placeholder"):
+        v = tensor_val(ph)
+        if v is None or v.dim() != 3 or not v.is_floating_point() or not isinstance(v.shape[0], int) or v.shape[0] < 2:
+            continue
+        frontier = [(ph, False)]
+        while frontier:
+            node, gathered = frontier.pop()
+            for user in node.users:
+                name = op_name(user)
+                if name in MATMULS:
+                    pos = next(i for i, a in enumerate(user.args) if a is node)
+                    if pos < 2 or (name == "aten::addmm" and pos < 3):
+                        uses.setdefault(user, (ph, pos, gathered))
+                elif name in VIEWS:
+                    frontier.append((user, gathered))
+                elif name == "aten::index" and user.args[0] is node:
+                    frontier.append((user, True))
+    return uses
+
+
+def _find_hidden(mm: fx.Node, weight_pos: int) -> fx.Node | None:
+    other = [a for i, a in enumerate(mm.args[:2]) if i != weight_pos and isinstance(a, fx.Node)]
+    if not other:
+        return None
+    root = other[0]
+    for root in walk_back(other[0], VIEWS | GATHERS):
+        pass
+    return root
+
+
+def _find_ids(mm_nodes: list[fx.Node], ancestors: set[fx.Node], T: object, E: int, order: dict) -> fx.Node | None:
+    best = None
+    for node in ancestors:
+        v = tensor_val(node)
+        if v is None or v.is_floating_point() or v.dtype == torch.bool or v.dim() != 2:
+            continue
+        if same(v.shape[0], T) and isinstance(v.shape[1], int) and 1 <= v.shape[1] <= E:
+            if best is None or order[node] > order[best]:
+                best = node
+    return best
+
+
+def _find_routing_weights(down_mm: fx.Node, T: object, K: int, g) -> fx.Node | None:
+    """The [T, K] float tensor multiplied into the down projection's output."""
+    import networkx as nx
+
+    downstream = nx.descendants(g, down_mm) | {down_mm}
+    frontier, seen = [down_mm], set()
+    for _ in range(8):  # the combine is a few nodes after the down matmul
+        nxt = []
+        for node in frontier:
+            for user in node.users:
+                if user in seen:
+                    continue
+                seen.add(user)
+                nxt.append(user)
+                if op_name(user) != "aten::mul":
+                    continue
+                for arg in user.all_input_nodes:
+                    if arg in downstream:
+                        continue
+                    for cand in walk_back(arg, VIEWS | GATHERS):
+                        v = tensor_val(cand)
+                        if v is not None and v.is_floating_point() and same_shape(v.shape, (T, K)):
+                            return cand
+        frontier = nxt
+    return None
+
+
+def _find_output(down_mm: fx.Node, ipdom: dict, T: object, H: int) -> fx.Node | None:
+    node, target = down_mm, numel((T, H))
+    for _ in range(64):
+        node = ipdom.get(node)
+        if node is None or node.op == "output":
+            return None
+        v = tensor_val(node)
+        if v is not None and v.is_floating_point() and same(numel(v.shape), target) and same(v.shape[-1], H):
+            return node
+    return None
+
+
+def _spec_candidates(up_mm: fx.Node, down_mm: fx.Node, between: set[fx.Node], gated: bool, transposed: list[bool]):
+    names = {op_name(n) for n in between}
+    consts = [a for n in between for a in n.args if isinstance(a, float)]
+    acts: list[str] = []
+    if gated and "aten::sigmoid" in names and ("aten::clamp" in names or "aten::clamp_max" in names):
+        acts.append("swiglu_oai")
+    for op, act in ACTIVATION_OPS.items():
+        if op in names:
+            if op == "aten::gelu":
+                approx = [n.kwargs.get("approximate") for n in between if op_name(n) == op]
+                act = "gelu_tanh" if "tanh" in approx else "gelu"
+            acts.append(act)
+    if "aten::sigmoid" in names:
+        acts.append("silu")  # silu decomposed as x * sigmoid(x)
+    acts += [a for a in ("silu", "gelu", "gelu_tanh", "relu") if a not in acts]
+    if not gated:
+        acts = [a for a in acts if a != "swiglu_oai"]
+    layouts = ["interleaved", "concat"] if any(_is_strided_slice(n) for n in between) else ["concat", "interleaved"]
+    alpha = next((c for c in consts if 1.0 < c < 3.0), 1.702)
+    limit = next((c for c in consts if c >= 3.0), 7.0)
+    out = []
+    for act in dict.fromkeys(acts):
+        for tr in transposed:
+            for layout in layouts if gated else ["concat"]:
+                out.append(ExpertSpec(activation=act, gated=gated, gate_layout=layout, transposed=tr, alpha=alpha, limit=limit))
+    return out
+
+
+def _is_strided_slice(node: fx.Node) -> bool:
+    return op_name(node) == "aten::slice" and len(node.args) > 4 and node.args[4] == 2
+
+
+def describe_router(ids: fx.Node, weights: fx.Node, hidden: fx.Node, g) -> str:
+    """A short description of the router math between the router logits and (ids, weights)."""
+    import networkx as nx
+
+    region = (nx.ancestors(g, ids) | nx.ancestors(g, weights) | {ids, weights}) - nx.ancestors(g, hidden) - {hidden}
+    region = {n for n in region if n.op == "call_function"}
+    topks = [n for n in region if op_name(n) == "aten::topk"]
+    first_topk = min(topks, key=lambda n: n.meta.get("_order", 0), default=None)
+
+    def before(a: fx.Node) -> bool:
+        return first_topk is not None and a in nx.ancestors(g, first_topk)
+
+    parts = []
+    names = {op_name(n): n for n in region}
+    if "aten::sigmoid" in names:
+        parts.append("sigmoid")
+    elif any(op_name(n) == "aten::_softmax" and before(n) for n in region):
+        parts.append("softmax")
+    if any(op_name(n) == "aten::add" and before(n) and any(a.op == "placeholder" for a in n.all_input_nodes) for n in region):
+        parts[-1:] = [(parts[-1] if parts else "logits") + " + bias correction"]
+    if len(topks) > 1:
+        parts.append("group-limited top-k")
+    elif topks:
+        parts.append("top-k")
+    else:
+        picks = sorted(n.split("::")[-1] for n in names if "max" in n)
+        parts.append(f"custom selection ({', '.join(picks)}; e.g. sparsemixer)" if picks else "custom selection")
+    after = [n for n in region if first_topk is not None and first_topk in nx.ancestors(g, n)]
+    if any(op_name(n) == "aten::_softmax" for n in after):
+        parts.append("softmax")
+    if any(op_name(n) == "aten::div" and _is_sum(n.args[1]) for n in after):
+        parts.append("renormalise")
+    scales = [a for n in after if op_name(n) == "aten::mul" for a in n.args if isinstance(a, float) and a != 1.0]
+    if scales:
+        parts.append(f"x {scales[-1]:g}")
+    return " -> ".join(parts)
+
+
+def _is_sum(node: object) -> bool:
+    """A sum over k, possibly plus an epsilon (``sum + 1e-20``)."""
+    if not isinstance(node, fx.Node):
+        return False
+    while isinstance(node, fx.Node) and op_name(node) in ("aten::add", "aten::clamp", "aten::clamp_min"):
+        node = node.args[0]  # sum + eps, sum.clamp(min=eps)
+    return isinstance(node, fx.Node) and op_name(node) == "aten::sum"
+
+
+def _has_shared_experts(out: fx.Node, hidden: fx.Node, g) -> bool:
+    """A dense branch computed from the block's input is added to the block's output."""
+    import networkx as nx
+
+    prev = out
+    for _ in range(6):
+        users = list(prev.users)
+        if len(users) != 1:
+            return False
+        node = users[0]
+        if op_name(node) == "aten::add":
+            return any(a is not prev and hidden in nx.ancestors(g, a) for a in node.all_input_nodes)
+        if op_name(node) not in VIEWS:
+            return False
+        prev = node
+    return False
+
+
+class DetectMoE(GraphPass):
+    name = "detect_moe"
+
+    def run(self, gm: fx.GraphModule, ctx: PassContext) -> bool:
+        import networkx as nx
+
+        matches: list[MoEMatch] = []
+        ctx.state["moe_matches"] = matches
+        uses = _expert_weight_uses(gm)
+        if not uses:
+            return False
+        order = {n: i for i, n in enumerate(gm.graph.nodes)}
+        for n, i in order.items():
+            n.meta["_order"] = i
+        g = to_networkx(gm.graph)
+        ipdom = post_dominators(g, gm.graph)
+        expert_mms = sorted(uses, key=order.__getitem__)
+        paired: set[fx.Node] = set()
+        for up_mm in expert_mms:
+            if up_mm in paired:
+                continue
+            desc = nx.descendants(g, up_mm)
+            downs = [m for m in expert_mms if m in desc and m not in paired]
+            if not downs:
+                continue
+            down_mm = downs[0]
+            w_up, up_pos, gathered = uses[up_mm]
+            w_down, _, _ = uses[down_mm]
+            where = common_module_path([up_mm, down_mm]) or up_mm.name
+            miss = self._match(gm, ctx, g, ipdom, order, up_mm, down_mm, w_up, up_pos, w_down, gathered, where)
+            if isinstance(miss, str):
+                ctx.report.skipped.append(Skipped(where, miss))
+                continue
+            paired.update({up_mm, down_mm})
+            matches.append(miss)
+        return False
+
+    def _match(self, gm, ctx, g, ipdom, order, up_mm, down_mm, w_up, up_pos, w_down, gathered, where):
+        import networkx as nx
+
+        up_v, down_v = tensor_val(w_up), tensor_val(w_down)
+        E = up_v.shape[0]
+        if down_v.shape[0] != E:
+            return f"up and down expert weights disagree on the number of experts ({E} vs {down_v.shape[0]})"
+        hidden = _find_hidden(up_mm, up_pos)
+        hv = tensor_val(hidden)
+        if hv is None or not hv.is_floating_point():
+            return "could not find the hidden states that enter the experts"
+        H = hv.shape[-1]
+        transposed = [t for t, ok in ((False, same(up_v.shape[2], H)), (True, same(up_v.shape[1], H))) if ok]
+        if not transposed:
+            return f"expert weight {tuple(up_v.shape)} does not contract the hidden size {H}"
+        T = numel(hv.shape[:-1])
+        ids = _find_ids([up_mm], nx.ancestors(g, up_mm) | nx.ancestors(g, down_mm), T, E, order)
+        if ids is None:
+            return "no integer [tokens, k] expert-index tensor feeds the experts (routing not top-k style)"
+        K = tensor_val(ids).shape[1]
+        weights = _find_routing_weights(down_mm, T, K, g)
+        if weights is None:
+            return "routing weights are not applied to the experts' outputs (e.g. they scale the input instead)"
+        out = _find_output(down_mm, ipdom, T, H)
+        if out is None:
+            return "the experts' outputs do not merge into one [tokens, hidden] tensor (something else uses them)"
+        I = down_v.shape[1] if transposed[0] else down_v.shape[2]  # noqa: E741
+        N = up_v.shape[2] if transposed[0] else up_v.shape[1]
+        if not isinstance(I, int) or not isinstance(N, int) or N not in (I, 2 * I):
+            return f"expert weight shapes {tuple(up_v.shape)} / {tuple(down_v.shape)} are not an up/down pair"
+        between = (nx.descendants(g, up_mm) & nx.ancestors(g, down_mm)) - {up_mm, down_mm}
+        return MoEMatch(
+            path=common_module_path([ids, out]) or where,
+            hidden=hidden,
+            topk_ids=ids,
+            topk_weights=weights,
+            w_up=w_up,
+            w_down=w_down,
+            up_mm=up_mm,
+            down_mm=down_mm,
+            out=out,
+            num_experts=E,
+            top_k=K,
+            hidden_size=int(H),
+            intermediate_size=int(I),
+            candidates=_spec_candidates(up_mm, down_mm, between, N == 2 * I, transposed),
+            router=describe_router(ids, weights, hidden, g),
+            shared_experts=_has_shared_experts(out, hidden, g),
+            source="batched" if gathered else "grouped",
+        )

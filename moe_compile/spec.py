@@ -1,0 +1,75 @@
+"""The canonical description of a block's experts: one frozen dataclass.
+
+Every pass after detection works on one operation, ``moe_compile::moe``
+(:mod:`moe_compile.ops`), and the variants of expert math it supports are the
+fields of :class:`ExpertSpec`. The spec travels inside the graph as a short
+string argument of the op (custom-op schemas take no dataclasses), written by
+:meth:`ExpertSpec.encode` and read back, cached, by :func:`ExpertSpec.decode`.
+
+Weight layouts (``E`` experts, hidden ``H``, intermediate ``I``, ``N = 2I`` when
+gated else ``I``)::
+
+    transposed=False:  w_up [E, N, H]   w_down [E, H, I]   (y = x @ w.T, like nn.Linear)
+    transposed=True:   w_up [E, H, N]   w_down [E, I, H]   (y = x @ w,   GPT-OSS)
+    biases (optional): b_up [E, N]      b_down [E, H]
+
+Gated experts split the up projection into gate and up halves: ``concat`` puts
+the gate in the first ``I`` columns (``chunk(2)``), ``interleaved`` alternates
+gate and up columns (``[..., ::2]`` and ``[..., 1::2]``, GPT-OSS).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "swiglu_oai")
+GATE_LAYOUTS = ("concat", "interleaved")
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpertSpec:
+    """How one block's experts compute ``down(act(up(x)))``."""
+
+    activation: str = "silu"  # one of ACTIVATIONS; "swiglu_oai" is GPT-OSS's clamped SwiGLU
+    gated: bool = True  # act(gate) * up, else act(up)
+    gate_layout: str = "concat"  # one of GATE_LAYOUTS (ignored when not gated)
+    transposed: bool = False  # weights stored [E, in, out] instead of [E, out, in]
+    alpha: float = 1.702  # swiglu_oai: glu = gate * sigmoid(alpha * gate)
+    limit: float = 7.0  # swiglu_oai: gate clamped above, up clamped to [-limit, limit]
+
+    def __post_init__(self) -> None:
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {self.activation!r}; expected one of {ACTIVATIONS}")
+        if self.gate_layout not in GATE_LAYOUTS:
+            raise ValueError(f"unknown gate layout {self.gate_layout!r}; expected one of {GATE_LAYOUTS}")
+        if self.activation == "swiglu_oai" and not self.gated:
+            raise ValueError("swiglu_oai is a gated activation")
+
+    def encode(self) -> str:
+        """A compact, stable string, e.g. ``activation=silu;gated=1;gate_layout=concat;...``."""
+        parts = []
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            parts.append(f"{f.name}={int(value) if isinstance(value, bool) else value}")
+        return ";".join(parts)
+
+    @staticmethod
+    @functools.lru_cache(maxsize=256)
+    def decode(text: str) -> ExpertSpec:
+        kwargs: dict[str, object] = {}
+        types = {f.name: f.type for f in dataclasses.fields(ExpertSpec)}
+        for item in text.split(";"):
+            key, _, value = item.partition("=")
+            if key not in types:
+                raise ValueError(f"unknown ExpertSpec field {key!r} in {text!r}")
+            kind = types[key]
+            kwargs[key] = bool(int(value)) if kind == "bool" else float(value) if kind == "float" else value
+        return ExpertSpec(**kwargs)  # type: ignore[arg-type]
+
+    def describe(self) -> str:
+        """Human-readable activation, e.g. ``SiLU-gated`` or ``clamped SwiGLU (alpha=1.702, limit=7)``."""
+        if self.activation == "swiglu_oai":
+            return f"clamped SwiGLU (alpha={self.alpha:g}, limit={self.limit:g})"
+        name = {"silu": "SiLU", "gelu": "GELU", "gelu_tanh": "GELU-tanh", "relu": "ReLU"}[self.activation]
+        return f"{name}-gated" if self.gated else f"{name} (non-gated)"
