@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import itertools
-import re
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -29,9 +28,13 @@ from .debug import GraphDumper
 from .graph import normalize_module_path
 from .options import Options
 from .passes import PassContext, build_pipeline
-from .report import Report
+from .report import Report, Skipped
 
 BACKEND_NAME = "moe_prefill"
+TRAINING_REASON = (
+    "autograd is on: moe_prefill rewrites inference graphs only "
+    "(run under torch.no_grad() or torch.inference_mode()); graph left unchanged"
+)
 
 _graph_ids = itertools.count()
 _last_report: Report | None = None
@@ -60,8 +63,11 @@ def moe_prefill_backend(gm: fx.GraphModule, example_inputs: list[Any], **kwargs:
     def run_passes(aten_gm: fx.GraphModule) -> None:
         if ctx.real_inputs is not None and len(aten_gm.graph.find_nodes(op="placeholder")) != len(ctx.real_inputs):
             ctx.real_inputs = None  # placeholders do not line up: probe with random weights
-        for graph_pass in pipeline:
-            graph_pass(aten_gm, ctx)
+        if ctx.training:
+            report.skipped.append(Skipped(graph_name, TRAINING_REASON))
+        else:
+            for graph_pass in pipeline:
+                graph_pass(aten_gm, ctx)
         if ctx.dumper is not None:
             ctx.dumper.summary(aten_gm, report)
         _publish(report)
@@ -104,7 +110,7 @@ def _param_names(gm: fx.GraphModule) -> dict[int, str]:
         if source is None:
             continue
         name = source.name() if callable(source.name) else source.name
-        names[i] = normalize_module_path(re.sub(r"\._(parameters|buffers)\['([^']+)'\]", r".\2", name))
+        names[i] = normalize_module_path(name)
     return names
 
 

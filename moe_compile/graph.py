@@ -112,11 +112,11 @@ def backward_region(roots: Iterable[fx.Node], stop: set[fx.Node], limit: int = 4
 
 
 _INDEX = re.compile(r"\[(\d+)\]")
-_MODULES = re.compile(r"\._modules\['([^']+)'\]")
+_MODULES = re.compile(r"(?:^|\.)_(?:modules|parameters|buffers)\['([^']+)'\]")
 
 
 def normalize_module_path(path: str) -> str:
-    """``L['self'].model.layers[0]._modules['mlp']`` -> ``model.layers.0.mlp``."""
+    """``L['self'].model.layers[0]._modules['mlp']._parameters['w']`` -> ``model.layers.0.mlp.w``."""
     path = re.sub(r"^L\['self'\]\.?", "", path)
     path = re.sub(r"^L\['([^']+)'\]\.?", r"\1.", path)
     path = _MODULES.sub(r".\1", path)

@@ -30,7 +30,7 @@ class PassContext:
     real_inputs: list[Any] | None = None
     #: placeholder position -> parameter FQN (``model.layers.0.mlp.experts.gate_up_proj``)
     param_names: dict[int, str] = dataclasses.field(default_factory=dict)
-    #: set when autograd is on: inference-only rewrites leave the graph alone
+    #: set when autograd is on: the backend then runs no pass
     training: bool = False
     #: results handed from one pass to the next (e.g. detected MoE matches)
     state: dict[str, Any] = dataclasses.field(default_factory=dict)

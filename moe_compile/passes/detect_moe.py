@@ -263,7 +263,8 @@ def _has_shared_experts(out: fx.Node, hidden: fx.Node, g) -> bool:
         node = users[0]
         if op_name(node) == "aten::add":
             return any(a is not prev and hidden in nx.ancestors(g, a) for a in node.all_input_nodes)
-        if op_name(node) not in VIEWS:
+        scaled = op_name(node) == "aten::mul" and any(isinstance(a, (int, float)) for a in node.args)
+        if op_name(node) not in VIEWS and not scaled:  # e.g. x routed_scaling_factor before the add
             return False
         prev = node
     return False
@@ -299,11 +300,11 @@ class DetectMoE(GraphPass):
             w_down, _, _ = uses[down_mm]
             where = common_module_path([up_mm, down_mm]) or up_mm.name
             miss = self._match(gm, ctx, g, ipdom, order, up_mm, down_mm, w_up, up_pos, w_down, gathered, where)
+            paired.update({up_mm, down_mm})  # matched or not, these two matmuls are one block's
             if isinstance(miss, str):
                 ctx.report.skipped.append(Skipped(where, miss))
-                continue
-            paired.update({up_mm, down_mm})
-            matches.append(miss)
+            else:
+                matches.append(miss)
         return False
 
     def _match(self, gm, ctx, g, ipdom, order, up_mm, down_mm, w_up, up_pos, w_down, gathered, where):
@@ -323,6 +324,8 @@ class DetectMoE(GraphPass):
             return f"expert weight {tuple(up_v.shape)} does not contract the hidden size {H}"
         T = numel(hv.shape[:-1])
         ids = _find_ids([up_mm], nx.ancestors(g, up_mm) | nx.ancestors(g, down_mm), T, E, order)
+        if ids is None and op_name(hidden) in ("aten::mul", "aten::div"):
+            return "the experts' input is scaled before the experts (e.g. by the routing weights, as in Llama 4)"
         if ids is None:
             return "no integer [tokens, k] expert-index tensor feeds the experts (routing not top-k style)"
         K = tensor_val(ids).shape[1]

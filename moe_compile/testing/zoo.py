@@ -1,0 +1,734 @@
+"""A zoo of tiny, randomly initialised Hugging Face MoE models for tests and benchmarks.
+
+Every entry describes one model family: the config class, kwargs that shrink it to a model that builds and
+runs a forward pass in well under a second on a laptop CPU, and the facts a graph-level MoE detector
+cares about (router kind, expert weight layout, shared experts, which decoder layers are MoE, and whether
+the experts class goes through transformers' ``@use_experts_implementation`` dispatch).
+
+Typical use::
+
+    from moe_compile.testing import zoo
+
+    for name in zoo.names():
+        model = zoo.build(name)
+        input_ids = zoo.make_inputs(model)
+        logits = zoo.logits(model, input_ids)
+
+Builds are deterministic for a given ``seed``. Hugging Face's random init leaves some parameters all-zero
+(biases, router weights, score-correction buffers) or, for a few families, uninitialised; :func:`build`
+re-draws those from ``normal(0, 0.02)`` so that every routing and expert path contributes to the logits.
+
+Families that only exist in newer transformers releases carry ``min_transformers``; :func:`names` skips
+them on older installs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import re
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+import transformers
+from packaging.version import Version
+from transformers import PretrainedConfig, PreTrainedModel
+
+MoeLayers = Callable[[PretrainedConfig], list[int]]
+
+_INIT_STD = 0.02
+# Float buffers that feed the router and are zero after a fresh init; randomised like parameters.
+_ROUTER_BUFFERS = re.compile(r"(e_score_correction_bias|expert_bias)$")
+
+
+@dataclasses.dataclass(frozen=True)
+class ZooEntry:
+    """One tiny model family.
+
+    ``router`` is a short description of how routing weights are computed (e.g. ``"softmax-topk-renorm"``),
+    ``layout`` the expert weight layout (``"std"``: ``gate_up_proj[E, 2I, H]`` / ``down_proj[E, H, I]``),
+    ``moe_layers`` maps the (text) config to the indices of the MoE decoder layers.
+    """
+
+    name: str
+    config_cls_name: str
+    kwargs: dict[str, Any]
+    router: str
+    layout: str
+    shared_experts: bool
+    moe_layers: MoeLayers
+    interface: bool = True
+    model_cls_name: str = "AutoModelForCausalLM"
+    num_layers_keys: tuple[str, ...] = ("num_hidden_layers",)
+    min_transformers: str | None = None
+
+    def supported(self) -> bool:
+        """Whether the installed transformers has this family in the described form."""
+        return self.min_transformers is None or Version(transformers.__version__) >= Version(self.min_transformers)
+
+
+def _every_layer(config: PretrainedConfig) -> list[int]:
+    return list(range(config.num_hidden_layers))
+
+
+def _after_first_k_dense(config: PretrainedConfig) -> list[int]:
+    return list(range(config.first_k_dense_replace, config.num_hidden_layers))
+
+
+def _after_num_dense_layers(config: PretrainedConfig) -> list[int]:
+    return list(range(config.num_dense_layers, config.num_hidden_layers))
+
+
+def _sparse_mlp_layer_types(config: PretrainedConfig) -> list[int]:
+    return [i for i, kind in enumerate(config.mlp_layer_types) if kind == "sparse"]
+
+
+def _qwen_sparse_step(config: PretrainedConfig) -> list[int]:
+    return [
+        i
+        for i in range(config.num_hidden_layers)
+        if i not in config.mlp_only_layers and (i + 1) % config.decoder_sparse_step == 0
+    ]
+
+
+def _ernie_interval(config: PretrainedConfig) -> list[int]:
+    return [
+        i
+        for i in range(config.num_hidden_layers)
+        if (i + 1) % config.moe_layer_interval == 0
+        and config.moe_layer_start_index <= i <= config.moe_layer_end_index
+    ]
+
+
+def _jamba_layers(config: PretrainedConfig) -> list[int]:
+    return [i for i, n in enumerate(config.layers_num_experts) if n > 1]
+
+
+def _llama4_layers(config: PretrainedConfig) -> list[int]:
+    return list(config.moe_layers)
+
+
+def _switch_layers(config: PretrainedConfig) -> list[int]:
+    """Encoder blocks first, then decoder blocks (numbered after the encoder's)."""
+
+    def sparse(num_layers: int, step: int) -> list[int]:
+        return [i for i in range(num_layers) if step == 1 or i % step == 1]
+
+    encoder = sparse(config.num_layers, config.encoder_sparse_step)
+    decoder = sparse(config.num_decoder_layers, config.decoder_sparse_step)
+    return encoder + [config.num_layers + i for i in decoder]
+
+
+_BASE: dict[str, Any] = {
+    "vocab_size": 128,
+    "hidden_size": 32,
+    "intermediate_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 1,
+    "head_dim": 16,
+    "max_position_embeddings": 256,
+    "num_experts_per_tok": 2,
+    # Keep special tokens inside the tiny vocabulary (some defaults are > 100k).
+    "pad_token_id": 0,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+}
+# Multi-head latent attention (DeepSeek-V2/V3 style).
+_MLA: dict[str, Any] = {
+    "num_key_value_heads": 2,
+    "kv_lora_rank": 16,
+    "q_lora_rank": 16,
+    "qk_rope_head_dim": 8,
+    "qk_nope_head_dim": 8,
+    "head_dim": 8,  # the rotary part
+    "v_head_dim": 16,
+}
+_SIGMOID_GROUP = "sigmoid-bias-group-topk"
+
+_ENTRIES: tuple[ZooEntry, ...] = (
+    ZooEntry(
+        "mixtral",
+        "MixtralConfig",
+        {**_BASE, "num_local_experts": 8},
+        router="softmax-topk-renorm",
+        layout="std",
+        shared_experts=False,
+        moe_layers=_every_layer,
+    ),
+    ZooEntry(
+        "qwen2_moe",
+        "Qwen2MoeConfig",
+        {
+            **_BASE,
+            "num_experts": 8,
+            "moe_intermediate_size": 16,
+            "shared_expert_intermediate_size": 32,
+            "norm_topk_prob": False,
+        },
+        router="softmax-topk",
+        layout="std",
+        shared_experts=True,
+        moe_layers=_qwen_sparse_step,
+    ),
+    ZooEntry(
+        "qwen3_moe",
+        "Qwen3MoeConfig",
+        {**_BASE, "num_experts": 8, "moe_intermediate_size": 16, "norm_topk_prob": True},
+        router="softmax-topk-renorm",
+        layout="std",
+        shared_experts=False,
+        moe_layers=_qwen_sparse_step,
+    ),
+    ZooEntry(
+        "deepseek_v3",
+        "DeepseekV3Config",
+        {
+            **_BASE,
+            **_MLA,
+            "num_hidden_layers": 3,
+            "n_routed_experts": 8,
+            "n_shared_experts": 1,
+            "moe_intermediate_size": 16,
+            "n_group": 4,
+            "topk_group": 2,
+            "first_k_dense_replace": 1,
+            "routed_scaling_factor": 2.5,
+            "norm_topk_prob": True,
+        },
+        router=_SIGMOID_GROUP,
+        layout="std",
+        shared_experts=True,
+        moe_layers=_after_first_k_dense,
+    ),
+    ZooEntry(
+        "deepseek_v2",
+        "DeepseekV2Config",
+        {
+            **_BASE,
+            **_MLA,
+            "n_routed_experts": 8,
+            "n_shared_experts": 1,
+            "moe_intermediate_size": 16,
+            "topk_method": "group_limited_greedy",
+            "n_group": 2,
+            "topk_group": 1,
+            "routed_scaling_factor": 1.5,
+        },
+        router="softmax-group-topk",
+        layout="std",
+        shared_experts=True,
+        moe_layers=_after_first_k_dense,
+    ),
+    ZooEntry(
+        "olmoe",
+        "OlmoeConfig",
+        {**_BASE, "num_experts": 8, "norm_topk_prob": False},
+        router="softmax-topk",
+        layout="std",
+        shared_experts=False,
+        moe_layers=_every_layer,
+    ),
+    ZooEntry(
+        "phimoe",
+        "PhimoeConfig",
+        {**_BASE, "num_local_experts": 8},
+        router="sparsemixer",
+        layout="std",
+        shared_experts=False,
+        moe_layers=_every_layer,
+    ),
+    ZooEntry(
+        "gpt_oss",
+        "GptOssConfig",
+        {**_BASE, "num_local_experts": 8, "sliding_window": 4},
+        router="topk-softmax",
+        layout="transposed-bias-interleaved",
+        shared_experts=False,
+        moe_layers=_every_layer,
+    ),
+    ZooEntry(
+        "granitemoe",
+        "GraniteMoeConfig",
+        {**_BASE, "num_local_experts": 8},
+        router="topk-softmax",
+        layout="std",
+        shared_experts=False,
+        moe_layers=_every_layer,
+    ),
+    ZooEntry(
+        "granitemoeshared",
+        "GraniteMoeSharedConfig",
+        {**_BASE, "num_local_experts": 8, "shared_intermediate_size": 32},
+        router="topk-softmax",
+        layout="std",
+        shared_experts=True,
+        moe_layers=_every_layer,
+    ),
+    ZooEntry(
+        "jamba",
+        "JambaConfig",
+        {
+            **_BASE,
+            "num_experts": 8,
+            "expert_layer_period": 2,
+            "expert_layer_offset": 1,
+            "attn_layer_period": 2,
+            "attn_layer_offset": 0,
+            "mamba_d_state": 8,
+            "mamba_dt_rank": 4,
+        },
+        router="softmax-topk",
+        layout="std",
+        shared_experts=False,
+        moe_layers=_jamba_layers,
+    ),
+    ZooEntry(
+        "qwen3_next",
+        "Qwen3NextConfig",
+        {
+            **_BASE,
+            "num_experts": 8,
+            "moe_intermediate_size": 16,
+            "shared_expert_intermediate_size": 32,
+            "norm_topk_prob": True,
+            "full_attention_interval": 2,
+            "linear_key_head_dim": 16,
+            "linear_value_head_dim": 16,
+            "linear_num_key_heads": 2,
+            "linear_num_value_heads": 2,
+        },
+        router="softmax-topk-renorm",
+        layout="std",
+        shared_experts=True,
+        moe_layers=_qwen_sparse_step,
+    ),
+    ZooEntry(
+        "glm4_moe",
+        "Glm4MoeConfig",
+        {
+            **_BASE,
+            "n_routed_experts": 8,
+            "n_shared_experts": 1,
+            "moe_intermediate_size": 16,
+            "n_group": 2,
+            "topk_group": 1,
+            "first_k_dense_replace": 1,
+            "routed_scaling_factor": 1.5,
+            "norm_topk_prob": True,
+        },
+        router=_SIGMOID_GROUP,
+        layout="std",
+        shared_experts=True,
+        moe_layers=_after_first_k_dense,
+    ),
+    ZooEntry(
+        "glm4_moe_lite",
+        "Glm4MoeLiteConfig",
+        {
+            **_BASE,
+            **_MLA,
+            "n_routed_experts": 8,
+            "n_shared_experts": 1,
+            "moe_intermediate_size": 16,
+            "n_group": 2,
+            "topk_group": 1,
+            "routed_scaling_factor": 1.5,
+            "norm_topk_prob": True,
+        },
+        router=_SIGMOID_GROUP,
+        layout="std",
+        shared_experts=True,
+        moe_layers=_sparse_mlp_layer_types,
+    ),
+    ZooEntry(
+        "ernie4_5_moe",
+        "Ernie4_5_MoeConfig",
+        {
+            **_BASE,
+            "moe_num_experts": 8,
+            "moe_k": 2,
+            "moe_intermediate_size": 16,
+            "moe_num_shared_experts": 1,
+            "moe_layer_start_index": 0,
+        },
+        router="softmax-bias-topk-renorm",
+        layout="std",
+        shared_experts=True,
+        moe_layers=_ernie_interval,
+    ),
+    ZooEntry(
+        "hunyuan_v1_moe",
+        "HunYuanMoEV1Config",
+        {**_BASE, "num_experts": 8, "moe_topk": 2},
+        router="softmax-topk-renorm",
+        layout="std",
+        shared_experts=True,
+        moe_layers=_every_layer,
+    ),
+    ZooEntry(
+        "dots1",
+        "Dots1Config",
+        {
+            **_BASE,
+            "n_routed_experts": 8,
+            "n_shared_experts": 1,
+            "moe_intermediate_size": 16,
+            "n_group": 4,
+            "topk_group": 2,
+            "first_k_dense_replace": 1,
+            "routed_scaling_factor": 2.0,
+            "norm_topk_prob": True,
+        },
+        router=_SIGMOID_GROUP,
+        layout="std",
+        shared_experts=True,
+        moe_layers=_after_first_k_dense,
+    ),
+    ZooEntry(
+        "minimax",
+        "MiniMaxConfig",
+        {**_BASE, "num_local_experts": 8, "block_size": 4},
+        router="softmax-topk-renorm",
+        layout="std",
+        shared_experts=False,
+        moe_layers=_every_layer,
+    ),
+    ZooEntry(
+        "minimax_m2",
+        "MiniMaxM2Config",
+        {**_BASE, "num_local_experts": 8},
+        router="sigmoid-bias-topk-renorm",
+        layout="std",
+        shared_experts=False,
+        moe_layers=_every_layer,
+    ),
+    ZooEntry(
+        "flex_olmo",
+        "FlexOlmoConfig",
+        {**_BASE, "num_experts": 8},
+        router="softmax-topk",
+        layout="std",
+        shared_experts=False,
+        moe_layers=_every_layer,
+    ),
+    ZooEntry(
+        "exaone_moe",
+        "ExaoneMoeConfig",
+        {
+            **_BASE,
+            "num_experts": 8,
+            "num_shared_experts": 1,
+            "moe_intermediate_size": 16,
+            "n_group": 2,
+            "topk_group": 1,
+            "first_k_dense_replace": 1,
+            "routed_scaling_factor": 2.5,
+            "norm_topk_prob": True,
+        },
+        router=_SIGMOID_GROUP,
+        layout="std",
+        shared_experts=True,
+        moe_layers=_sparse_mlp_layer_types,
+    ),
+    ZooEntry(
+        "deepseek_v32",
+        "DeepseekV32Config",
+        {
+            **_BASE,
+            **_MLA,
+            "n_routed_experts": 8,
+            "n_shared_experts": 1,
+            "moe_intermediate_size": 16,
+            "n_group": 4,
+            "topk_group": 2,
+            "first_k_dense_replace": 1,
+            "routed_scaling_factor": 2.5,
+            "norm_topk_prob": True,
+            "index_topk": 4,
+            "index_head_dim": 16,
+            "index_n_heads": 2,
+        },
+        router=_SIGMOID_GROUP,
+        layout="std",
+        shared_experts=True,
+        moe_layers=_sparse_mlp_layer_types,
+    ),
+    ZooEntry(
+        "afmoe",
+        "AfmoeConfig",
+        {
+            **_BASE,
+            "num_experts": 8,
+            "num_shared_experts": 1,
+            "moe_intermediate_size": 16,
+            "num_dense_layers": 1,
+            "global_attn_every_n_layers": 2,
+            "sliding_window": 4,
+            "route_scale": 2.0,
+        },
+        router="sigmoid-bias-topk-renorm",
+        layout="std",
+        shared_experts=True,
+        moe_layers=_after_num_dense_layers,
+    ),
+    ZooEntry(
+        "cohere2_moe",
+        "Cohere2MoeConfig",
+        {**_BASE, "num_experts": 8, "num_shared_experts": 1, "expert_selection_fn": "sigmoid", "norm_topk_prob": True},
+        router="topk-sigmoid-renorm",
+        layout="std",
+        shared_experts=True,
+        moe_layers=_sparse_mlp_layer_types,
+    ),
+    ZooEntry(
+        "lfm2_moe",
+        "Lfm2MoeConfig",
+        {
+            **_BASE,
+            "num_experts": 8,
+            "moe_intermediate_size": 16,
+            "num_dense_layers": 1,
+            "layer_types": ["conv", "full_attention"],
+        },
+        router="sigmoid-bias-topk-renorm",
+        layout="std",
+        shared_experts=False,
+        moe_layers=_after_num_dense_layers,
+    ),
+    ZooEntry(
+        "solar_open",
+        "SolarOpenConfig",
+        {
+            **_BASE,
+            "n_routed_experts": 8,
+            "n_shared_experts": 1,
+            "moe_intermediate_size": 16,
+            "n_group": 2,
+            "topk_group": 1,
+            "routed_scaling_factor": 2.0,
+            "norm_topk_prob": True,
+        },
+        router=_SIGMOID_GROUP,
+        layout="std",
+        shared_experts=True,
+        moe_layers=_every_layer,
+    ),
+    ZooEntry(
+        "laguna",
+        "LagunaConfig",
+        {
+            **_BASE,
+            "num_experts": 8,
+            "moe_intermediate_size": 16,
+            "shared_expert_intermediate_size": 16,
+            "moe_routed_scaling_factor": 2.0,
+            "moe_router_logit_softcapping": 30.0,
+        },
+        router="softcap-sigmoid-bias-topk-renorm",
+        layout="std",
+        shared_experts=True,
+        moe_layers=_sparse_mlp_layer_types,
+    ),
+    ZooEntry(
+        "aria",
+        "AriaTextConfig",
+        {**_BASE, "moe_num_experts": 8, "moe_topk": 2, "moe_num_shared_experts": 1},
+        router="topk-softmax",
+        layout="transposed",
+        shared_experts=True,
+        moe_layers=_every_layer,
+        min_transformers="5.23",
+    ),
+    ZooEntry(
+        "qwen3_vl_moe",
+        "Qwen3VLMoeConfig",
+        {
+            "text_config": {
+                **_BASE,
+                "num_experts": 8,
+                "moe_intermediate_size": 16,
+                "rope_parameters": {"rope_type": "default", "mrope_section": [4, 2, 2], "mrope_interleaved": True},
+            },
+            "vision_config": {
+                "depth": 1,
+                "hidden_size": 32,
+                "intermediate_size": 32,
+                "num_heads": 2,
+                "out_hidden_size": 32,
+                "deepstack_visual_indexes": [0],
+            },
+        },
+        router="softmax-topk-renorm",
+        layout="std",
+        shared_experts=False,
+        moe_layers=_qwen_sparse_step,
+        model_cls_name="Qwen3VLMoeForConditionalGeneration",
+        num_layers_keys=("text_config.num_hidden_layers",),
+    ),
+    ZooEntry(
+        "llama4",
+        "Llama4TextConfig",
+        {**_BASE, "num_local_experts": 8, "intermediate_size": 16, "intermediate_size_mlp": 32, "interleave_moe_layer_step": 2},
+        router="topk-sigmoid-dense-scores",
+        layout="transposed-bmm-all-experts",
+        shared_experts=True,
+        moe_layers=_llama4_layers,
+        interface=False,
+    ),
+    ZooEntry(
+        "switch_transformers",
+        "SwitchTransformersConfig",
+        {
+            "vocab_size": 128,
+            "d_model": 32,
+            "d_kv": 16,
+            "d_ff": 32,
+            "num_layers": 2,
+            "num_decoder_layers": 2,
+            "num_heads": 2,
+            "num_experts": 8,
+            "num_sparse_encoder_layers": 1,
+            "num_sparse_decoder_layers": 1,
+            "expert_capacity": 64,
+        },
+        router="argmax-top1-capacity",
+        layout="module-per-expert",
+        shared_experts=False,
+        moe_layers=_switch_layers,
+        interface=False,
+        model_cls_name="SwitchTransformersForConditionalGeneration",
+        num_layers_keys=("num_layers", "num_decoder_layers"),
+    ),
+)
+_BY_NAME: dict[str, ZooEntry] = {entry.name: entry for entry in _ENTRIES}
+
+_DENSE = ZooEntry(
+    "llama",
+    "LlamaConfig",
+    {key: value for key, value in _BASE.items() if key != "num_experts_per_tok"},
+    router="none",
+    layout="none",
+    shared_experts=False,
+    moe_layers=lambda config: [],
+    interface=False,
+)
+
+
+def names() -> list[str]:
+    """Names of the MoE entries the installed transformers can build."""
+    return [entry.name for entry in _ENTRIES if entry.supported()]
+
+
+def get(name: str) -> ZooEntry:
+    return _BY_NAME[name]
+
+
+def moe_layer_indices(name: str, config: PretrainedConfig) -> list[int]:
+    """Indices of the MoE decoder layers of a model of family ``name`` built from ``config``."""
+    return get(name).moe_layers(config.get_text_config())
+
+
+def build(
+    name: str,
+    *,
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+    num_layers: int | None = None,
+    experts_implementation: str | None = None,
+) -> PreTrainedModel:
+    """Build the tiny model ``name`` in eval mode with deterministic, non-degenerate random weights."""
+    return _build(get(name), dtype=dtype, seed=seed, num_layers=num_layers, experts_implementation=experts_implementation)
+
+
+def build_dense(*, dtype: torch.dtype = torch.float32, seed: int = 0) -> PreTrainedModel:
+    """A tiny dense Llama: a model with no MoE block at all."""
+    return _build(_DENSE, dtype=dtype, seed=seed, num_layers=None, experts_implementation=None)
+
+
+def make_inputs(model: PreTrainedModel, batch: int = 2, seq: int = 7, seed: int = 1) -> torch.Tensor:
+    """Random token ids ``[batch, seq]`` for ``model``."""
+    generator = torch.Generator().manual_seed(seed)
+    vocab_size = model.config.get_text_config().vocab_size
+    return torch.randint(0, vocab_size, (batch, seq), generator=generator).to(model.device)
+
+
+def logits(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    """``model``'s logits for ``input_ids``; encoder-decoder models also decode ``input_ids``.
+
+    ``model`` may be the output of ``torch.compile`` around a zoo model.
+    """
+    config = getattr(model, "config", None) or model._orig_mod.config
+    if config.is_encoder_decoder:
+        return model(input_ids=input_ids, decoder_input_ids=input_ids).logits
+    return model(input_ids=input_ids).logits
+
+
+def _build(
+    entry: ZooEntry,
+    *,
+    dtype: torch.dtype,
+    seed: int,
+    num_layers: int | None,
+    experts_implementation: str | None,
+) -> PreTrainedModel:
+    kwargs = dict(entry.kwargs)
+    if num_layers is not None:
+        for key in entry.num_layers_keys:
+            kwargs = _with_num_layers(kwargs, key, num_layers)
+    config = getattr(transformers, entry.config_cls_name)(**kwargs)
+    model_cls = getattr(transformers, entry.model_cls_name)
+    from_config_kwargs: dict[str, Any] = {"dtype": dtype}
+    if experts_implementation is not None:
+        from_config_kwargs["experts_implementation"] = experts_implementation
+    torch.manual_seed(seed)
+    with _uninitialized_memory_is_nan():
+        if entry.model_cls_name.startswith("Auto"):
+            model = model_cls.from_config(config, **from_config_kwargs)
+        else:
+            model = model_cls._from_config(config, **from_config_kwargs)
+    _redraw_degenerate(model, seed)
+    return model.eval()
+
+
+def _with_num_layers(kwargs: dict[str, Any], key: str, num_layers: int) -> dict[str, Any]:
+    """Set the layer count at the dotted ``key``, tiling per-layer list kwargs (e.g. ``layer_types``) to match."""
+    head, _, rest = key.partition(".")
+    if rest:
+        return {**kwargs, head: _with_num_layers(kwargs[head], rest, num_layers)}
+    old = kwargs[key]
+    resized = {
+        k: [v[i % old] for i in range(num_layers)] if isinstance(v, list) and len(v) == old else v
+        for k, v in kwargs.items()
+    }
+    resized[key] = num_layers
+    return resized
+
+
+@contextlib.contextmanager
+def _uninitialized_memory_is_nan() -> Iterator[None]:
+    """Make ``torch.empty`` return NaN so that parameters the HF init skips are detectably degenerate."""
+    was_enabled = torch.are_deterministic_algorithms_enabled()
+    was_warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    was_filling = torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    try:
+        yield
+    finally:
+        torch.utils.deterministic.fill_uninitialized_memory = was_filling
+        torch.use_deterministic_algorithms(was_enabled, warn_only=was_warn_only)
+
+
+@torch.no_grad()
+def _redraw_degenerate(model: torch.nn.Module, seed: int) -> None:
+    """Re-draw non-finite or all-zero float parameters (and zero router bias buffers) from normal(0, 0.02)."""
+    generator = torch.Generator().manual_seed(seed)
+    tensors = list(model.named_parameters()) + [
+        (name, buf) for name, buf in model.named_buffers() if _ROUTER_BUFFERS.search(name)
+    ]
+    for _, tensor in tensors:
+        if tensor.is_floating_point() and (not torch.isfinite(tensor).all() or not tensor.any()):
+            fresh = torch.randn(tensor.shape, generator=generator) * _INIT_STD
+            tensor.copy_(fresh.to(tensor.device, tensor.dtype))

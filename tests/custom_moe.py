@@ -1,0 +1,64 @@
+"""MoE modules written by hand, as a user of moe_compile might have them."""
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class CustomMoE(nn.Module):
+    """Sigmoid router, top-k, renormalised; each (token, expert) pair gathers its expert's weights.
+
+    ``post_norm=True`` normalises each expert's output before weighting it (not a
+    canonical MoE: the backend must leave it alone). ``weight_input=True`` scales
+    the experts' *input* by the routing weight, as Llama 4 does (also not canonical).
+    """
+
+    def __init__(self, hidden=32, inter=16, experts=4, k=2, post_norm=False, weight_input=False):
+        super().__init__()
+        self.k = k
+        self.router = nn.Linear(hidden, experts, bias=False)
+        self.w_up = nn.Parameter(torch.randn(experts, 2 * inter, hidden) * 0.2)
+        self.w_down = nn.Parameter(torch.randn(experts, hidden, inter) * 0.2)
+        self.norm = nn.LayerNorm(hidden) if post_norm else None
+        self.weight_input = weight_input
+
+    def forward(self, x_BSH: torch.Tensor) -> torch.Tensor:
+        B, S, H = x_BSH.shape
+        x_TH = x_BSH.reshape(-1, H)
+        scores_TE = torch.sigmoid(self.router(x_TH))
+        w_TK, ids_TK = scores_TE.topk(self.k, dim=-1)
+        w_TK = w_TK / w_TK.sum(-1, keepdim=True)
+        ids_P = ids_TK.reshape(-1)  # P = T*k pairs
+        x_PH = x_TH.repeat_interleave(self.k, dim=0)
+        if self.weight_input:
+            x_PH = x_PH * w_TK.reshape(-1, 1)
+        up_PN = torch.bmm(self.w_up[ids_P], x_PH.unsqueeze(-1)).squeeze(-1)
+        gate_PI, lin_PI = up_PN.chunk(2, dim=-1)
+        y_PH = torch.bmm(self.w_down[ids_P], (F.silu(gate_PI) * lin_PI).unsqueeze(-1)).squeeze(-1)
+        if self.norm is not None:
+            y_PH = self.norm(y_PH)
+        if not self.weight_input:
+            y_PH = y_PH * w_TK.reshape(-1, 1)
+        return y_PH.view(-1, self.k, H).sum(dim=1).view(B, S, H)
+
+
+class TinyLM(nn.Module):
+    """Embedding, ``layers`` residual MoE blocks (dense MLP in ``dense_layers``), a head."""
+
+    def __init__(self, vocab=64, hidden=32, layers=2, dense_layers=(), **moe_kwargs):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, hidden)
+        self.norms = nn.ModuleList(nn.LayerNorm(hidden) for _ in range(layers))
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.Linear(hidden, 2 * hidden), nn.GELU(), nn.Linear(2 * hidden, hidden))
+            if i in dense_layers
+            else CustomMoE(hidden=hidden, **moe_kwargs)
+            for i in range(layers)
+        )
+        self.head = nn.Linear(hidden, vocab)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        x = self.embed(input_ids)
+        for norm, block in zip(self.norms, self.blocks):
+            x = x + block(norm(x))
+        return self.head(x)
