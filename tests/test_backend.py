@@ -155,3 +155,16 @@ def test_inductor_execution_matches_eager():
     input_ids = zoo.make_inputs(model, seq=6)
     _compare(model, input_ids, options={"inductor": True})
     assert len(moe_compile.last_report().blocks) == 1
+
+
+@pytest.mark.parametrize("name", ["qwen3_moe", "gpt_oss"])
+def test_triton_kernels_end_to_end(name):
+    model = zoo.build(name)
+    input_ids = zoo.make_inputs(model, seq=5)
+    report = moe_compile.explain(model, input_ids, options={"kernels": "triton"})
+    assert {b.implementation for b in report.blocks} == {"triton"} and len(report.blocks) == 2, report
+    assert "triton" in str(report)
+    _compare(model, input_ids, zoo.make_inputs(model, seq=9), options={"kernels": "triton"})
+    torch._dynamo.reset()
+    torch_report = moe_compile.explain(model, input_ids, options={"kernels": "torch"})
+    assert {b.implementation for b in torch_report.blocks} == {"torch"}

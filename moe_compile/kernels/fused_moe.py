@@ -1,0 +1,97 @@
+"""The Triton MoE layer: align -> up (+activation) -> down (x routing weight) -> reduce.
+
+Shape legend: ``T`` tokens, ``K`` experts per token, ``E`` experts, ``H`` hidden,
+``I`` intermediate, ``N`` up width, ``S = T*K`` pairs.
+
+What it computes is ``moe_compile::moe`` (:mod:`moe_compile.ops`)::
+
+    out[t] = sum_k  topk_weights[t, k] * down_e(act(up_e(hidden[t]))),   e = topk_ids[t, k]
+
+:func:`fused_moe` is the Python entry point; ``moe_compile::moe_triton`` is the same
+function as a custom op with exactly the schema of ``moe_compile::moe``, so a graph
+pass can swap one for the other by target alone. Nothing on the launch path syncs
+with the host (grids come from shapes, valid block counts stay on the device), so
+the layer can be captured in a CUDA graph; the opt-in autotune
+(``MOE_COMPILE_AUTOTUNE=1``) is the exception and runs once per shape beforehand.
+The torch reference is :func:`moe_compile.ops.moe_reference`.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+from ..ops import check_inputs
+from ..spec import ExpertSpec
+from .align import align
+from .configs import KernelConfig, select_config
+from .grouped_gemm import down_projection, reduce_topk, up_projection
+
+__all__ = ["fused_moe", "moe_triton"]
+
+_MAX_REDUCE_BLOCK = 1024
+
+
+def _run(
+    hidden_TH: torch.Tensor,
+    topk_ids_TK: torch.Tensor,
+    topk_weights_TK: torch.Tensor,
+    w_up: torch.Tensor,
+    w_down: torch.Tensor,
+    b_up_EN: torch.Tensor | None,
+    b_down_EH: torch.Tensor | None,
+    spec: ExpertSpec,
+    config: KernelConfig,
+) -> torch.Tensor:
+    K = topk_ids_TK.shape[1]
+    H = hidden_TH.shape[1]
+    alignment = align(topk_ids_TK, w_up.shape[0], config.block_m)  # [P], [B], [1]
+    act_SI = up_projection(hidden_TH, alignment, w_up, b_up_EN, spec, K, config)  # [S, I]
+    y_SH = down_projection(act_SI, alignment, topk_weights_TK, w_down, b_down_EH, spec, config)  # [S, H]
+    block_h = min(triton.next_power_of_2(max(H, 1)), _MAX_REDUCE_BLOCK)
+    return reduce_topk(y_SH, K, hidden_TH.dtype, block_h)  # [T, H]
+
+
+def fused_moe(
+    hidden_TH: torch.Tensor,
+    topk_ids_TK: torch.Tensor,
+    topk_weights_TK: torch.Tensor,
+    w_up: torch.Tensor,
+    w_down: torch.Tensor,
+    b_up_EN: torch.Tensor | None,
+    b_down_EH: torch.Tensor | None,
+    spec: ExpertSpec,
+    config: KernelConfig | None = None,
+) -> torch.Tensor:
+    """The MoE layer in Triton: ``[T, H] -> [T, H]`` in ``hidden``'s dtype; ``config`` overrides the choice."""
+    check_inputs(hidden_TH, topk_ids_TK, topk_weights_TK, w_up, w_down, b_up_EN, b_down_EH, spec)
+    args = (hidden_TH, topk_ids_TK, topk_weights_TK, w_up, w_down, b_up_EN, b_down_EH, spec)
+    if config is None:
+        T, K = topk_ids_TK.shape
+        N = w_up.shape[2] if spec.transposed else w_up.shape[1]
+        config = select_config(
+            w_up.shape[0], N, hidden_TH.shape[1], T, K, w_up.dtype, hidden_TH.device,
+            bench=lambda c: triton.testing.do_bench(lambda: _run(*args, c)),
+        )  # fmt: skip
+    return _run(*args, config)
+
+
+@torch.library.custom_op("moe_compile::moe_triton", mutates_args=())
+def moe_triton(
+    hidden: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    w_up: torch.Tensor,
+    w_down: torch.Tensor,
+    b_up: torch.Tensor | None,
+    b_down: torch.Tensor | None,
+    spec: str,
+) -> torch.Tensor:
+    """``moe_compile::moe`` on the Triton kernels (same schema, same semantics)."""
+    return fused_moe(hidden, topk_ids, topk_weights, w_up, w_down, b_up, b_down, ExpertSpec.decode(spec))
+
+
+@moe_triton.register_fake
+def _moe_triton_fake(hidden, topk_ids, topk_weights, w_up, w_down, b_up, b_down, spec):
+    check_inputs(hidden, topk_ids, topk_weights, w_up, w_down, b_up, b_down, ExpertSpec.decode(spec))
+    return hidden.new_empty(hidden.shape)

@@ -1,0 +1,1 @@
+"""Tests of the Triton kernels (a package, so its conftest and helpers do not shadow tests/conftest.py)."""
