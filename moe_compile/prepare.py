@@ -1,28 +1,232 @@
 """``moe_compile.prepare(model)``: make a model's expert loops traceable.
 
 Dynamo cannot follow an expert loop that depends on routing data (``nonzero``,
-boolean masks): the graph breaks at every MoE layer and the backend sees no
-block. ``prepare`` switches such models to a form that traces into one graph,
-computing the same function:
+``torch.where``, boolean masks): the graph breaks at every MoE layer and the
+backend sees no block. ``prepare`` rewrites, in place, the two forms it knows into
+ones that trace into one graph and compute the same function:
 
-- families that use transformers' experts interface and were loaded with
-  ``experts_implementation="eager"`` are switched to ``"grouped_mm"``.
+- **experts interface, eager loop.** Families using transformers' experts
+  interface that were loaded with ``experts_implementation="eager"`` are switched
+  to ``"grouped_mm"``.
+- **per-expert module containers.** An ``nn.ModuleList``/``nn.ModuleDict`` subclass
+  with its own ``forward(hidden, selection, routing_weights)`` whose children are
+  identical MLPs of two or three ``nn.Linear`` (SwitchTransformers' experts, the
+  Mixtral-era "one module per expert" layout, hand-written modules alike) is
+  replaced by :class:`StackedExperts`: the experts' weights stacked into
+  ``[E, N, H]``/``[E, H, I]`` tensors and one call of the canonical op
+  ``moe_compile::moe``. ``selection`` may be expert ids ``[T, K]`` or a (possibly
+  capacity-masked) one-hot mask ``[T, K, E]``; a token whose mask row is empty
+  gets no expert output, as in the loop.
 
-It returns the model (changed in place) and leaves models it does not know
-alone.
+Nothing is replaced on trust: each candidate is run, before and after, on random
+inputs (every expert, both selection forms), and replaced only when the outputs
+agree within the dtype's tolerance. What was done and what was left, with the
+reason, is returned by :func:`prepare_report` and logged.
 """
 
 from __future__ import annotations
 
+import itertools
+import logging
+import re
+
 import torch
+import torch.nn as nn
+
+from .ops import activate
+from .spec import ACTIVATIONS, ExpertSpec
+
+log = logging.getLogger(__name__)
+
+_TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-9, torch.float16: 2e-2, torch.bfloat16: 2e-2}
 
 
-def prepare(model: torch.nn.Module) -> torch.nn.Module:
+class StackedExperts(nn.Module):
+    """``E`` experts as stacked weights, computed by one ``moe_compile::moe`` call."""
+
+    def __init__(self, w_up: torch.Tensor, w_down: torch.Tensor, b_up, b_down, spec: ExpertSpec, source: str):
+        super().__init__()
+        self.num_experts = w_up.shape[0]
+        self.w_up = nn.Parameter(w_up, requires_grad=False)  # [E, N, H]
+        self.w_down = nn.Parameter(w_down, requires_grad=False)  # [E, H, I]
+        self.b_up = nn.Parameter(b_up, requires_grad=False) if b_up is not None else None  # [E, N]
+        self.b_down = nn.Parameter(b_down, requires_grad=False) if b_down is not None else None  # [E, H]
+        self.spec = spec.encode()
+        self.source = source
+
+    def forward(self, hidden_states: torch.Tensor, selection: torch.Tensor, routing_weights: torch.Tensor):
+        H = hidden_states.shape[-1]
+        x_TH = hidden_states.reshape(-1, H)
+        T = x_TH.shape[0]
+        if selection.dim() == 3:  # one-hot mask [T, K, E]; an empty row (capacity overflow) drops the token
+            mask_TKE = selection.reshape(T, -1, self.num_experts)
+            ids_TK = mask_TKE.argmax(dim=-1)
+            weights_TK = routing_weights.reshape(T, -1) * (mask_TKE.sum(dim=-1) > 0).to(routing_weights.dtype)
+        else:
+            ids_TK = selection.reshape(T, -1)
+            weights_TK = routing_weights.reshape(T, -1)
+        out_TH = torch.ops.moe_compile.moe(x_TH, ids_TK, weights_TK, self.w_up, self.w_down, self.b_up, self.b_down, self.spec)
+        return out_TH.view(hidden_states.shape)
+
+    def extra_repr(self) -> str:
+        return f"num_experts={self.num_experts}, spec={self.spec}, source={self.source!r}"
+
+
+_prepare_log: list[tuple[str, str]] = []
+
+
+def prepare(model: nn.Module) -> nn.Module:
+    """Make ``model``'s MoE blocks traceable (in place); returns ``model``."""
+    _prepare_log.clear()
     config = getattr(model, "config", None)
     if getattr(config, "_experts_implementation", None) == "eager" and _uses_experts_interface(model):
         model.set_experts_implementation("grouped_mm")
+        _prepare_log.append(("", "experts implementation eager -> grouped_mm"))
+    for name, module in list(model.named_modules()):
+        if not _looks_like_expert_container(module):
+            continue
+        result = _stack(module)
+        if isinstance(result, str):
+            _prepare_log.append((name, f"left alone: {result}"))
+            continue
+        parent_name, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), attr, result)
+        _prepare_log.append((name, f"stacked: {result.source}"))
+    for name, what in _prepare_log:
+        log.info("moe_compile.prepare: %s: %s", name or "<model>", what)
     return model
 
 
-def _uses_experts_interface(model: torch.nn.Module) -> bool:
+def prepare_report() -> list[tuple[str, str]]:
+    """What the last :func:`prepare` did: ``(module path, what)`` pairs."""
+    return list(_prepare_log)
+
+
+def _uses_experts_interface(model: nn.Module) -> bool:
     return any(hasattr(m, "has_gate") and hasattr(m, "is_transposed") for m in model.modules())
+
+
+def _linears(module: nn.Module) -> list[nn.Linear]:
+    return [m for m in module.children() if isinstance(m, nn.Linear)]
+
+
+def _looks_like_expert_container(module: nn.Module) -> bool:
+    if not isinstance(module, (nn.ModuleList, nn.ModuleDict)) or type(module).forward is nn.Module.forward:
+        return False
+    children = list(module.children())
+    if len(children) < 2 or len({type(c) for c in children}) != 1:
+        return False
+    shapes = {tuple(tuple(p.shape) for p in c.parameters()) for c in children}
+    return len(shapes) == 1 and len(_linears(children[0])) in (2, 3)
+
+
+def _ordered_experts(container: nn.Module) -> list[nn.Module] | None:
+    """Children in expert-index order (``expert_3`` is expert 3), or None if unclear."""
+    if isinstance(container, nn.ModuleList):
+        return list(container)
+    keys = list(container.keys())
+    indices = [int(m.group(1)) if (m := re.search(r"(\d+)$", k)) else None for k in keys]
+    if None in indices or sorted(indices) != list(range(len(keys))):
+        return None
+    return [container[k] for _, k in sorted(zip(indices, keys))]
+
+
+def _call_order(expert: nn.Module, x: torch.Tensor) -> list[nn.Linear]:
+    order: list[nn.Linear] = []
+    hooks = [lin.register_forward_hook(lambda m, *_: order.append(m)) for lin in _linears(expert)]
+    try:
+        expert(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return order
+
+
+def _stack(container: nn.Module) -> StackedExperts | str:
+    experts = _ordered_experts(container)
+    if experts is None:
+        return "expert keys do not end in 0..E-1"
+    first = experts[0]
+    lin0 = _linears(first)[0]
+    H, dtype = lin0.in_features, lin0.weight.dtype
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(5, H, generator=gen).to(dtype=dtype, device=lin0.weight.device)
+    was_training = container.training
+    container.eval()
+    try:
+        with torch.no_grad():
+            order = _call_order(first, x)
+            if len(order) != len(_linears(first)):
+                return "experts do not call each of their Linear layers once"
+            names = [n for lin in order for n, m in first.named_children() if m is lin]
+            for spec, w_up, w_down, b_up, b_down in _candidates(experts, names):
+                if _same_experts(experts, spec, w_up, w_down, b_up, b_down, x):
+                    stacked = StackedExperts(w_up, w_down, b_up, b_down, spec, _describe(names, len(experts)))
+                    stacked.to(device=lin0.weight.device)
+                    if _same_container(container, stacked, H, dtype, gen):
+                        return stacked
+                    return "the container's forward is not sum_k weight * expert(x) over its selection"
+            return "no canonical expert form (activation, gating) reproduces the experts"
+    finally:
+        container.train(was_training)
+
+
+def _describe(names: list[str], E: int) -> str:
+    return f"{E} per-expert nn.Linear modules ({', '.join(names)})"
+
+
+def _candidates(experts: list[nn.Module], names: list[str]):
+    """(spec, w_up, w_down, b_up, b_down) guesses: every activation, and gate/up orders."""
+
+    def stack(name: str, what: str):
+        tensors = [getattr(getattr(e, name), what) for e in experts]
+        return None if tensors[0] is None else torch.stack([t.detach() for t in tensors])
+
+    down = names[-1]
+    w_down, b_down = stack(down, "weight"), stack(down, "bias")
+    if len(names) == 2:
+        ups = [(names[0],)]
+        gated = False
+    else:
+        ups = [(names[0], names[1]), (names[1], names[0])]  # (gate, up)
+        gated = True
+    for up_names, act in itertools.product(ups, ACTIVATIONS):
+        if act == "swiglu_oai":
+            continue  # needs a fused, interleaved projection: not a per-module layout
+        w_up = torch.cat([stack(n, "weight") for n in up_names], dim=1)
+        biases = [stack(n, "bias") for n in up_names]
+        b_up = None if biases[0] is None else torch.cat(biases, dim=1)
+        yield ExpertSpec(activation=act, gated=gated), w_up, w_down, b_up, b_down
+
+
+def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    err = ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+    return err <= _TOLERANCE.get(b.dtype, 1e-5)
+
+
+def _same_experts(experts, spec, w_up, w_down, b_up, b_down, x) -> bool:
+    for e, expert in enumerate(experts):
+        up = x @ w_up[e].t() + (b_up[e] if b_up is not None else 0)
+        y = activate(up, spec) @ w_down[e].t() + (b_down[e] if b_down is not None else 0)
+        if not _close(y, expert(x)):
+            return False
+    return True
+
+
+def _same_container(container: nn.Module, stacked: StackedExperts, H: int, dtype, gen) -> bool:
+    """Both selection forms the container might take; True if one agrees everywhere."""
+    T, K, E = 9, 2, stacked.num_experts
+    device = stacked.w_up.device
+    x = torch.randn(T, H, generator=gen).to(dtype=dtype, device=device)
+    ids = torch.rand(T, E, generator=gen).argsort(-1)[:, :K].to(device)
+    weights = torch.rand(T, K, generator=gen).to(dtype=dtype, device=device)
+    mask = torch.nn.functional.one_hot(ids[:, :1], E)  # [T, 1, E]
+    mask[::3] = 0  # every third token dropped, as by a capacity limit
+    for selection, w in ((ids, weights), (mask, weights[:, :1])):
+        try:
+            expected = container(x, selection, w)
+        except Exception:  # noqa: BLE001 - the container does not take this form
+            continue
+        if isinstance(expected, torch.Tensor) and _close(stacked(x, selection, w), expected):
+            return True
+    return False

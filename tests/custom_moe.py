@@ -62,3 +62,49 @@ class TinyLM(nn.Module):
         for norm, block in zip(self.norms, self.blocks):
             x = x + block(norm(x))
         return self.head(x)
+
+
+class SwiGLUExpert(nn.Module):
+    def __init__(self, hidden, inter):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, inter, bias=False)
+        self.up_proj = nn.Linear(hidden, inter, bias=False)
+        self.down_proj = nn.Linear(inter, hidden, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class ExpertList(nn.ModuleList):
+    """One module per expert, run by a data-dependent loop (breaks Dynamo's graph)."""
+
+    def forward(self, x_TH, ids_TK, weights_TK):
+        out_TH = torch.zeros_like(x_TH)
+        for e, expert in enumerate(self):
+            token, slot = torch.where(ids_TK == e)
+            if token.numel():
+                out_TH.index_add_(0, token, expert(x_TH[token]) * weights_TK[token, slot, None])
+        return out_TH
+
+
+class PerExpertMoE(nn.Module):
+    """Softmax router, top-k, renormalised; experts are separate ``nn.Linear`` modules."""
+
+    def __init__(self, hidden=32, inter=16, experts=4, k=2):
+        super().__init__()
+        self.k = k
+        self.gate = nn.Linear(hidden, experts, bias=False)
+        self.experts = ExpertList(SwiGLUExpert(hidden, inter) for _ in range(experts))
+
+    def forward(self, x_BSH):
+        x_TH = x_BSH.reshape(-1, x_BSH.shape[-1])
+        probs_TE = torch.softmax(self.gate(x_TH), dim=-1)
+        w_TK, ids_TK = probs_TE.topk(self.k, dim=-1)
+        w_TK = w_TK / w_TK.sum(-1, keepdim=True)
+        return self.experts(x_TH, ids_TK, w_TK).view(x_BSH.shape)
+
+
+class PerExpertLM(TinyLM):
+    def __init__(self, layers=2, **kwargs):
+        super().__init__(layers=layers)
+        self.blocks = nn.ModuleList(PerExpertMoE(**kwargs) for _ in range(layers))

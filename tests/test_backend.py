@@ -168,3 +168,12 @@ def test_triton_kernels_end_to_end(name):
     torch._dynamo.reset()
     torch_report = moe_compile.explain(model, input_ids, options={"kernels": "torch"})
     assert {b.implementation for b in torch_report.blocks} == {"torch"}
+
+
+def test_llama4_input_scaled_experts_are_skipped_and_exact():
+    model = zoo.build("llama4")
+    input_ids = zoo.make_inputs(model, seq=6)
+    report = moe_compile.explain(model, input_ids)
+    assert report.blocks == [] and len(report.skipped) == len(zoo.moe_layer_indices("llama4", model.config))
+    assert all("scaled before the experts" in s.reason for s in report.skipped), report
+    _compare(model, input_ids)

@@ -1,6 +1,7 @@
 """Rewrite each detected MoE block into one call of the canonical op.
 
-Matches: the :class:`~.detect_moe.MoEMatch` objects left by :mod:`.detect_moe`.
+Matches: the :class:`~.detect_moe.MoEMatch` objects left by :mod:`.detect_moe`
+(and reports the canonical calls already in the graph, from ``moe_compile.prepare``).
 
 Emits, per block (``x`` of any shape ``[..., H]``, output cast back if needed)::
 
@@ -31,7 +32,7 @@ from ..report import BlockReport, Skipped
 from ..spec import ExpertSpec
 from .base import GraphPass, PassContext, set_fake_val
 from torch._subclasses.fake_tensor import unset_fake_temporarily
-from .detect_moe import MoEMatch
+from .detect_moe import CanonicalCall, MoEMatch
 
 aten = torch.ops.aten
 
@@ -204,6 +205,27 @@ def _reshape_like(graph: fx.Graph, node: fx.Node, like: fx.Node, hidden: fx.Node
     return out
 
 
+def _report_existing(call: CanonicalCall) -> BlockReport:
+    x, ids, _weights, w_up, w_down, b_up, b_down, spec_text = call.node.args
+    spec = ExpertSpec.decode(spec_text)
+    up, down = tensor_val(w_up), tensor_val(w_down)
+    I = down.shape[1] if spec.transposed else down.shape[2]  # noqa: E741
+    n = "2I" if spec.gated else "I"
+    return BlockReport(
+        path=call.path,
+        num_experts=up.shape[0],
+        top_k=tensor_val(ids).shape[1],
+        hidden_size=tensor_val(x).shape[-1],
+        intermediate_size=int(I),
+        activation=spec.describe(),
+        layout=f"per-expert nn.Linear, stacked by prepare() into [E,{n},H]/[E,H,I]" + (", biases" if b_up is not None else ""),
+        router=call.router,
+        shared_experts=call.shared_experts,
+        verified="checked by moe_compile.prepare on random inputs",
+        rewrites=["canonical moe op (from prepare)"],
+    )
+
+
 class CanonicalizeMoE(GraphPass):
     name = "canonicalize_moe"
 
@@ -211,6 +233,9 @@ class CanonicalizeMoE(GraphPass):
         matches: list[MoEMatch] = ctx.state.get("moe_matches", [])
         blocks: list[tuple[fx.Node, BlockReport]] = []
         ctx.state["moe_blocks"] = blocks
+        for call in ctx.state.get("moe_canonical", []):
+            blocks.append((call.node, _report_existing(call)))
+            ctx.report.blocks.append(blocks[-1][1])
         for m in matches:
             cut = _cut_region(m, ctx)
             roles = _bias_roles(m, cut[1]) if not isinstance(cut, str) else cut

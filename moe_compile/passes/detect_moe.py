@@ -26,6 +26,9 @@ Found by structure, never by class name:
 Emits: nothing in the graph. Each match (:class:`MoEMatch`) goes to
 ``ctx.state["moe_matches"]``; a near miss goes to ``ctx.report.skipped`` with
 its reason. :mod:`.canonicalize_moe` verifies and rewrites the matches.
+``moe_compile::moe`` calls already in the graph (modules that
+``moe_compile.prepare`` stacked) are recorded as :class:`CanonicalCall` in
+``ctx.state["moe_canonical"]``, so that they are reported and lowered too.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ import torch.fx as fx
 
 from ..graph import (
     common_module_path,
+    module_path,
     numel,
     op_name,
     post_dominators,
@@ -270,6 +274,16 @@ def _has_shared_experts(out: fx.Node, hidden: fx.Node, g) -> bool:
     return False
 
 
+@dataclasses.dataclass
+class CanonicalCall:
+    """A ``moe_compile::moe`` call already in the graph (a module made by ``moe_compile.prepare``)."""
+
+    node: fx.Node
+    path: str
+    router: str
+    shared_experts: bool
+
+
 class DetectMoE(GraphPass):
     name = "detect_moe"
 
@@ -278,14 +292,24 @@ class DetectMoE(GraphPass):
 
         matches: list[MoEMatch] = []
         ctx.state["moe_matches"] = matches
+        canonical = gm.graph.find_nodes(op="call_function", target=torch.ops.moe_compile.moe.default)
         uses = _expert_weight_uses(gm)
-        if not uses:
+        if not uses and not canonical:
             return False
         order = {n: i for i, n in enumerate(gm.graph.nodes)}
         for n, i in order.items():
             n.meta["_order"] = i
         g = to_networkx(gm.graph)
         ipdom = post_dominators(g, gm.graph)
+        ctx.state["moe_canonical"] = [
+            CanonicalCall(
+                node=node,
+                path=module_path(node).rpartition(".")[0] or node.name,  # the experts module's parent
+                router=describe_router(node.args[1], node.args[2], node.args[0], g),
+                shared_experts=_has_shared_experts(node, node.args[0], g),
+            )
+            for node in canonical
+        ]
         expert_mms = sorted(uses, key=order.__getitem__)
         paired: set[fx.Node] = set()
         for up_mm in expert_mms:

@@ -1,0 +1,80 @@
+"""moe_compile.prepare: per-expert module containers become one canonical call, exactly."""
+
+import copy
+
+import torch
+from conftest import rel_err
+from custom_moe import PerExpertLM
+
+import moe_compile
+from moe_compile.prepare import StackedExperts, prepare_report
+from moe_compile.testing import zoo
+
+
+def test_per_expert_linear_model_traces_after_prepare():
+    torch.manual_seed(0)
+    model = PerExpertLM(layers=2).eval()
+    input_ids = torch.randint(0, 64, (2, 6))
+    before = moe_compile.explain(model, input_ids)
+    assert before.blocks == [] and before.graphs > 1  # the expert loop breaks the graph
+    assert "moe_compile.prepare" in str(before)
+
+    with torch.no_grad():
+        expected = model(input_ids)
+    moe_compile.prepare(model)
+    assert isinstance(model.blocks[0].experts, StackedExperts)
+    assert [what for _, what in prepare_report()] == ["stacked: 4 per-expert nn.Linear modules (gate_proj, up_proj, down_proj)"] * 2
+    with torch.no_grad():
+        assert rel_err(model(input_ids), expected) < 1e-6  # prepare alone changes nothing
+
+    torch._dynamo.reset()
+    report = moe_compile.explain(model, input_ids)
+    assert report.graphs == 1 and [b.path for b in report.blocks] == ["blocks.0", "blocks.1"], report
+    assert report.blocks[0].router == "softmax -> top-k -> renormalise"
+    assert report.blocks[0].layout.startswith("per-expert nn.Linear, stacked by prepare()")
+    compiled = torch.compile(model, backend="moe_prefill")
+    with torch.no_grad():
+        for seq in (6, 9):
+            x = torch.randint(0, 64, (2, seq))
+            assert rel_err(compiled(x), model(x)) < 1e-5
+
+
+def test_switch_transformers_experts_are_stacked_exactly():
+    model = zoo.build("switch_transformers")
+    reference = copy.deepcopy(model)
+    moe_compile.prepare(model)
+    stacked = [m for m in model.modules() if isinstance(m, StackedExperts)]
+    assert len(stacked) == len(zoo.moe_layer_indices("switch_transformers", model.config))
+    assert ExpertSpecOf(stacked[0]).activation == "relu" and not ExpertSpecOf(stacked[0]).gated
+    input_ids = zoo.make_inputs(model, seq=9)
+    with torch.no_grad():
+        assert rel_err(zoo.logits(model, input_ids), zoo.logits(reference, input_ids)) < 1e-6
+    # the sparse feed-forward layer (router with capacity mask + stacked experts) compiles to one block
+    layer = model.encoder.block[1].layer[1]
+    hidden = torch.randn(2, 9, model.config.d_model)
+    report = moe_compile.explain(layer, hidden)
+    assert len(report.blocks) == 1 and report.blocks[0].top_k == 1, report
+    with torch.no_grad():
+        assert rel_err(torch.compile(layer, backend="moe_prefill")(hidden), layer(hidden)) < 1e-5
+
+
+def ExpertSpecOf(module: StackedExperts) -> moe_compile.ExpertSpec:  # noqa: N802
+    return moe_compile.ExpertSpec.decode(module.spec)
+
+
+def test_container_that_is_not_a_weighted_sum_is_left_alone():
+    torch.manual_seed(0)
+    model = PerExpertLM(layers=1).eval()
+    experts = model.blocks[0].experts
+    original_forward = type(experts).forward
+
+    class MaxOfExperts(type(experts)):  # combines experts by max, not by a weighted sum
+        def forward(self, x_TH, ids_TK, weights_TK):
+            return torch.stack([original_forward(self, x_TH, ids_TK[:, k : k + 1], weights_TK[:, k : k + 1])
+                                for k in range(ids_TK.shape[1])]).amax(0)  # fmt: skip
+
+    experts.__class__ = MaxOfExperts
+    moe_compile.prepare(model)
+    assert model.blocks[0].experts is experts
+    (entry,) = prepare_report()
+    assert "not sum_k weight * expert(x)" in entry[1]
