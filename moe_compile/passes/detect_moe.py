@@ -62,8 +62,9 @@ VIEWS = {
     "aten::expand", "aten::clone", "aten::alias", "aten::t", "aten::transpose", "aten::permute",
     "aten::contiguous", "aten::_to_copy", "aten::to",
 }  # fmt: skip
-#: row gathers: ``index(x, [rows])`` and friends keep x's values, reordered or repeated
-GATHERS = {"aten::index", "aten::index_select", "aten::repeat_interleave", "aten::gather"}
+#: row gathers: ``index(x, [rows])`` and friends keep x's values, reordered or repeated;
+#: ``masked_fill`` zeroes expert-parallel sentinel rows (ids >= E, never true for a local model)
+GATHERS = {"aten::index", "aten::index_select", "aten::repeat_interleave", "aten::gather", "aten::masked_fill"}
 ACTIVATION_OPS = {"aten::silu": "silu", "aten::gelu": "gelu", "aten::relu": "relu", "aten::tanh": "gelu_tanh"}
 
 
@@ -116,16 +117,16 @@ def _expert_weight_uses(gm: fx.GraphModule) -> dict[fx.Node, tuple[fx.Node, int,
 
 
 def _find_hidden(mm: fx.Node, weight_pos: int) -> fx.Node | None:
+    """The tensor whose rows the up matmul multiplies, before any view or row gather."""
     other = [a for i, a in enumerate(mm.args[:2]) if i != weight_pos and isinstance(a, fx.Node)]
     if not other:
         return None
-    root = other[0]
-    for root in walk_back(other[0], VIEWS | GATHERS):
-        pass
+    *_, root = walk_back(other[0], VIEWS | GATHERS)
     return root
 
 
-def _find_ids(mm_nodes: list[fx.Node], ancestors: set[fx.Node], T: object, E: int, order: dict) -> fx.Node | None:
+def _find_ids(ancestors: set[fx.Node], T: object, E: int, order: dict) -> fx.Node | None:
+    """The latest integer [T, K] tensor among the experts' ancestors: this block's expert ids."""
     best = None
     for node in ancestors:
         v = tensor_val(node)
@@ -176,11 +177,11 @@ def _find_output(down_mm: fx.Node, ipdom: dict, T: object, H: int) -> fx.Node | 
     return None
 
 
-def _spec_candidates(up_mm: fx.Node, down_mm: fx.Node, between: set[fx.Node], gated: bool, transposed: list[bool]):
+def _spec_candidates(between: set[fx.Node], gated: bool, transposed: list[bool]) -> list[ExpertSpec]:
+    """Expert specs that could explain the ops between the up and down matmuls, likeliest first."""
     names = {op_name(n) for n in between}
-    consts = [a for n in between for a in n.args if isinstance(a, float)]
     acts: list[str] = []
-    if gated and "aten::sigmoid" in names and ("aten::clamp" in names or "aten::clamp_max" in names):
+    if gated and "aten::sigmoid" in names and names & {"aten::clamp", "aten::clamp_max"}:
         acts.append("swiglu_oai")
     for op, act in ACTIVATION_OPS.items():
         if op in names:
@@ -190,18 +191,22 @@ def _spec_candidates(up_mm: fx.Node, down_mm: fx.Node, between: set[fx.Node], ga
             acts.append(act)
     if "aten::sigmoid" in names:
         acts.append("silu")  # silu decomposed as x * sigmoid(x)
-    acts += [a for a in ("silu", "gelu", "gelu_tanh", "relu") if a not in acts]
+    acts += ["silu", "gelu", "gelu_tanh", "relu"]
     if not gated:
         acts = [a for a in acts if a != "swiglu_oai"]
     layouts = ["interleaved", "concat"] if any(_is_strided_slice(n) for n in between) else ["concat", "interleaved"]
-    alpha = next((c for c in consts if 1.0 < c < 3.0), 1.702)
-    limit = next((c for c in consts if c >= 3.0), 7.0)
-    out = []
-    for act in dict.fromkeys(acts):
-        for tr in transposed:
-            for layout in layouts if gated else ["concat"]:
-                out.append(ExpertSpec(activation=act, gated=gated, gate_layout=layout, transposed=tr, alpha=alpha, limit=limit))
-    return out
+    # swiglu_oai constants: the clamp bound, and the scale inside sigmoid(alpha * gate)
+    clamps = [a for n in between if op_name(n) in ("aten::clamp", "aten::clamp_max") for a in n.args[1:]]
+    limit = max((float(a) for a in clamps if isinstance(a, (int, float))), default=ExpertSpec.limit)
+    scales = [a for n in between if op_name(n) == "aten::mul" and any(op_name(u) == "aten::sigmoid" for u in n.users)
+              for a in n.args if isinstance(a, float)]  # fmt: skip
+    alpha = scales[0] if scales else ExpertSpec.alpha
+    return [
+        ExpertSpec(activation=act, gated=gated, gate_layout=layout, transposed=tr, alpha=alpha, limit=limit)
+        for act in dict.fromkeys(acts)
+        for tr in transposed
+        for layout in (layouts if gated else ["concat"])
+    ]
 
 
 def _is_strided_slice(node: fx.Node) -> bool:
@@ -266,7 +271,15 @@ def _has_shared_experts(out: fx.Node, hidden: fx.Node, g) -> bool:
             return False
         node = users[0]
         if op_name(node) == "aten::add":
-            return any(a is not prev and hidden in nx.ancestors(g, a) for a in node.all_input_nodes)
+            # the other summand must be a dense MLP of the block's input (a matmul in between),
+            # not a scaled copy of the input itself (MiniMax: norm(x) * a + moe(norm(x)) * b)
+            for other in node.all_input_nodes:
+                if other is prev:
+                    continue
+                branch = (nx.ancestors(g, other) | {other}) & nx.descendants(g, hidden)
+                if any(op_name(n) in MATMULS for n in branch):
+                    return True
+            return False
         scaled = op_name(node) == "aten::mul" and any(isinstance(a, (int, float)) for a in node.args)
         if op_name(node) not in VIEWS and not scaled:  # e.g. x routed_scaling_factor before the add
             return False
@@ -347,7 +360,7 @@ class DetectMoE(GraphPass):
         if not transposed:
             return f"expert weight {tuple(up_v.shape)} does not contract the hidden size {H}"
         T = numel(hv.shape[:-1])
-        ids = _find_ids([up_mm], nx.ancestors(g, up_mm) | nx.ancestors(g, down_mm), T, E, order)
+        ids = _find_ids(nx.ancestors(g, up_mm) | nx.ancestors(g, down_mm), T, E, order)
         if ids is None and op_name(hidden) in ("aten::mul", "aten::div"):
             return "the experts' input is scaled before the experts (e.g. by the routing weights, as in Llama 4)"
         if ids is None:
@@ -378,7 +391,7 @@ class DetectMoE(GraphPass):
             top_k=K,
             hidden_size=int(H),
             intermediate_size=int(I),
-            candidates=_spec_candidates(up_mm, down_mm, between, N == 2 * I, transposed),
+            candidates=_spec_candidates(between, N == 2 * I, transposed),
             router=describe_router(ids, weights, hidden, g),
             shared_experts=_has_shared_experts(out, hidden, g),
             source="batched" if gathered else "grouped",

@@ -25,6 +25,7 @@ them on older installs.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import re
 from collections.abc import Callable, Iterator
@@ -46,9 +47,21 @@ _ROUTER_BUFFERS = re.compile(r"(e_score_correction_bias|expert_bias)$")
 class ZooEntry:
     """One tiny model family.
 
-    ``router`` is a short description of how routing weights are computed (e.g. ``"softmax-topk-renorm"``),
-    ``layout`` the expert weight layout (``"std"``: ``gate_up_proj[E, 2I, H]`` / ``down_proj[E, H, I]``),
-    ``moe_layers`` maps the (text) config to the indices of the MoE decoder layers.
+    - ``kwargs``: the tiny config, passed to ``transformers.<config_cls_name>``.
+    - ``router``: how routing weights are computed, e.g. ``"softmax-topk-renorm"`` (softmax over all experts,
+      top-k, renormalise), ``"topk-softmax"`` (top-k logits, then softmax over those k),
+      ``"sigmoid-bias-group-topk"`` (DeepSeek-V3: sigmoid scores plus a correction bias pick a group-limited
+      top-k), ``"softmax-group-topk"`` (DeepSeek-V2), ``"sparsemixer"`` (Phimoe).
+    - ``layout``: expert weights; ``"std"`` is ``gate_up_proj[E, 2I, H]`` (gate rows first) and
+      ``down_proj[E, H, I]``; ``"transposed"`` stores ``[E, H, 2I]`` / ``[E, I, H]``; GPT-OSS additionally
+      interleaves gate/up columns and has per-expert biases.
+    - ``moe_layers``: maps the (text) config to the indices of the MoE decoder layers; for encoder-decoder
+      models the decoder's blocks are numbered after the encoder's.
+    - ``interface``: the experts class is decorated with ``@use_experts_implementation`` (so its forward is
+      ``grouped_mm`` / ``batched_mm`` / ``eager`` per ``config._experts_implementation``).
+    - ``model_cls_name``: the ``transformers`` class to build (an ``Auto*`` class or a concrete model class).
+    - ``num_layers_keys``: the config keys (dotted for nested configs) that ``build(num_layers=...)`` sets.
+    - ``min_transformers``: the oldest transformers release known to have the family in this form.
     """
 
     name: str
@@ -96,8 +109,7 @@ def _ernie_interval(config: PretrainedConfig) -> list[int]:
     return [
         i
         for i in range(config.num_hidden_layers)
-        if (i + 1) % config.moe_layer_interval == 0
-        and config.moe_layer_start_index <= i <= config.moe_layer_end_index
+        if (i + 1) % config.moe_layer_interval == 0 and config.moe_layer_start_index <= i <= config.moe_layer_end_index
     ]
 
 
@@ -107,6 +119,11 @@ def _jamba_layers(config: PretrainedConfig) -> list[int]:
 
 def _llama4_layers(config: PretrainedConfig) -> list[int]:
     return list(config.moe_layers)
+
+
+def _longcat_layers(config: PretrainedConfig) -> list[int]:
+    """Every decoder layer (each holds two attention/MLP sub-blocks, so ``num_hidden_layers`` is doubled)."""
+    return list(range(config.num_layers))
 
 
 def _switch_layers(config: PretrainedConfig) -> list[int]:
@@ -407,7 +424,7 @@ _ENTRIES: tuple[ZooEntry, ...] = (
     ZooEntry(
         "flex_olmo",
         "FlexOlmoConfig",
-        {**_BASE, "num_experts": 8},
+        {**_BASE, "num_experts": 8, "norm_topk_prob": False},
         router="softmax-topk",
         layout="std",
         shared_experts=False,
@@ -570,12 +587,39 @@ _ENTRIES: tuple[ZooEntry, ...] = (
     ZooEntry(
         "llama4",
         "Llama4TextConfig",
-        {**_BASE, "num_local_experts": 8, "intermediate_size": 16, "intermediate_size_mlp": 32, "interleave_moe_layer_step": 2},
+        {
+            **_BASE,
+            "num_local_experts": 8,
+            "intermediate_size": 16,
+            "intermediate_size_mlp": 32,
+            "interleave_moe_layer_step": 2,
+        },
         router="topk-sigmoid-dense-scores",
         layout="transposed-bmm-all-experts",
         shared_experts=True,
         moe_layers=_llama4_layers,
         interface=False,
+    ),
+    ZooEntry(
+        "longcat_flash",
+        "LongcatFlashConfig",
+        {
+            **{key: value for key, value in _BASE.items() if key != "num_hidden_layers"},
+            **_MLA,
+            "num_layers": 2,
+            "ffn_hidden_size": 32,
+            "n_routed_experts": 8,
+            "zero_expert_num": 4,
+            "moe_topk": 2,
+            "expert_ffn_hidden_size": 16,
+            "routed_scaling_factor": 2.0,
+        },
+        router="softmax-bias-topk",
+        layout="std+identity-zero-experts",
+        shared_experts=False,
+        moe_layers=_longcat_layers,
+        interface=False,
+        num_layers_keys=("num_layers",),
     ),
     ZooEntry(
         "switch_transformers",
@@ -622,6 +666,7 @@ def names() -> list[str]:
 
 
 def get(name: str) -> ZooEntry:
+    """The entry called ``name`` (whether or not the installed transformers supports it)."""
     return _BY_NAME[name]
 
 
@@ -639,7 +684,9 @@ def build(
     experts_implementation: str | None = None,
 ) -> PreTrainedModel:
     """Build the tiny model ``name`` in eval mode with deterministic, non-degenerate random weights."""
-    return _build(get(name), dtype=dtype, seed=seed, num_layers=num_layers, experts_implementation=experts_implementation)
+    return _build(
+        get(name), dtype=dtype, seed=seed, num_layers=num_layers, experts_implementation=experts_implementation
+    )
 
 
 def build_dense(*, dtype: torch.dtype = torch.float32, seed: int = 0) -> PreTrainedModel:
@@ -659,8 +706,7 @@ def logits(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
 
     ``model`` may be the output of ``torch.compile`` around a zoo model.
     """
-    config = getattr(model, "config", None) or model._orig_mod.config
-    if config.is_encoder_decoder:
+    if model.config.is_encoder_decoder:
         return model(input_ids=input_ids, decoder_input_ids=input_ids).logits
     return model(input_ids=input_ids).logits
 
@@ -673,7 +719,7 @@ def _build(
     num_layers: int | None,
     experts_implementation: str | None,
 ) -> PreTrainedModel:
-    kwargs = dict(entry.kwargs)
+    kwargs = copy.deepcopy(entry.kwargs)  # configs may mutate nested dicts such as ``rope_parameters``
     if num_layers is not None:
         for key in entry.num_layers_keys:
             kwargs = _with_num_layers(kwargs, key, num_layers)
