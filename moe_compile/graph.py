@@ -111,6 +111,36 @@ def backward_region(roots: Iterable[fx.Node], stop: set[fx.Node], limit: int = 4
     return list(seen)
 
 
+def ancestors_since(nodes: Iterable[fx.Node], lower: int, order: dict[fx.Node, int]) -> set[fx.Node]:
+    """Ancestors of ``nodes`` (themselves included) at graph position ``lower`` or later.
+
+    Bounded searches keep detection linear in depth: through the residual stream every
+    layer's ancestors include every earlier layer, but a block's nodes lie in a window.
+    """
+    seen: set[fx.Node] = set()
+    stack = [n for n in nodes if order[n] >= lower]
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        stack.extend(a for a in node.all_input_nodes if order[a] >= lower)
+    return seen
+
+
+def descendants_until(node: fx.Node, upper: int, order: dict[fx.Node, int]) -> set[fx.Node]:
+    """Descendants of ``node`` (itself included) at graph position ``upper`` or earlier."""
+    seen: set[fx.Node] = set()
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        stack.extend(u for u in n.users if order[u] <= upper)
+    return seen
+
+
 _INDEX = re.compile(r"\[(\d+)\]")
 _MODULES = re.compile(r"(?:^|\.)_(?:modules|parameters|buffers)\['([^']+)'\]")
 

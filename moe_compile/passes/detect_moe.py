@@ -39,7 +39,9 @@ import torch
 import torch.fx as fx
 
 from ..graph import (
+    ancestors_since,
     common_module_path,
+    descendants_until,
     module_path,
     numel,
     op_name,
@@ -138,11 +140,9 @@ def _find_ids(ancestors: set[fx.Node], T: object, E: int, order: dict) -> fx.Nod
     return best
 
 
-def _find_routing_weights(down_mm: fx.Node, T: object, K: int, g) -> fx.Node | None:
+def _find_routing_weights(down_mm: fx.Node, T: object, K: int, order: dict) -> fx.Node | None:
     """The [T, K] float tensor multiplied into the down projection's output."""
-    import networkx as nx
-
-    downstream = nx.descendants(g, down_mm) | {down_mm}
+    downstream = descendants_until(down_mm, order[down_mm] + 64, order)
     frontier, seen = [down_mm], set()
     for _ in range(8):  # the combine is a few nodes after the down matmul
         nxt = []
@@ -213,25 +213,22 @@ def _is_strided_slice(node: fx.Node) -> bool:
     return op_name(node) == "aten::slice" and len(node.args) > 4 and node.args[4] == 2
 
 
-def describe_router(ids: fx.Node, weights: fx.Node, hidden: fx.Node, g) -> str:
-    """A short description of the router math between the router logits and (ids, weights)."""
-    import networkx as nx
-
-    region = (nx.ancestors(g, ids) | nx.ancestors(g, weights) | {ids, weights}) - nx.ancestors(g, hidden) - {hidden}
+def describe_router(ids: fx.Node, weights: fx.Node, hidden: fx.Node, order: dict) -> str:
+    """A short description of the router math between the block's input and (ids, weights)."""
+    region = ancestors_since([ids, weights], order[hidden] + 1, order)
     region = {n for n in region if n.op == "call_function"}
-    topks = [n for n in region if op_name(n) == "aten::topk"]
-    first_topk = min(topks, key=lambda n: n.meta.get("_order", 0), default=None)
-
-    def before(a: fx.Node) -> bool:
-        return first_topk is not None and a in nx.ancestors(g, first_topk)
+    topks = sorted((n for n in region if op_name(n) == "aten::topk"), key=order.__getitem__)
+    first_topk = topks[0] if topks else None
+    before = ancestors_since([first_topk], order[hidden] + 1, order) - {first_topk} if first_topk else set()
+    after = (descendants_until(first_topk, max(order[ids], order[weights]), order) & region) if first_topk else set()
 
     parts = []
-    names = {op_name(n): n for n in region}
+    names = {op_name(n) for n in region}
     if "aten::sigmoid" in names:
         parts.append("sigmoid")
-    elif any(op_name(n) == "aten::_softmax" and before(n) for n in region):
+    elif any(op_name(n) == "aten::_softmax" for n in before):
         parts.append("softmax")
-    if any(op_name(n) == "aten::add" and before(n) and any(a.op == "placeholder" for a in n.all_input_nodes) for n in region):
+    if any(op_name(n) == "aten::add" and any(a.op == "placeholder" for a in n.all_input_nodes) for n in before):
         parts[-1:] = [(parts[-1] if parts else "logits") + " + bias correction"]
     if len(topks) > 1:
         parts.append("group-limited top-k")
@@ -240,7 +237,6 @@ def describe_router(ids: fx.Node, weights: fx.Node, hidden: fx.Node, g) -> str:
     else:
         picks = sorted(n.split("::")[-1] for n in names if "max" in n)
         parts.append(f"custom selection ({', '.join(picks)}; e.g. sparsemixer)" if picks else "custom selection")
-    after = [n for n in region if first_topk is not None and first_topk in nx.ancestors(g, n)]
     if any(op_name(n) == "aten::_softmax" for n in after):
         parts.append("softmax")
     if any(op_name(n) == "aten::div" and _is_sum(n.args[1]) for n in after):
@@ -260,10 +256,8 @@ def _is_sum(node: object) -> bool:
     return isinstance(node, fx.Node) and op_name(node) == "aten::sum"
 
 
-def _has_shared_experts(out: fx.Node, hidden: fx.Node, g) -> bool:
+def _has_shared_experts(out: fx.Node, hidden: fx.Node, order: dict) -> bool:
     """A dense branch computed from the block's input is added to the block's output."""
-    import networkx as nx
-
     prev = out
     for _ in range(6):
         users = list(prev.users)
@@ -276,8 +270,8 @@ def _has_shared_experts(out: fx.Node, hidden: fx.Node, g) -> bool:
             for other in node.all_input_nodes:
                 if other is prev:
                     continue
-                branch = (nx.ancestors(g, other) | {other}) & nx.descendants(g, hidden)
-                if any(op_name(n) in MATMULS for n in branch):
+                branch = ancestors_since([other], order[hidden], order)
+                if hidden in branch and any(op_name(n) in MATMULS for n in branch):
                     return True
             return False
         scaled = op_name(node) == "aten::mul" and any(isinstance(a, (int, float)) for a in node.args)
@@ -301,8 +295,6 @@ class DetectMoE(GraphPass):
     name = "detect_moe"
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> bool:
-        import networkx as nx
-
         matches: list[MoEMatch] = []
         ctx.state["moe_matches"] = matches
         canonical = gm.graph.find_nodes(op="call_function", target=torch.ops.moe_compile.moe.default)
@@ -310,33 +302,31 @@ class DetectMoE(GraphPass):
         if not uses and not canonical:
             return False
         order = {n: i for i, n in enumerate(gm.graph.nodes)}
-        for n, i in order.items():
-            n.meta["_order"] = i
-        g = to_networkx(gm.graph)
-        ipdom = post_dominators(g, gm.graph)
-        ctx.state["moe_canonical"] = [
-            CanonicalCall(
-                node=node,
-                path=module_path(node).rpartition(".")[0] or node.name,  # the experts module's parent
-                router=describe_router(node.args[1], node.args[2], node.args[0], g),
-                shared_experts=_has_shared_experts(node, node.args[0], g),
+        ipdom = post_dominators(to_networkx(gm.graph), gm.graph)
+        ctx.state["moe_canonical"] = []
+        for node in canonical:
+            *_, block_input = walk_back(node.args[0], VIEWS)  # before the router's reshapes
+            ctx.state["moe_canonical"].append(
+                CanonicalCall(
+                    node=node,
+                    path=module_path(node).rpartition(".")[0] or node.name,  # the experts module's parent
+                    router=describe_router(node.args[1], node.args[2], block_input, order),
+                    shared_experts=_has_shared_experts(node, block_input, order),
+                )
             )
-            for node in canonical
-        ]
         expert_mms = sorted(uses, key=order.__getitem__)
         paired: set[fx.Node] = set()
         for up_mm in expert_mms:
             if up_mm in paired:
                 continue
-            desc = nx.descendants(g, up_mm)
-            downs = [m for m in expert_mms if m in desc and m not in paired]
-            if not downs:
+            down_mm = next((m for m in expert_mms if order[m] > order[up_mm] and m not in paired
+                            and up_mm in ancestors_since([m], order[up_mm], order)), None)  # fmt: skip
+            if down_mm is None:
                 continue
-            down_mm = downs[0]
             w_up, up_pos, gathered = uses[up_mm]
             w_down, _, _ = uses[down_mm]
             where = common_module_path([up_mm, down_mm]) or up_mm.name
-            miss = self._match(gm, ctx, g, ipdom, order, up_mm, down_mm, w_up, up_pos, w_down, gathered, where)
+            miss = self._match(ipdom, order, up_mm, down_mm, w_up, up_pos, w_down, gathered, where)
             paired.update({up_mm, down_mm})  # matched or not, these two matmuls are one block's
             if isinstance(miss, str):
                 ctx.report.skipped.append(Skipped(where, miss))
@@ -344,9 +334,7 @@ class DetectMoE(GraphPass):
                 matches.append(miss)
         return False
 
-    def _match(self, gm, ctx, g, ipdom, order, up_mm, down_mm, w_up, up_pos, w_down, gathered, where):
-        import networkx as nx
-
+    def _match(self, ipdom, order, up_mm, down_mm, w_up, up_pos, w_down, gathered, where):
         up_v, down_v = tensor_val(w_up), tensor_val(w_down)
         E = up_v.shape[0]
         if down_v.shape[0] != E:
@@ -360,13 +348,13 @@ class DetectMoE(GraphPass):
         if not transposed:
             return f"expert weight {tuple(up_v.shape)} does not contract the hidden size {H}"
         T = numel(hv.shape[:-1])
-        ids = _find_ids(nx.ancestors(g, up_mm) | nx.ancestors(g, down_mm), T, E, order)
+        ids = _find_ids(ancestors_since([up_mm, down_mm], order[hidden], order), T, E, order)
         if ids is None and op_name(hidden) in ("aten::mul", "aten::div"):
             return "the experts' input is scaled before the experts (e.g. by the routing weights, as in Llama 4)"
         if ids is None:
             return "no integer [tokens, k] expert-index tensor feeds the experts (routing not top-k style)"
         K = tensor_val(ids).shape[1]
-        weights = _find_routing_weights(down_mm, T, K, g)
+        weights = _find_routing_weights(down_mm, T, K, order)
         if weights is None:
             return "routing weights are not applied to the experts' outputs (e.g. they scale the input instead)"
         out = _find_output(down_mm, ipdom, T, H)
@@ -376,7 +364,8 @@ class DetectMoE(GraphPass):
         N = up_v.shape[2] if transposed[0] else up_v.shape[1]
         if not isinstance(I, int) or not isinstance(N, int) or N not in (I, 2 * I):
             return f"expert weight shapes {tuple(up_v.shape)} / {tuple(down_v.shape)} are not an up/down pair"
-        between = (nx.descendants(g, up_mm) & nx.ancestors(g, down_mm)) - {up_mm, down_mm}
+        between = descendants_until(up_mm, order[down_mm], order) & ancestors_since([down_mm], order[up_mm], order)
+        between -= {up_mm, down_mm}
         return MoEMatch(
             path=common_module_path([ids, out]) or where,
             hidden=hidden,
@@ -392,7 +381,7 @@ class DetectMoE(GraphPass):
             hidden_size=int(H),
             intermediate_size=int(I),
             candidates=_spec_candidates(between, N == 2 * I, transposed),
-            router=describe_router(ids, weights, hidden, g),
-            shared_experts=_has_shared_experts(out, hidden, g),
+            router=describe_router(ids, weights, hidden, order),
+            shared_experts=_has_shared_experts(out, hidden, order),
             source="batched" if gathered else "grouped",
         )
