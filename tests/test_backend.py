@@ -177,3 +177,24 @@ def test_llama4_input_scaled_experts_are_skipped_and_exact():
     assert report.blocks == [] and len(report.skipped) == len(zoo.moe_layer_indices("llama4", model.config))
     assert all("scaled before the experts" in s.reason for s in report.skipped), report
     _compare(model, input_ids)
+
+
+@pytest.mark.parametrize("name", ["qwen3_moe", "gpt_oss"])
+def test_batched_mm_experts_implementation(name):
+    model = zoo.build(name, experts_implementation="batched_mm")
+    input_ids = zoo.make_inputs(model, seq=6)
+    report = moe_compile.explain(model, input_ids)
+    assert len(report.blocks) == 2 and all("batched_mm" in b.layout for b in report.blocks), report
+    _compare(model, input_ids)
+
+
+def test_eager_experts_loop_needs_prepare():
+    model = zoo.build("mixtral", experts_implementation="eager")
+    input_ids = zoo.make_inputs(model, seq=6)
+    before = moe_compile.explain(model, input_ids)
+    assert before.blocks == [] and before.graphs > 1 and "moe_compile.prepare" in str(before)
+    torch._dynamo.reset()
+    moe_compile.prepare(model)
+    assert model.config._experts_implementation == "grouped_mm"
+    assert len(moe_compile.explain(model, input_ids).blocks) == 2
+    _compare(model, input_ids)
