@@ -1,0 +1,137 @@
+"""Accuracy of pre-attention expert predictors vs the baselines, per layer, on held-out text.
+
+Trains (or loads, with ``--predictor``) the pre-attention predictors and the cross-layer baseline of a
+model on the standard library's train files, then prints, on its held-out files:
+
+- the per-layer table of ``moe-compile eval-predictor`` (exact match of the top-k set, recall) for
+  the pre-attention predictor, the cross-layer predictor, the layer's router on the pre-attention
+  activation and the hot-experts (frequency) baseline;
+- why the pre-attention predictor misses what it misses: per layer, the size of attention's update
+  relative to the residual stream it is added to (the router sees both, the predictor only the
+  latter), and a ceiling for the first layer: its pre-attention activation is the token embedding,
+  so no predictor beats the best map from token id to top-k set; fitted on the evaluation tokens
+  themselves, that map's exact match bounds any pre-attention predictor's on that layer.
+
+::
+
+    python benchmarks/predictor.py                       # shipped tiny MoE, default sizes (~2 min on CPU)
+    python benchmarks/predictor.py --predictor p.safetensors --eval-tokens 65536
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from moe_compile.predictor import (
+    TINY_MOE_DIR,
+    TrainConfig,
+    collect_routing,
+    evaluate,
+    format_table,
+    load_bundle,
+    load_model,
+    mean_accuracy,
+    moe_layers,
+    save_bundle,
+    text_chunks,
+    train_predictors,
+)
+from moe_compile.predictor.cli import DEFAULT_EVAL_TOKENS, DEFAULT_TRAIN_TOKENS
+
+
+@torch.no_grad()
+def attention_update_ratio(model: torch.nn.Module, chunks: torch.Tensor) -> dict[int, float]:
+    """Per MoE layer, mean over tokens of ``|attention output| / |residual entering the layer|`` on ``chunks``."""
+    residual: dict[int, torch.Tensor] = {}  # layer -> [B, S]
+    attention: dict[int, torch.Tensor] = {}  # layer -> [B, S]
+
+    def on_layer(index: int):
+        def hook(module, args, kwargs):
+            residual[index] = (args[0] if args else kwargs["hidden_states"]).norm(dim=-1)
+
+        return hook
+
+    def on_attention(index: int):
+        def hook(module, args, output):
+            attention[index] = output[0].norm(dim=-1)
+
+        return hook
+
+    handles = []
+    for moe in moe_layers(model):
+        handles.append(moe.layer.register_forward_pre_hook(on_layer(moe.index), with_kwargs=True))
+        handles.append(moe.layer.self_attn.register_forward_hook(on_attention(moe.index)))
+    try:
+        model(input_ids=chunks, use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {layer: (attention[layer] / residual[layer]).mean().item() for layer in residual}
+
+
+def first_layer_ceiling(model: torch.nn.Module, chunks: torch.Tensor) -> float:
+    """Exact match of the best token-id -> top-k-set map for the first MoE layer, fitted on ``chunks`` ``[B, S]``."""
+    data = collect_routing(model, chunks, progress=False)
+    layer = data.layers[0]
+    sets = torch.zeros(data.num_tokens, data.num_experts, dtype=torch.bool).scatter(1, data.topk[layer], True)  # [N, E]
+    codes = (sets.long() << torch.arange(data.num_experts)).sum(-1)  # [N]: the set as a bitmask
+    tokens = chunks.reshape(-1)  # [N]
+    pairs = tokens * (1 << data.num_experts) + codes  # [N]: (token, set) as one integer
+    counts = torch.bincount(pairs, minlength=int(tokens.max() + 1) << data.num_experts)
+    best_per_token = counts.view(-1, 1 << data.num_experts).max(-1).values  # [V]
+    return best_per_token.sum().item() / data.num_tokens
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=str(TINY_MOE_DIR))
+    parser.add_argument("--predictor", default=None, help="predictor file to evaluate (default: train one now)")
+    parser.add_argument("--train-tokens", type=int, default=DEFAULT_TRAIN_TOKENS)
+    parser.add_argument("--eval-tokens", type=int, default=DEFAULT_EVAL_TOKENS)
+    parser.add_argument("--epochs", type=int, default=TrainConfig().epochs)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+
+    torch.set_num_threads(args.threads)
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+          f"{args.threads} torch thread(s); torch {torch.__version__}; Python {platform.python_version()}")  # fmt: skip
+    model = load_model(args.model)
+    heldout = text_chunks(None, "heldout", 128, args.eval_tokens)  # [B, S]
+    if args.predictor:
+        bundle = load_bundle(args.predictor, model)
+        print(f"predictors: {args.predictor}")
+    else:
+        started = time.perf_counter()
+        train = text_chunks(None, "train", 128, args.train_tokens)
+        bundle = train_predictors(model, train, TrainConfig(epochs=args.epochs))
+        print(f"trained on {train.numel()} tokens, {args.epochs} epochs, in {time.perf_counter() - started:.0f} s")
+        with tempfile.TemporaryDirectory() as tmp:  # the file round trip is part of what is measured
+            save_bundle(bundle, Path(tmp) / "predictors.safetensors")
+            bundle = load_bundle(Path(tmp) / "predictors.safetensors", model)
+    table = evaluate(model, bundle, heldout)
+    print(format_table(table))
+    ours, cross = mean_accuracy(table, "pre-attention"), mean_accuracy(table, "cross-layer")
+    later = sorted(table["pre-attention"])[1:]
+    ours_later = mean_accuracy(table, "pre-attention", later)
+    print(f"pre-attention mean exact match {ours.exact:.1%} (target 90%); on the layers cross-layer covers: "
+          f"{ours_later.exact:.1%} vs cross-layer {cross.exact:.1%} ({ours_later.exact - cross.exact:+.1%})")  # fmt: skip
+    ratios = attention_update_ratio(model, heldout[:16])
+    print("|attention update| / |residual| per layer: " + ", ".join(f"{k}: {v:.2f}" for k, v in ratios.items()))
+    ceiling = first_layer_ceiling(model, heldout)
+    print(f"first MoE layer ceiling (best map from token id to top-k set, fitted on the evaluation tokens): "
+          f"{ceiling:.1%} exact")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

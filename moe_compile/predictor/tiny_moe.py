@@ -1,0 +1,53 @@
+"""The small MoE language model shipped in ``moe_compile/assets/tiny_moe`` (trained by ``train_lm.py``).
+
+A standard ``transformers`` Qwen3-MoE causal LM over the byte vocabulary of :mod:`.corpus`: every
+decoder layer is MoE (8 experts, top-2, softmax then renormalised), trained on the Python standard
+library, so its routers carry real structure for predictors to learn (random-init routers do not).
+It loads with ``AutoModelForCausalLM.from_pretrained(TINY_MOE_DIR)`` and its byte tokenizer with
+``AutoTokenizer.from_pretrained(TINY_MOE_DIR)``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import transformers
+
+from . import corpus
+
+TINY_MOE_DIR = Path(__file__).resolve().parents[1] / "assets" / "tiny_moe"
+SEQ_LEN = 128  # training context; the positions the model has seen
+
+
+def tiny_moe_config() -> transformers.Qwen3MoeConfig:
+    """The architecture of the shipped model (1.81M parameters, 0.63M active per token)."""
+    return transformers.Qwen3MoeConfig(
+        vocab_size=corpus.VOCAB_SIZE,
+        hidden_size=128,
+        intermediate_size=256,  # dense MLP size; unused, every layer is MoE
+        moe_intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        num_experts=8,
+        num_experts_per_tok=2,
+        norm_topk_prob=True,
+        decoder_sparse_step=1,
+        mlp_only_layers=[],
+        max_position_embeddings=SEQ_LEN,
+        rope_parameters={"rope_type": "default", "rope_theta": 10_000.0},
+        tie_word_embeddings=True,
+        pad_token_id=corpus.PAD_ID,
+        eos_token_id=corpus.EOS_ID,
+        bos_token_id=None,
+    )
+
+
+def load_model(path: str | Path = TINY_MOE_DIR, dtype: torch.dtype = torch.float32) -> transformers.PreTrainedModel:
+    """The causal LM saved at ``path`` (default: the shipped tiny model) in eval mode, in ``dtype``."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path}: not a model directory (no config.json)")
+    return transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).eval()
