@@ -27,12 +27,12 @@ import torch
 import torch.fx as fx
 
 from .. import ops  # noqa: F401  (registers moe_compile::moe)
-from ..graph import backward_region, hint, same, same_shape, tensor_val
+from ..graph import backward_region, hint, op_name, same, same_shape, tensor_val
 from ..report import BlockReport, Skipped
 from ..spec import ExpertSpec
 from .base import GraphPass, PassContext, set_fake_val
 from torch._subclasses.fake_tensor import unset_fake_temporarily
-from .detect_moe import CanonicalCall, MoEMatch
+from .detect_moe import MATMULS, CanonicalCall, MoEMatch
 
 aten = torch.ops.aten
 
@@ -68,7 +68,7 @@ def _cut_region(m: MoEMatch, ctx: PassContext) -> tuple[_Region, list[fx.Node]] 
         v = node.meta.get("val")
         if isinstance(v, torch.SymInt):
             syms.append(node)
-        elif isinstance(v, torch.Tensor) and v.dim() == 2 and same(v.shape[0], m.num_experts):
+        elif isinstance(v, torch.Tensor) and v.dim() == 2 and same(v.shape[0], m.num_experts) and _added(node):
             biases.append(node)
         else:
             foreign.append(ctx.param_name(node))
@@ -78,6 +78,11 @@ def _cut_region(m: MoEMatch, ctx: PassContext) -> tuple[_Region, list[fx.Node]] 
         return f"{len(biases)} per-expert vectors feed the block; expected at most two biases"
     inputs = [m.hidden, m.topk_ids, m.topk_weights, m.w_up, m.w_down, *biases, *syms]
     return _Region(m.out.graph.owning_module, inputs, m.out, nodes), biases
+
+
+def _added(node: fx.Node) -> bool:
+    """A per-expert vector used as a bias (gathered and added), not as a matrix (e.g. a router weight)."""
+    return not any(op_name(u) in MATMULS or op_name(u) in ("aten::t", "aten::permute") for u in node.users)
 
 
 def _bias_roles(m: MoEMatch, biases: list[fx.Node]) -> tuple[fx.Node | None, fx.Node | None] | str:

@@ -91,8 +91,6 @@ class MoEMatch:
     router: str
     shared_experts: bool
     source: str  # "grouped" (sort + grouped matmul) or "batched" (weights gathered per pair)
-    b_up: fx.Node | None = None
-    b_down: fx.Node | None = None
 
 
 def _expert_weight_uses(gm: fx.GraphModule) -> dict[fx.Node, tuple[fx.Node, int, bool]]:
