@@ -1,0 +1,157 @@
+"""``moe-compile score`` and ``moe-compile serve``: batch scoring of a JSON-lines file, and an HTTP endpoint.
+
+::
+
+    moe-compile score --model DIR --input requests.jsonl --output scores.jsonl
+    moe-compile serve --model DIR --port 8000
+
+``score`` writes one line per request (in chunks, each made durable before the next),
+shows a progress bar and ends with a summary: requests/s, tokens/s, prefix-cache hit rate,
+and per-rank load. Malformed input lines are reported on stderr with their line numbers
+and skipped (the exit status is then 1). Rerunning with the same output resumes: ids
+already in it are not scored again. Launched by ``torchrun --nproc-per-node W``, every
+process is one data-parallel rank (gloo): requests are routed by prefix and true FLOPs,
+and rank 0 writes the output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+#: requests per chunk: scored, then written, before the next chunk is read
+CHUNK = 256
+
+
+def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``score`` and ``serve`` to the ``moe-compile`` parser's subcommands."""
+    p = subparsers.add_parser("score", help="score a JSON-lines file of prefill requests")
+    _engine_args(p)
+    p.add_argument("--input", required=True, help="requests, one JSON object per line")
+    p.add_argument("--output", required=True, help="scores, one JSON object per line (appended to: resumes)")
+    p.add_argument("--chunk", type=int, default=CHUNK, help=f"requests scored per write (default {CHUNK})")
+    p.add_argument("--policy", default="prefix_flops", choices=("prefix_flops", "round_robin", "tokens"),
+                   help="routing over ranks (default prefix_flops)")  # fmt: skip
+    p.add_argument("--slack", type=float, default=0.25, help="routing: tolerated load excess of the prefix rank")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_score)
+    p = subparsers.add_parser("serve", help="serve prefill scoring over HTTP (needs the serve extra)")
+    _engine_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.set_defaults(func=cmd_serve)
+
+
+def _engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="a transformers checkpoint directory (causal LM)")
+    p.add_argument("--token-budget", type=int, default=2048, help="padded tokens per forward pass (default 2048)")
+    p.add_argument("--prefix-cache-tokens", type=int, default=65536, help="prefix cache capacity (0: off)")
+    p.add_argument("--block-size", type=int, default=16, help="prefix cache block size in tokens (default 16)")
+    p.add_argument("--no-compile", action="store_true", help="run the model eagerly (no moe_prefill compile)")
+
+
+def _engine(args: argparse.Namespace):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .engine import PrefillEngine
+
+    path = Path(args.model)
+    if not (path / "config.json").exists():
+        raise SystemExit(f"moe-compile: {args.model} is not a checkpoint directory (no config.json)")
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype="auto").eval()
+    has_tokenizer = any((path / name).exists() for name in ("tokenizer.json", "tokenizer_config.json"))
+    tokenizer = AutoTokenizer.from_pretrained(str(path)) if has_tokenizer else None
+    with torch.no_grad():
+        return PrefillEngine(
+            model,
+            tokenizer=tokenizer,
+            token_budget=args.token_budget,
+            compile=not args.no_compile,
+            prefix_cache_tokens=args.prefix_cache_tokens,
+            block_size=args.block_size,
+        )
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    import torch.distributed as dist
+    from tqdm import tqdm
+
+    from .distributed import score_routed
+    from .flops import FlopsModel
+    from .jsonl import append_scores, done_ids, read_requests
+    from .routing import Router
+
+    if not Path(args.input).exists():
+        raise SystemExit(f"moe-compile: no such input file: {args.input}")
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("gloo")  # torchrun sets the rendezvous variables
+    rank = dist.get_rank() if world_size > 1 else 0
+    engine = _engine(args)
+    router = Router(
+        world_size,
+        FlopsModel.from_model(engine.model),
+        policy=args.policy,
+        slack=args.slack,
+        block_size=args.block_size,
+        cache_tokens=args.prefix_cache_tokens,
+    )
+    done = done_ids(args.output) if rank == 0 else set()
+    if world_size > 1:
+        shared = [done]
+        dist.broadcast_object_list(shared, src=0)  # NOTE: rank 0 read the output before anyone writes
+        done = shared[0]
+    todo, malformed, skipped = [], 0, 0
+    for number, request in read_requests(args.input):
+        if isinstance(request, str):
+            malformed += 1
+            if rank == 0:
+                print(f"{args.input}:{number}: skipped malformed line: {request}", file=sys.stderr)
+        elif request.id in done:
+            skipped += 1
+        else:
+            todo.append(request)
+    start = time.perf_counter()
+    scored = errors = tokens = cached = 0
+    with tqdm(total=len(todo), unit="req", disable=args.quiet or rank != 0, file=sys.stderr) as bar:
+        for lo in range(0, len(todo), args.chunk):
+            scores = score_routed(engine, todo[lo : lo + args.chunk], router)
+            if rank == 0:
+                append_scores(args.output, scores)
+            scored += len(scores)
+            errors += sum(s.error is not None for s in scores)
+            tokens += sum(s.tokens for s in scores)
+            cached += sum(s.cached_tokens for s in scores)
+            bar.update(len(scores))
+    wall = time.perf_counter() - start
+    if rank == 0:
+        _summary(scored, errors, tokens, cached, wall, skipped, malformed, router)
+    if world_size > 1:
+        dist.destroy_process_group()
+    return 1 if malformed else 0
+
+
+def _summary(scored, errors, tokens, cached, wall, skipped, malformed, router) -> None:
+    rate = f"{scored / wall:.1f} requests/s, {tokens / wall:.0f} tokens/s" if wall > 0 else "no time"
+    print(f"scored {scored} requests ({errors} with errors) in {wall:.2f} s: {rate}")
+    print(f"skipped {skipped} already in the output, {malformed} malformed line(s)")
+    hit = cached / tokens if tokens else 0.0
+    print(f"prefix cache: {hit:.1%} of prompt tokens reused ({cached} of {tokens})")
+    result = router.result()
+    print(f"per-rank load ({router.policy} routing):")
+    print("  rank  requests   tokens   GFLOP (true FLOPs of the uncached tokens)")
+    for r in range(router.world_size):
+        print(f"  {r:>4}  {result.requests[r]:>8}  {result.tokens[r]:>7}  {result.flops[r] / 1e9:>6.3f}")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .http import serve
+
+    engine = _engine(args)
+    print(f"serving on http://{args.host}:{args.port} (POST /score, GET /health)", file=sys.stderr)
+    serve(engine, args.host, args.port)
+    return 0

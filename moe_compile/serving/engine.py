@@ -1,0 +1,325 @@
+"""PrefillEngine: batched scoring of prefill-only requests on one (compiled) model replica.
+
+::
+
+    engine = PrefillEngine(model, tokenizer=tok, token_budget=2048)
+    scores = engine.score([Request(id="q1", text="Is the sky green? Answer:", labels=("yes", "no"))])
+    scores[0].value  # [1, 2] log-probabilities of " yes" / " no" at the last position
+
+One call of :meth:`PrefillEngine.score`:
+
+1. **prepare** each request: tokenize, check it (empty, longer than the model takes,
+   token or label ids outside the vocabulary, read positions outside the prompt), resolve
+   its read positions; a bad request becomes a :class:`Score` with an ``error``.
+2. **shared prefixes**: prefixes that two or more prompts share and the prefix cache does
+   not hold are run first, each once, in waves (:func:`prefix_cache.shared_prefixes`).
+3. **batches**: each prompt takes its longest cached prefix (whole blocks, never past its
+   first read position), the rest are packed under ``token_budget``
+   (:mod:`~moe_compile.serving.batching`) and the decoder runs once per batch: compiled
+   with ``backend="moe_prefill"`` (``options={"inductor": False}`` on CPU by default), on
+   the new tokens only, with the prefixes' keys/values as ``past_key_values``.
+4. **read out**: the final hidden states of the read positions are gathered
+   (``[n_read, H]``) and only they meet the LM head (:mod:`~moe_compile.serving.readout`);
+   the new blocks' keys/values go into the prefix cache.
+
+Exactness: scores equal a plain eager forward of each request alone (padding and prefix
+reuse change nothing beyond float rounding), for decoders with per-token routing. Models
+whose cache is not a plain per-layer key/value cache (sliding windows, linear attention,
+state-space layers) run without the prefix cache; ``engine.prefix_cache_off`` says why.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from transformers import DynamicCache, PreTrainedModel
+from transformers.cache_utils import DynamicLayer
+
+from .batching import Batch, Row, collate, plan_batches
+from .prefix_cache import BlockKV, PrefixCache, shared_prefixes
+from .readout import LogitHead
+from .requests import Request, Score
+from .routing import reuse_limit
+
+#: tokens in the prompt that checks the serving head against the model's own logits
+PROBE_TOKENS = 8
+
+
+@dataclasses.dataclass
+class EngineStats:
+    """Counters over the engine's life."""
+
+    requests: int = 0  # scored, errors included
+    errors: int = 0
+    prompt_tokens: int = 0  # of the scored requests
+    cached_tokens: int = 0  # of which reused from the prefix cache
+    computed_tokens: int = 0  # tokens run, shared-prefix passes included, padding excluded
+    padded_tokens: int = 0  # tokens run, padding included
+    batches: int = 0
+    forward_s: float = 0.0  # wall time of the decoder calls
+
+    @property
+    def hit_rate(self) -> float:
+        """Fraction of prompt tokens whose keys/values came from the prefix cache."""
+        return self.cached_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
+
+
+@dataclasses.dataclass
+class PreparedRequest:
+    """A checked, tokenized prompt; ``request`` is None for a shared-prefix pass (nothing read)."""
+
+    tokens: list[int]
+    limit: int  # leading tokens that may come from the cache
+    request: Request | None = None
+    reads: list[int] = dataclasses.field(default_factory=list)  # absolute positions
+    labels: list[int] | None = None
+
+
+class PrefillEngine:
+    """Scores prefill requests on ``model`` (a transformers causal LM); see the module docstring.
+
+    Args:
+        model: a decoder-only causal LM in eval mode.
+        tokenizer: turns ``text`` requests and string labels into token ids (optional).
+        token_budget: padded new tokens per forward pass.
+        compile: compile the decoder with ``backend="moe_prefill"``.
+        options: the backend's options (default ``{"inductor": False}`` on CPU, ``{}`` elsewhere).
+        prefix_cache_tokens: capacity of the prefix cache in tokens (0: no prefix cache).
+        block_size: tokens per prefix-cache block (prefixes are reused in whole blocks).
+    """
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        *,
+        tokenizer: Any = None,
+        token_budget: int = 2048,
+        compile: bool = True,
+        options: dict[str, Any] | None = None,
+        prefix_cache_tokens: int = 65536,
+        block_size: int = 16,
+    ) -> None:
+        config = model.config.get_text_config()
+        if model.config.is_encoder_decoder:
+            raise ValueError(f"{type(model).__name__} is an encoder-decoder model; the engine serves decoders")
+        if token_budget < 1:
+            raise ValueError(f"token_budget must be >= 1, got {token_budget}")
+        self.model = model
+        self.config = config
+        self.tokenizer = tokenizer
+        self.token_budget = token_budget
+        self.device = next(model.parameters()).device
+        self.decoder = model.get_decoder()
+        if compile:
+            options = options if options is not None else ({"inductor": False} if self.device.type == "cpu" else {})
+            # dynamic: one graph for every batch shape (batching.collate keeps sizes >= 2), not a static one first
+            self._decoder = torch.compile(self.decoder, backend="moe_prefill", options=options, dynamic=True)
+        else:
+            self._decoder = self.decoder
+        self.head = LogitHead(model)
+        self.vocab_in = model.get_input_embeddings().num_embeddings
+        self.vocab_out = self.head.weight.shape[0]
+        self.max_tokens: int | None = getattr(config, "max_position_embeddings", None)
+        self.pad_id = config.pad_token_id if config.pad_token_id is not None else 0
+        self.prefix_cache_off = self._prefix_cache_off(prefix_cache_tokens)
+        self.cache = None if self.prefix_cache_off else PrefixCache(prefix_cache_tokens, block_size)
+        self.stats = EngineStats()
+        self._kv_template = self._check_head()  # per layer ([Hkv, 0, Dk], [Hkv, 0, Dv])
+
+    # -- public ------------------------------------------------------------------------------------------------
+
+    def reset(self) -> None:
+        """Empty the prefix cache and zero the counters (the compiled decoder is kept)."""
+        if self.cache is not None:
+            self.cache = PrefixCache(self.cache.capacity_blocks * self.cache.block_size, self.cache.block_size)
+        self.stats = EngineStats()
+
+    def prepare(self, request: Request) -> PreparedRequest | Score:
+        """Tokenize and check ``request``: the prepared prompt, or a :class:`Score` with the error."""
+
+        def fail(message: str) -> Score:
+            return Score(id=request.id, output=request.output, error=message)
+
+        if request.text is not None:
+            if self.tokenizer is None:
+                return fail("the request has 'text' but the engine has no tokenizer; send 'tokens'")
+            tokens = list(self.tokenizer(request.text)["input_ids"])
+        else:
+            tokens = list(request.tokens)
+        n = len(tokens)
+        if n == 0:
+            return fail("empty request: no tokens")
+        if self.max_tokens is not None and n > self.max_tokens:
+            return fail(f"too long: {n} tokens, the model takes at most {self.max_tokens}")
+        bad = next((t for t in tokens if not 0 <= t < self.vocab_in), None)
+        if bad is not None:
+            return fail(f"token id {bad} is outside the vocabulary [0, {self.vocab_in})")
+        reads = list(range(n)) if request.read == "all" else [p + n if p < 0 else p for p in request.read]
+        bad = next((p for p, a in zip(request.read, reads) if not 0 <= a < n), None)
+        if bad is not None:
+            return fail(f"read position {bad} is outside the prompt of {n} tokens")
+        labels = None
+        if request.labels is not None:
+            labels = []
+            for label in request.labels:
+                label_id = self._label_id(label)
+                if isinstance(label_id, str):
+                    return fail(label_id)
+                labels.append(label_id)
+        return PreparedRequest(tokens, reuse_limit(n, min(reads)), request, reads, labels)
+
+    @torch.no_grad()
+    def score(self, requests: Iterable[Request]) -> list[Score]:
+        """Scores of ``requests``, in order (see the module docstring for the steps)."""
+        requests = list(requests)
+        scores: list[Score | None] = [None] * len(requests)
+        items: list[PreparedRequest] = []
+        where: list[int] = []
+        for i, request in enumerate(requests):
+            prepared = self.prepare(request)
+            if isinstance(prepared, Score):
+                scores[i] = prepared
+            else:
+                items.append(prepared)
+                where.append(i)
+        if self.cache is not None:
+            for wave in shared_prefixes([it.tokens for it in items], [it.limit for it in items], self.cache):
+                self._run([PreparedRequest(tokens, len(tokens) - 1) for tokens in wave])
+        for i, score in zip(where, self._run(items)):
+            scores[i] = score
+        self.stats.requests += len(requests)
+        self.stats.errors += sum(s.error is not None for s in scores)
+        for item in items:
+            self.stats.prompt_tokens += len(item.tokens)
+        for i in where:
+            self.stats.cached_tokens += scores[i].cached_tokens
+        return scores
+
+    # -- batches -----------------------------------------------------------------------------------------------
+
+    def _run(self, items: list[PreparedRequest]) -> list[Score | None]:
+        """Run ``items`` in batches; their scores (None for shared-prefix passes)."""
+        joined: dict[int, BlockKV] = {}  # one concatenated prefix per cached chain, shared by its rows
+        rows = []
+        for item in items:
+            cached, kv = self.cache.lookup(item.tokens, item.limit, joined) if self.cache else (0, None)
+            rows.append(Row(item.tokens, cached, kv))
+        scores: list[Score | None] = [None] * len(items)
+        for members in plan_batches(rows, self.token_budget):
+            batch_rows = [rows[i] for i in members]
+            for i, score in zip(members, self._forward(batch_rows, [items[i] for i in members])):
+                scores[i] = score
+        return scores
+
+    def _forward(self, rows: list[Row], items: list[PreparedRequest]) -> list[Score | None]:
+        """One decoder call on a batch; store its new blocks, read its outputs."""
+        batch = collate(rows, self.pad_id, self._kv_template if self.cache is not None else None)
+        cache = None
+        if batch.past is not None:
+            cache = DynamicCache(config=self.model.config)
+            for layer, (k, v) in enumerate(batch.past):
+                cache.update(k, v, layer)  # [B, Hkv, P, D]
+        start = time.perf_counter()
+        out = self._decoder(
+            input_ids=batch.input_ids.to(self.device),  # [B, S]
+            attention_mask=batch.attention_mask.to(self.device),  # [B, P + S]
+            position_ids=batch.position_ids.to(self.device),  # [B, S]
+            past_key_values=cache,
+            use_cache=cache is not None,
+        )
+        hidden = out.last_hidden_state  # [B, S, H]
+        self.stats.forward_s += time.perf_counter() - start
+        self.stats.batches += 1
+        self.stats.padded_tokens += batch.padded_tokens
+        self.stats.computed_tokens += sum(r.new for r in rows)
+        if cache is not None:
+            self._store(rows, batch, out.past_key_values)
+        return self._read(rows, items, hidden)
+
+    def _store(self, rows: list[Row], batch: Batch, past: DynamicCache) -> None:
+        """Put the whole blocks each row computed into the prefix cache."""
+        block = self.cache.block_size
+        layers = [(layer.keys, layer.values) for layer in past.layers]  # per layer [B, Hkv, P + S, D]
+        for b, row in enumerate(rows):
+            first = row.cached // block  # cached prefixes are whole blocks
+            values = []
+            for j in range(first, len(row.tokens) // block):
+                slot = batch.prefix_len + j * block - row.cached
+                values.append([(k[b, :, slot : slot + block].clone(), v[b, :, slot : slot + block].clone())
+                               for k, v in layers])  # fmt: skip  # per layer [Hkv, block, D]
+            if values:
+                self.cache.insert(row.tokens, values, first_block=first)
+
+    def _read(self, rows: list[Row], items: list[PreparedRequest], hidden: torch.Tensor) -> list[Score | None]:
+        """The outputs of each request: only the read rows of ``hidden [B, S, H]`` meet the head."""
+        B, S, H = hidden.shape
+        index = [b * S + a - row.cached for b, (row, item) in enumerate(zip(rows, items)) for a in item.reads]
+        read = hidden.reshape(B * S, H)[torch.tensor(index, dtype=torch.long, device=hidden.device)]  # [n_read, H]
+        is_label = [item.request is not None and item.request.output == "labels" for item in items]
+        offsets = [0]
+        for item in items:
+            offsets.append(offsets[-1] + len(item.reads))
+        mask = torch.tensor([lab for item, lab in zip(items, is_label) for _ in item.reads], dtype=torch.bool)
+        lse = torch.full((len(index),), float("nan"))  # [n_read]; filled for label rows only
+        if mask.any():
+            lse[mask] = self.head.log_normaliser(read[mask.to(read.device)]).cpu()
+        scores: list[Score | None] = []
+        for item, row, lo, hi in zip(items, rows, offsets, offsets[1:]):
+            if item.request is None:
+                scores.append(None)
+                continue
+            h = read[lo:hi]  # [n_read_i, H]
+            kind = item.request.output
+            if kind == "labels":
+                labels = torch.tensor(item.labels, device=h.device)
+                value = self.head.label_logits(h, labels).cpu() - lse[lo:hi, None]  # [n_read_i, L]
+            elif kind == "logits":
+                value = self.head.logits(h).cpu()  # [n_read_i, V]
+            else:
+                value = h.float().mean(dim=0).cpu()  # [H]
+            scores.append(Score(item.request.id, kind, value, item.reads, item.labels, len(item.tokens), row.cached))
+        return scores
+
+    # -- setup -------------------------------------------------------------------------------------------------
+
+    def _label_id(self, label: int | str) -> int | str:
+        """The token id of ``label``, or an error message."""
+        if isinstance(label, int):
+            if not 0 <= label < self.vocab_out:
+                return f"unknown label token {label}: outside the vocabulary [0, {self.vocab_out})"
+            return label
+        if self.tokenizer is None:
+            return f"label {label!r} is text but the engine has no tokenizer; send token ids"
+        ids = self.tokenizer(label, add_special_tokens=False)["input_ids"]
+        if len(ids) != 1:
+            return f"label {label!r} is not one token: it encodes to {ids}"
+        return ids[0]
+
+    def _prefix_cache_off(self, capacity: int) -> str | None:
+        """Why the prefix cache cannot be used, or None."""
+        if capacity <= 0:
+            return "prefix_cache_tokens is 0"
+        layers = DynamicCache(config=self.model.config).layers
+        odd = sorted({type(layer).__name__ for layer in layers if type(layer) is not DynamicLayer})
+        if odd or not layers:
+            return f"the model's cache has {', '.join(odd) or 'no'} layers, not plain key/value layers"
+        return None
+
+    @torch.no_grad()
+    def _check_head(self) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+        """Check that the serving head reproduces the model's logits (eager, on a probe prompt).
+
+        Returns the empty per-layer key/value tensors ``[Hkv, 0, D]`` of the probe's cache (the
+        shapes a batch cache needs), or None without a prefix cache.
+        """
+        n = min(PROBE_TOKENS, self.max_tokens or PROBE_TOKENS)
+        probe = (torch.arange(n, device=self.device) * 7 + 3) % self.vocab_in  # [n]
+        out = self.decoder(input_ids=probe[None], use_cache=self.cache is not None)
+        self.head.check(self.model, out.last_hidden_state, probe[None])  # hidden [1, n, H]
+        if self.cache is None:
+            return None
+        return [(layer.keys[0, :, :0], layer.values[0, :, :0]) for layer in out.past_key_values.layers]

@@ -1,0 +1,131 @@
+"""Helpers for the serving tests: eager reference scores, a request mix, and 2-rank gloo workers.
+
+The worker runs in a spawned process (so it lives in an importable module): it joins a
+gloo group on 127.0.0.1, builds the same zoo model as every other rank, scores the
+shared request list with :func:`moe_compile.serving.distributed.score_routed` and
+compares every score it received with a plain eager forward.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import random
+import socket
+import traceback
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from moe_compile.serving import Request, Score
+
+
+@torch.no_grad()
+def eager_value(model, request: Request) -> torch.Tensor:
+    """What a plain eager forward of ``request`` alone says (same convention as the engine's ``Score.value``)."""
+    n = len(request.tokens)
+    out = model(input_ids=torch.tensor([request.tokens]), output_hidden_states=True)
+    reads = list(range(n)) if request.read == "all" else [p % n for p in request.read]
+    logits = out.logits[0].float()  # [n, V]
+    if request.output == "labels":
+        return torch.log_softmax(logits[reads], dim=-1)[:, list(request.labels)]  # [n_read, L]
+    if request.output == "logits":
+        return logits[reads]  # [n_read, V]
+    return out.hidden_states[-1][0, reads].float().mean(dim=0)  # [H]
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def max_error(model, requests: list[Request], scores: list[Score]) -> float:
+    """Largest relative error of the scores against eager; every score must be a success."""
+    assert [s.id for s in scores] == [r.id for r in requests]
+    bad = [(s.id, s.error) for s in scores if s.error is not None]
+    assert not bad, bad
+    return max(rel_err(s.value, eager_value(model, r)) for r, s in zip(requests, scores))
+
+
+def request_mix(vocab: int = 128, seed: int = 0) -> list[Request]:
+    """Label, logits and pooled requests; two families share 20- and 37-token prefixes; lengths 3-50."""
+    rng = random.Random(seed)
+
+    def toks(n: int) -> list[int]:
+        return [rng.randrange(3, vocab) for _ in range(n)]
+
+    shared = [toks(20), toks(37)]
+    requests = []
+    for i in range(14):
+        prompt = shared[i % 2] + toks(1 + i) if i < 10 else toks(3 + 11 * (i - 10))
+        if i % 3 == 0:
+            requests.append(Request(id=f"lab{i}", tokens=tuple(prompt), labels=(5, 17, 99)))
+        elif i % 3 == 1:
+            requests.append(Request(id=f"log{i}", tokens=tuple(prompt), read=(-1, -2)))
+        else:
+            requests.append(Request(id=f"pool{i}", tokens=tuple(prompt), read="all", output="pooled"))
+    return requests
+
+
+# -- two ranks ---------------------------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_ranks(fn, world_size: int, timeout_s: float = 240) -> list:
+    """Run ``fn(rank, world_size)`` on ``world_size`` spawned gloo ranks; their results by rank."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_entry, args=(fn, r, world_size, port, queue)) for r in range(world_size)]
+    for p in procs:
+        p.start()
+    results = {}
+    try:
+        for _ in procs:
+            rank, ok, payload = queue.get(timeout=timeout_s)
+            assert ok, f"rank {rank} failed:\n{payload}"
+            results[rank] = payload
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+    return [results[r] for r in range(world_size)]
+
+
+def _entry(fn, rank: int, world_size: int, port: int, queue) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    try:
+        dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=120))
+        queue.put((rank, True, fn(rank, world_size)))
+    except Exception:  # noqa: BLE001  (any failure goes back to the parent, with its traceback)
+        queue.put((rank, False, traceback.format_exc()))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def routed_parity_worker(rank: int, world_size: int) -> dict:
+    """Score the request mix over the group (compiled engine, prefix cache on); errors against eager."""
+    import moe_compile  # noqa: F401  (registers the backend)
+    from moe_compile.serving import FlopsModel, PrefillEngine, Router
+    from moe_compile.serving.distributed import score_routed
+    from moe_compile.testing import zoo
+
+    model = zoo.build("qwen3_moe")
+    engine = PrefillEngine(model, token_budget=96, block_size=8)
+    router = Router(world_size, FlopsModel.from_model(model), block_size=8)
+    requests = request_mix()
+    scores = score_routed(engine, requests, router)
+    return {
+        "error": max_error(model, requests, scores),
+        "ranks": [s.rank for s in scores],
+        "local_requests": engine.stats.requests,
+        "cached_tokens": engine.stats.cached_tokens,
+    }

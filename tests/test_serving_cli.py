@@ -1,0 +1,137 @@
+"""``moe-compile score`` (malformed lines, bad requests, resume, summary) and ``moe-compile serve`` over HTTP."""
+
+import argparse
+import json
+import threading
+import time
+import urllib.request
+
+import pytest
+import torch
+from serving_helpers import eager_value, rel_err
+
+from moe_compile.serving import Request
+from moe_compile.serving.cli import add_subcommands
+from moe_compile.testing import zoo
+
+
+def run_cli(argv):
+    parser = argparse.ArgumentParser(prog="moe-compile")
+    add_subcommands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("qwen3_moe")
+    model = zoo.build("qwen3_moe")
+    model.save_pretrained(path)
+    return path, model
+
+
+def write_requests(path, n=12):
+    prefix = list(range(3, 40))
+    lines = [json.dumps({"id": f"r{i}", "tokens": prefix + [50 + i] * (1 + i % 4), "labels": [5, 6]}) for i in range(n)]
+    lines[3:3] = ["{not json", json.dumps({"id": "r0", "tokens": [5]}), json.dumps({"tokens": [5]}), ""]
+    lines.append(json.dumps({"id": "empty", "tokens": []}))
+    lines.append(json.dumps({"id": "bad-label", "tokens": [5, 6], "labels": [4096]}))
+    path.write_text("\n".join(lines) + "\n")
+
+
+def test_score_writes_every_request_reports_malformed_lines_and_resumes(checkpoint, tmp_path, capsys):
+    model_dir, model = checkpoint
+    requests, output = tmp_path / "requests.jsonl", tmp_path / "scores.jsonl"
+    write_requests(requests)
+    argv = ["score", "--model", str(model_dir), "--input", str(requests), "--output", str(output),
+            "--no-compile", "--block-size", "8", "--chunk", "5"]  # fmt: skip
+    assert run_cli(argv) == 1  # malformed lines: exit status 1
+    captured = capsys.readouterr()
+    assert f"{requests}:4: skipped malformed line: not JSON" in captured.err
+    assert f"{requests}:5: skipped malformed line: duplicate id 'r0' (first on line 1)" in captured.err
+    assert f"{requests}:6: skipped malformed line: no 'id'" in captured.err
+    assert "scored 14 requests (2 with errors)" in captured.out and "3 malformed line(s)" in captured.out
+    assert "requests/s" in captured.out and "tokens/s" in captured.out and "prefix cache:" in captured.out
+    records = [json.loads(line) for line in output.read_text().splitlines()]
+    by_id = {r["id"]: r for r in records}
+    assert len(records) == len(by_id) == 14
+    assert by_id["empty"]["error"] == "empty request: no tokens"
+    assert by_id["bad-label"]["error"] == "unknown label token 4096: outside the vocabulary [0, 128)"
+    for i in range(12):
+        record = by_id[f"r{i}"]
+        tokens = list(range(3, 40)) + [50 + i] * (1 + i % 4)
+        expected = eager_value(model, Request(id=i, tokens=tuple(tokens), labels=(5, 6)))
+        assert rel_err(torch.tensor(record["logprobs"]), expected) < 1e-5
+    assert sum(r.get("cached_tokens", 0) for r in records) > 0
+
+    # interrupted: the last 4 records are lost and a fifth is half written
+    lines = output.read_text().splitlines(keepends=True)
+    output.write_text("".join(lines[:9]) + lines[9][:20])
+    assert run_cli(argv) == 1
+    captured = capsys.readouterr()
+    assert "scored 5 requests" in captured.out and "skipped 9 already in the output" in captured.out
+    resumed = [json.loads(line) for line in output.read_text().splitlines()]
+    assert sorted(r["id"] for r in resumed) == sorted(by_id)  # all there, none twice
+    assert {r["id"]: r for r in resumed} == by_id
+
+
+def test_score_refuses_a_missing_model_or_input(tmp_path):
+    with pytest.raises(SystemExit, match="no such input file"):
+        run_cli(["score", "--model", str(tmp_path), "--input", str(tmp_path / "x"), "--output", str(tmp_path / "y")])
+    (tmp_path / "in.jsonl").write_text("")
+    with pytest.raises(SystemExit, match="not a checkpoint directory"):
+        run_cli(["score", "--model", str(tmp_path), "--input", str(tmp_path / "in.jsonl"), "--output", "y"])
+
+
+def test_http_endpoint_scores_on_localhost(checkpoint):
+    pytest.importorskip("fastapi")
+    uvicorn = pytest.importorskip("uvicorn")
+    from moe_compile.serving import PrefillEngine
+    from moe_compile.serving.http import create_app
+
+    _, model = checkpoint
+    engine = PrefillEngine(model, compile=False, block_size=8)
+    server = uvicorn.Server(uvicorn.Config(create_app(engine, max_requests=4), host="127.0.0.1", port=0,
+                                           log_level="warning"))  # fmt: skip
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started:
+            assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
+            time.sleep(0.05)
+        port = server.servers[0].sockets[0].getsockname()[1]
+        url = f"http://127.0.0.1:{port}"
+
+        def post(body):
+            req = urllib.request.Request(
+                f"{url}/score", json.dumps(body).encode(), {"Content-Type": "application/json"}
+            )
+            try:
+                with urllib.request.urlopen(req, timeout=30) as response:
+                    return response.status, json.loads(response.read())
+            except urllib.error.HTTPError as e:
+                return e.code, json.loads(e.read())
+
+        prompt = list(range(3, 30))
+        calls = [
+            [{"id": "a", "tokens": prompt + [40], "labels": [5, 6]}, {"id": "b", "tokens": []}],
+            [{"id": "c", "tokens": prompt + [41], "labels": [5, 6]}, {"id": "d", "tokn": [1]}],
+        ]
+        answers = [post({"requests": call}) for call in calls]  # a bounded number of requests
+        assert [status for status, _ in answers] == [200, 200]
+        (a, b), (c, d) = (body["scores"] for _, body in answers)
+        expected = eager_value(model, Request(id="a", tokens=tuple(prompt + [40]), labels=(5, 6)))
+        assert rel_err(torch.tensor(a["logprobs"]), expected) < 1e-5
+        assert b == {"id": "b", "error": "empty request: no tokens"}
+        assert c["cached_tokens"] == 24  # the second call reused the first call's prefix (3 blocks of 8)
+        assert d["id"] == "d" and d["error"].startswith("malformed request: unknown key(s) tokn")
+        status, body = post({"requests": [{"id": i, "tokens": [5]} for i in range(5)]})
+        assert status == 413 and "at most 4" in body["detail"]
+        with urllib.request.urlopen(f"{url}/health", timeout=30) as response:
+            health = json.loads(response.read())
+        assert health["status"] == "ok" and health["requests"] == 3
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+    assert not thread.is_alive()
