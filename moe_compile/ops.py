@@ -62,35 +62,44 @@ def _expert_linear(x: torch.Tensor, w: torch.Tensor, transposed: bool) -> torch.
     return x @ w if transposed else x @ w.t()
 
 
-def _use_grouped_mm(x: torch.Tensor, w: torch.Tensor) -> bool:
-    grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
-    return (
-        grouped_mm is not None
-        and x.is_cuda
-        and x.dtype == torch.bfloat16
-        and w.dtype == torch.bfloat16
-        and torch.cuda.get_device_capability(x.device) >= (9, 0)
-        and x.shape[-1] % 8 == 0
-        and w.shape[-1] % 8 == 0
-        and w.shape[-2] % 8 == 0
-    )
+_grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+#: set to False the first time the CPU grouped matmul refuses inputs it was expected to take
+_grouped_mm_cpu_works = True
+
+
+def _aligned(t: torch.Tensor) -> bool:
+    """grouped_mm wants 16-byte aligned data and leading strides."""
+    size = t.element_size()
+    return t.data_ptr() % 16 == 0 and all((st * size) % 16 == 0 for st in t.stride() if st != 1)
+
+
+def _use_grouped_mm(x: torch.Tensor, w_EDO: torch.Tensor) -> bool:
+    if _grouped_mm is None or x.dtype != w_EDO.dtype or not (_aligned(x) and _aligned(w_EDO)):
+        return False
+    if x.is_cuda:
+        return x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (9, 0)
+    return x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and _grouped_mm_cpu_works
 
 
 def _grouped_linear(
     x_SD: torch.Tensor, w: torch.Tensor, counts_E: torch.Tensor, offs_E: torch.Tensor, transposed: bool
 ) -> torch.Tensor:
     """Rows of ``x_SD`` are sorted by expert; ``counts_E[e]`` rows go to expert ``e``."""
-    if _use_grouped_mm(x_SD, w):
-        w_EDO = w if transposed else w.transpose(-2, -1)
-        grouped_mm = getattr(F, "grouped_mm", None) or torch._grouped_mm
-        return grouped_mm(x_SD, w_EDO, offs=offs_E)
-    out_dim = w.shape[-1] if transposed else w.shape[-2]
-    out_SO = x_SD.new_empty(x_SD.shape[0], out_dim)
+    global _grouped_mm_cpu_works
+    w_EDO = w if transposed else w.transpose(-2, -1)  # [E, in, out]
+    if x_SD.shape[0] and _use_grouped_mm(x_SD, w_EDO):
+        try:
+            return _grouped_mm(x_SD, w_EDO, offs=offs_E)
+        except RuntimeError:
+            if x_SD.is_cuda:
+                raise
+            _grouped_mm_cpu_works = False  # this torch build has no CPU kernel for it: loop instead
+    out_SO = x_SD.new_empty(x_SD.shape[0], w_EDO.shape[-1])
     start = 0
     # NOTE: one host sync for the per-expert row counts.
     for e, n in enumerate(counts_E.tolist()):
         if n:
-            out_SO[start : start + n] = _expert_linear(x_SD[start : start + n], w[e], transposed)
+            out_SO[start : start + n] = x_SD[start : start + n] @ w_EDO[e]
             start += n
     return out_SO
 

@@ -76,3 +76,10 @@ def test_spec_round_trip_and_validation():
     assert ExpertSpec.decode(spec.encode()) == spec
     with pytest.raises(ValueError, match="unknown activation 'swish'"):
         ExpertSpec(activation="swish")
+
+
+@pytest.mark.parametrize("H, I", [(16, 8), (12, 6)])  # noqa: E741 - 16-byte aligned rows use grouped_mm, others loop
+def test_grouped_and_loop_paths_agree(H, I):  # noqa: E741
+    spec = ExpertSpec()
+    args = _inputs(spec, T=11, K=3, E=6, H=H, I=I)
+    assert rel_err(moe_torch(*args, spec), moe_reference(*args, spec)) < 1e-5
