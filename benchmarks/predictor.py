@@ -10,12 +10,17 @@ model on the standard library's train files, then prints, on its held-out files:
   relative to the residual stream it is added to (the router sees both, the predictor only the
   latter), and a ceiling for the first layer: its pre-attention activation is the token embedding,
   so no predictor beats the best map from token id to top-k set; fitted on the evaluation tokens
-  themselves, that map's exact match bounds any pre-attention predictor's on that layer.
+  themselves, that map's exact match bounds any pre-attention predictor's on that layer;
+- offload mode (``offload="cpu"``): per prompt length, the expert bytes copied ahead and on demand per
+  prefill, and the prefill time, for the pre-attention predictor, no predictor (all on demand) and all
+  experts resident (no offload), compiled side by side. On a CPU the "device" is the CPU: the copies
+  and counts are real, the times only indicative (no transfer to hide).
 
 ::
 
     python benchmarks/predictor.py                       # shipped tiny MoE, default sizes (~2 min on CPU)
     python benchmarks/predictor.py --predictor p.safetensors --eval-tokens 65536
+    python benchmarks/predictor.py --predictor p.safetensors --offload-only --lengths 16 128 1024
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import statistics
 import sys
 import tempfile
 import time
@@ -32,6 +38,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from moe_compile.backend import collect_reports
 from moe_compile.predictor import (
     TINY_MOE_DIR,
     TrainConfig,
@@ -47,6 +54,12 @@ from moe_compile.predictor import (
     train_predictors,
 )
 from moe_compile.predictor.cli import DEFAULT_EVAL_TOKENS, DEFAULT_TRAIN_TOKENS
+
+OFFLOAD_MODES = {
+    "pre-attention predictor": lambda path: {"offload": "cpu", "predictor": str(path)},
+    "no predictor (on demand)": lambda path: {"offload": "cpu"},
+    "all experts resident": lambda path: {},
+}
 
 
 @torch.no_grad()
@@ -92,6 +105,37 @@ def first_layer_ceiling(model: torch.nn.Module, chunks: torch.Tensor) -> float:
     return best_per_token.sum().item() / data.num_tokens
 
 
+@torch.no_grad()
+def offload_table(model: torch.nn.Module, predictor: Path, lengths: list[int], repeats: int) -> str:
+    """Per prompt length and mode: MiB copied ahead (used) / on demand per prefill, share ahead, median prefill ms."""
+    lines = [f"{'tokens':>6}  {'mode':<26}{'ahead MiB (used)':>18}{'on demand MiB':>15}{'ahead':>7}{'prefill ms':>12}"]
+    for length in lengths:
+        prompt = text_chunks(None, "heldout", length, length)  # [1, length]
+        for mode, options in OFFLOAD_MODES.items():
+            torch._dynamo.reset()
+            compiled = torch.compile(model, backend="moe_prefill", options={"inductor": False, **options(predictor)})
+            with collect_reports() as report:
+                compiled(prompt)  # compile and warm up
+            for store in report.offload:
+                store.reset_stats()
+            times = []
+            for _ in range(repeats):
+                started = time.perf_counter()
+                compiled(prompt)
+                times.append(time.perf_counter() - started)
+            stats = [s for store in report.offload for s in store.stats()]
+            ahead, used, demand, needed = (
+                sum(getattr(s, f) for s in stats) / repeats / 2**20
+                for f in ("bytes_ahead", "bytes_ahead_used", "bytes_on_demand", "bytes_needed")
+            )
+            share = f"{used / needed:.0%}" if needed else "-"
+            moved = f"{ahead:.2f} ({used:.2f})" if stats else "-"
+            on_demand = f"{demand:.2f}" if stats else "-"
+            ms = statistics.median(times) * 1e3
+            lines.append(f"{length:>6}  {mode:<26}{moved:>18}{on_demand:>15}{share:>7}{ms:>12.1f}")
+    return "\n".join(lines)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=str(TINY_MOE_DIR))
@@ -100,24 +144,37 @@ def main() -> int:
     parser.add_argument("--eval-tokens", type=int, default=DEFAULT_EVAL_TOKENS)
     parser.add_argument("--epochs", type=int, default=TrainConfig().epochs)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--offload-only", action="store_true", help="skip the accuracy table (needs --predictor)")
+    parser.add_argument("--lengths", type=int, nargs="+", default=[16, 128, 1024], help="offload: prompt lengths")
+    parser.add_argument("--repeats", type=int, default=5, help="offload: timed prefills per mode (median)")
     args = parser.parse_args()
+    if args.offload_only and not args.predictor:
+        parser.error("--offload-only needs --predictor")
 
     torch.set_num_threads(args.threads)
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
           f"{args.threads} torch thread(s); torch {torch.__version__}; Python {platform.python_version()}")  # fmt: skip
     model = load_model(args.model)
-    heldout = text_chunks(None, "heldout", 128, args.eval_tokens)  # [B, S]
-    if args.predictor:
-        bundle = load_bundle(args.predictor, model)
-        print(f"predictors: {args.predictor}")
-    else:
-        started = time.perf_counter()
-        train = text_chunks(None, "train", 128, args.train_tokens)
-        bundle = train_predictors(model, train, TrainConfig(epochs=args.epochs))
-        print(f"trained on {train.numel()} tokens, {args.epochs} epochs, in {time.perf_counter() - started:.0f} s")
-        with tempfile.TemporaryDirectory() as tmp:  # the file round trip is part of what is measured
-            save_bundle(bundle, Path(tmp) / "predictors.safetensors")
-            bundle = load_bundle(Path(tmp) / "predictors.safetensors", model)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(args.predictor) if args.predictor else Path(tmp) / "predictors.safetensors"
+        if args.predictor:
+            print(f"predictors: {args.predictor}")
+        else:
+            started = time.perf_counter()
+            train = text_chunks(None, "train", 128, args.train_tokens)
+            bundle = train_predictors(model, train, TrainConfig(epochs=args.epochs))
+            print(f"trained on {train.numel()} tokens, {args.epochs} epochs, in {time.perf_counter() - started:.0f} s")
+            save_bundle(bundle, path)  # the file round trip is part of what is measured
+        if not args.offload_only:
+            accuracy(model, load_bundle(path, model), args.eval_tokens)
+        print(f"offload='cpu', one prompt per length, median of {args.repeats} prefills (first call excluded):")
+        print(offload_table(model, path, args.lengths, args.repeats))
+    return 0
+
+
+def accuracy(model: torch.nn.Module, bundle, eval_tokens: int) -> None:
+    """The accuracy table and the diagnostics, on ``eval_tokens`` held-out tokens."""
+    heldout = text_chunks(None, "heldout", 128, eval_tokens)  # [B, S]
     table = evaluate(model, bundle, heldout)
     print(format_table(table))
     ours, cross = mean_accuracy(table, "pre-attention"), mean_accuracy(table, "cross-layer")
@@ -130,7 +187,6 @@ def main() -> int:
     ceiling = first_layer_ceiling(model, heldout)
     print(f"first MoE layer ceiling (best map from token id to top-k set, fitted on the evaluation tokens): "
           f"{ceiling:.1%} exact")  # fmt: skip
-    return 0
 
 
 if __name__ == "__main__":

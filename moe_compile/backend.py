@@ -76,7 +76,8 @@ def moe_prefill_backend(gm: fx.GraphModule, example_inputs: list[Any], **kwargs:
         from torch._inductor.compile_fx import compile_fx
 
         hook = _InductorPostGradHook(run_passes)
-        return compile_fx(gm, example_inputs, config_patches={"post_grad_custom_pre_pass": hook, "fx_graph_cache": False})
+        patches = {"post_grad_custom_pre_pass": hook, "fx_graph_cache": False, **_parallel_config_patches(options)}
+        return _wrapped(compile_fx(gm, example_inputs, config_patches=patches), ctx)
 
     from functorch.compile import make_boxed_func
     from torch._dynamo.backends.common import aot_autograd
@@ -85,7 +86,20 @@ def moe_prefill_backend(gm: fx.GraphModule, example_inputs: list[Any], **kwargs:
         run_passes(aten_gm)
         return make_boxed_func(aten_gm.forward)
 
-    return aot_autograd(fw_compiler=fw_compiler)(gm, example_inputs)
+    return _wrapped(aot_autograd(fw_compiler=fw_compiler)(gm, example_inputs), ctx)
+
+
+def _wrapped(compiled: Callable, ctx: PassContext) -> Callable:
+    """``compiled`` as a pass asked to wrap it (``ctx.state["wrap_compiled"]``; parallel: world-size check)."""
+    wrap = ctx.state.get("wrap_compiled")
+    return wrap(compiled) if wrap is not None else compiled
+
+
+def _parallel_config_patches(options: Options) -> dict[str, Any]:
+    """Keep AEP's schedule under Inductor: no reordering that moves the gathers next to their waits."""
+    if options.parallel != "aep":
+        return {}
+    return {"reorder_for_peak_memory": False, "reorder_for_compute_comm_overlap": False}
 
 
 class _InductorPostGradHook:

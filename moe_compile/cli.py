@@ -3,6 +3,11 @@
 ``moe-compile inspect --config PATH_OR_DIR`` builds the model of a checkpoint
 directory or config file with random weights (on the meta device when it is
 large), compiles it with ``moe_prefill`` and prints the report.
+
+``moe-compile plan --config PATH_OR_DIR --gpus W --gpu h100 --link nvlink
+--tokens-per-gpu N --dtype bf16`` predicts, per MoE layer, whether AEP's expert
+gather hides behind compute, and the throughput of TP, EP and AEP
+(:mod:`moe_compile.planner`).
 """
 
 from __future__ import annotations
@@ -64,6 +69,34 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from . import planner
+
+    shape = planner.model_shape(_load_config(args.config))
+    setting = planner.Setting(
+        gpus=args.gpus,
+        gpu=args.gpu,
+        link=args.link,
+        tokens_per_gpu=args.tokens_per_gpu,
+        dtype=args.dtype,
+        seq_len=args.seq_len,
+        mfu=args.mfu,
+        ep_imbalance=args.ep_imbalance,
+    )
+    print(planner.format_plan(planner.plan(shape, setting)))
+    return 0
+
+
+def _positive(kind):
+    def parse(text: str):
+        value = kind(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+
+    return parse
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="moe-compile", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -74,6 +107,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", choices=("auto", "cpu", "meta"), default="auto",
                    help="where to build the random-weight model (auto: meta when large)")  # fmt: skip
     p.set_defaults(func=cmd_inspect)
+    p = sub.add_parser("plan", help="predict whether AEP's expert gathers hide, and TP/EP/AEP throughput")
+    p.add_argument("--config", required=True, help="checkpoint directory or config.json")
+    p.add_argument("--gpus", type=_positive(int), required=True, help="GPUs (ranks) W")
+    p.add_argument("--gpu", choices=("h100", "h200"), required=True)
+    p.add_argument("--link", choices=("nvlink", "pcie"), required=True)
+    p.add_argument("--tokens-per-gpu", type=_positive(int), required=True, help="prefill tokens per GPU per step")
+    p.add_argument("--dtype", choices=("bf16", "fp8"), required=True, help="weights and compute")
+    p.add_argument("--seq-len", type=_positive(int), default=2048, help="tokens per request (attention context)")
+    p.add_argument("--mfu", type=_positive(float), default=0.4, help="model FLOPs utilisation of the compute")
+    p.add_argument("--ep-imbalance", type=_positive(float), default=1.25,
+                   help="EP: the busiest rank's expert work over the mean")  # fmt: skip
+    p.set_defaults(func=cmd_plan)
+    from .predictor.cli import add_subcommands as add_predictor_subcommands
+
+    add_predictor_subcommands(sub)
+    from .serving.cli import add_subcommands as add_serving_subcommands
+
+    add_serving_subcommands(sub)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -204,6 +204,7 @@ def moe(
 
 
 @moe.register_fake
-def _moe_fake(hidden, topk_ids, topk_weights, w_up, w_down, b_up, b_down, spec):
+def moe_fake(hidden, topk_ids, topk_weights, w_up, w_down, b_up, b_down, spec):
+    """Shapes of the canonical op; every op with its schema (``moe_triton``…) registers this one."""
     check_inputs(hidden, topk_ids, topk_weights, w_up, w_down, b_up, b_down, ExpertSpec.decode(spec))
     return hidden.new_empty(hidden.shape)

@@ -32,8 +32,31 @@ class Options:
     inductor: bool | str = "auto"
     #: check each rewrite on random probe inputs against the original subgraph before applying it.
     verify: bool = True
+    #: run the experts across the ranks of torch.distributed's default group (see docs/parallel.md):
+    #: None (every rank runs the model it holds), "aep" (asynchronous expert parallelism: each rank keeps
+    #: 1/W of every layer's experts and all-gathers a layer's experts ahead of use), "ep" (expert
+    #: parallelism: tokens are sent to the rank owning their expert with AllToAll; the baseline).
+    parallel: str | None = None
+    #: AEP: how many MoE layers ahead of its use a layer's gather is issued (int >= 0), or "auto"
+    #: (the planner's choice for the device; 1 where the device is unknown, e.g. CPU).
+    prefetch_depth: int | str = "auto"
+    #: AEP: bytes the gathered expert weights may occupy at once on a rank (the ring of prefetched
+    #: layers), or None for no bound; the prefetch depth is lowered to fit.
+    memory_budget: int | None = None
+    #: a predictor file made by `moe-compile train-predictor` for this model (docs/predictors.md), or
+    #: None: each MoE layer's predictor runs on the layer's pre-attention activation and drives the
+    #: offload prefetch; a file made for another model is an error at compile time.
+    predictor: str | os.PathLike | None = None
+    #: keep expert weights off the device: None, or "cpu" (host memory, pinned on CUDA; a ring of two
+    #: layer buffers on the device; experts copied ahead by the predictor, the rest on demand).
+    offload: str | None = None
 
-    _CHOICES = {"kernels": ("auto", "triton", "torch"), "inductor": ("auto", True, False)}
+    _CHOICES = {
+        "kernels": ("auto", "triton", "torch"),
+        "inductor": ("auto", True, False),
+        "parallel": (None, "aep", "ep"),
+        "offload": (None, "cpu"),
+    }
 
     @classmethod
     def from_user(cls, options: dict[str, Any] | None) -> Options:
@@ -65,6 +88,22 @@ class Options:
             if not any(value == c and type(value) is type(c) for c in choices):
                 shown = ", ".join(repr(c) for c in choices)
                 raise ValueError(f"moe_prefill option {name!r} must be one of {shown}, got {value!r}")
+        depth = self.prefetch_depth
+        if depth != "auto" and not (type(depth) is int and depth >= 0):
+            raise ValueError(f"moe_prefill option 'prefetch_depth' must be an int >= 0 or 'auto', got {depth!r}")
+        budget = self.memory_budget
+        if budget is not None and not (type(budget) is int and budget > 0):
+            raise ValueError(
+                f"moe_prefill option 'memory_budget' must be a number of bytes > 0 or None, got {budget!r}"
+            )
+        if self.parallel != "aep":
+            for name, default in (("prefetch_depth", "auto"), ("memory_budget", None)):
+                if getattr(self, name) != default:
+                    raise ValueError(f"moe_prefill option {name!r} applies only with parallel='aep'")
+        if self.predictor is not None and not isinstance(self.predictor, (str, os.PathLike)):
+            raise ValueError(f"moe_prefill option 'predictor' must be None or a path to a predictor file, got {self.predictor!r}")
+        if self.offload is not None and self.parallel is not None:
+            raise ValueError(f"moe_prefill option 'offload' cannot be combined with parallel={self.parallel!r}")
 
     def use_inductor(self, on_cuda: bool) -> bool:
         return on_cuda if self.inductor == "auto" else bool(self.inductor)

@@ -26,6 +26,11 @@ class BlockReport:
     verified: str = "no"  # how the rewrite was checked, e.g. "probe rel err 3e-08"
     rewrites: list[str] = dataclasses.field(default_factory=list)
     weights: dict[str, str] = dataclasses.field(default_factory=dict)  # role -> parameter name
+    #: parallel="aep": when this block's expert gather is issued and waited on (issued_after,
+    #: waited_before: node names; prefetch_depth; gather_bytes; window_moe_layers; window_flops)
+    schedule: dict[str, object] = dataclasses.field(default_factory=dict)
+    #: predictor=PATH: the layer's predictor node and what it reads, e.g. "pre-attention of model.layers.3: ..."
+    predictor: str = "-"
 
     def row(self) -> list[str]:
         shared = "yes (dense)" if self.shared_experts else "-"
@@ -40,6 +45,7 @@ class BlockReport:
             shared,
             self.implementation,
             ", ".join(self.rewrites),
+            self.predictor,
         ]
 
 
@@ -57,12 +63,15 @@ class Report:
     notes: list[str] = dataclasses.field(default_factory=list)
     #: per pass: (name, seconds, changed) in pipeline order, summed over graphs
     pass_times: dict[str, float] = dataclasses.field(default_factory=dict)
+    #: offload="cpu": the live expert stores (moe_compile.runtime.offload.OffloadStore), copy counts per layer
+    offload: list = dataclasses.field(default_factory=list)
 
     def merge(self, other: Report) -> None:
         self.blocks.extend(other.blocks)
         self.skipped.extend(other.skipped)
         self.graphs += other.graphs
         self.notes.extend(other.notes)
+        self.offload.extend(other.offload)
         for name, seconds in other.pass_times.items():
             self.pass_times[name] = self.pass_times.get(name, 0.0) + seconds
 
@@ -73,13 +82,14 @@ class Report:
         raise KeyError(f"no MoE block at {path!r}; found: {[b.path for b in self.blocks]}")
 
     def __str__(self) -> str:
-        header = ["block", "E", "k", "H/I", "activation", "layout", "router", "shared", "impl", "rewrites"]
+        header = ["block", "E", "k", "H/I", "activation", "layout", "router", "shared", "impl", "rewrites", "predictor"]
         lines = [f"moe_compile report: {len(self.blocks)} MoE block(s) in {self.graphs} graph(s)"]
         if self.blocks:
             lines.append(_table(header, [b.row() for b in self.blocks]))
         for s in self.skipped:
             lines.append(f"skipped {s.where}: {s.reason}")
         lines.extend(f"note: {n}" for n in self.notes)
+        lines.extend(str(store) for store in self.offload)
         return "\n".join(lines)
 
     __repr__ = __str__

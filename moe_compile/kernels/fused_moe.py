@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 import triton
 
-from ..ops import check_inputs
+from ..ops import check_inputs, moe_fake
 from ..spec import ExpertSpec
 from .align import align
 from .configs import KernelConfig, select_config
@@ -91,7 +91,4 @@ def moe_triton(
     return fused_moe(hidden, topk_ids, topk_weights, w_up, w_down, b_up, b_down, ExpertSpec.decode(spec))
 
 
-@moe_triton.register_fake
-def _moe_triton_fake(hidden, topk_ids, topk_weights, w_up, w_down, b_up, b_down, spec):
-    check_inputs(hidden, topk_ids, topk_weights, w_up, w_down, b_up, b_down, ExpertSpec.decode(spec))
-    return hidden.new_empty(hidden.shape)
+moe_triton.register_fake(moe_fake)

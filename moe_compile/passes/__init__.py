@@ -2,11 +2,21 @@
 
 Each pass is one module; its docstring says what it matches and what it emits.
 
+0. :mod:`.released_weights` — only with ``parallel``: on a recompile, hide the
+   expert weights the first compile released (analysis only).
 1. :mod:`.detect_moe` — find MoE blocks by data flow (analysis only).
 2. :mod:`.canonicalize_moe` — verify each block on probe inputs and replace it
    with one ``moe_compile::moe`` call.
+2a. :mod:`.offload_experts` — only with ``offload``: experts to host memory,
+   calls retargeted to ``moe_compile::moe_offload`` (everything on demand).
+2b. :mod:`.insert_predictors` — only with ``predictor``: each layer's predictor
+   on its pre-attention activation, driving an ``offload_prefetch``.
 3. :mod:`.lower_triton` — retarget canonical calls to the Triton kernels when
    asked (``kernels="triton"``, or ``"auto"`` on a GPU).
+4. one of, with the ``parallel`` option:
+   :mod:`.async_expert_parallel` (``"aep"``) — shard the experts, gather each
+   layer's experts ahead of use;
+   :mod:`.expert_parallel` (``"ep"``) — shard the experts, AllToAll the tokens.
 
 To add a pass: subclass :class:`~.base.GraphPass` in a new module, say in its
 docstring what it matches and emits, and insert it in :func:`build_pipeline`.
@@ -15,14 +25,29 @@ docstring what it matches and emits, and insert it in :func:`build_pipeline`.
 from __future__ import annotations
 
 from ..options import Options
+from .async_expert_parallel import AsyncExpertParallel
 from .base import GraphPass, PassContext
 from .canonicalize_moe import CanonicalizeMoE
 from .detect_moe import DetectMoE, MoEMatch
+from .expert_parallel import ExpertParallel
+from .insert_predictors import InsertPredictors
 from .lower_triton import LowerToTriton
+from .offload_experts import OffloadExperts
+from .released_weights import HideReleasedWeights
 
 __all__ = ["GraphPass", "PassContext", "MoEMatch", "build_pipeline"]
+
+_PARALLEL = {"aep": AsyncExpertParallel, "ep": ExpertParallel}
 
 
 def build_pipeline(options: Options) -> list[GraphPass]:
     """The passes run on every inference ATen graph, in order."""
-    return [DetectMoE(), CanonicalizeMoE(), LowerToTriton()]
+    passes: list[GraphPass] = [DetectMoE(), CanonicalizeMoE()]
+    if options.offload is not None:
+        passes.append(OffloadExperts())
+    if options.predictor is not None:
+        passes.append(InsertPredictors())
+    passes.append(LowerToTriton())
+    if options.parallel is not None:
+        passes = [HideReleasedWeights(), *passes, _PARALLEL[options.parallel]()]
+    return passes

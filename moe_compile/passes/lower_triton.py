@@ -30,7 +30,8 @@ class LowerToTriton(GraphPass):
         changed = False
         for node, report in ctx.state.get("moe_blocks", []):
             on_cuda = tensor_val(node.args[0]).device.type == "cuda"
-            if ctx.options.kernel_impl(on_cuda) != "triton":
+            # calls retargeted before (moe_offload) keep their implementation
+            if node.target is not torch.ops.moe_compile.moe.default or ctx.options.kernel_impl(on_cuda) != "triton":
                 continue
             from ..kernels import fused_moe  # noqa: F401  (registers moe_compile::moe_triton)
 

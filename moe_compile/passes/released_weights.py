@@ -1,0 +1,49 @@
+"""Hide expert weights that an earlier parallel compile released, so no pass reads freed memory.
+
+Runs first, only with ``parallel="aep"`` or ``"ep"``.
+
+Matches: graph inputs whose real value is a tensor with elements but no storage:
+the full expert weights that :mod:`.async_expert_parallel` or :mod:`.expert_parallel`
+released when this model was first compiled (``storage().resize_(0)``). A
+recompile (a new input shape, say) sees them again.
+
+Emits: nothing in the graph. In ``ctx.real_inputs`` their values become unknown
+(``None``), so :mod:`.canonicalize_moe` verifies its rewrites with random weights
+of the same shapes instead of the freed ones; the tensors themselves go to
+``ctx.state["released_inputs"]`` (placeholder index -> tensor), where the parallel
+passes find them and, through them, the shards cached at the first compile
+(:mod:`moe_compile.runtime.shards`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from ..runtime import shards
+from .base import GraphPass, PassContext
+
+
+class HideReleasedWeights(GraphPass):
+    name = "released_weights"
+
+    def run(self, gm: fx.GraphModule, ctx: PassContext) -> bool:
+        if ctx.real_inputs is None:
+            return False
+        released = {
+            i: value
+            for i, value in enumerate(ctx.real_inputs)
+            if isinstance(value, torch.Tensor)
+            and not isinstance(value, torch._subclasses.FakeTensor)
+            and not value.is_meta
+            and shards.is_released(value)
+        }
+        for i in released:
+            ctx.real_inputs[i] = None
+        if released:
+            ctx.state["released_inputs"] = released
+            ctx.report.notes.append(
+                f"{len(released)} expert tensor(s) were released by an earlier parallel compile: "
+                "rewrites verified with random weights, shards reused"
+            )
+        return False

@@ -1,0 +1,23 @@
+"""What the compiled graphs call at run time besides the canonical op.
+
+For ``parallel="aep"`` or ``"ep"``, on every rank:
+
+- :mod:`.dist`: the process group, the world-size check before each call, errors
+  with context when a rank dies or hangs, :func:`init_distributed`;
+- :mod:`.shards`: each rank's slice of the expert weights, and the release of the
+  full weights;
+- :mod:`.ep`: the AllToAll expert-parallel op ``moe_compile::moe_ep`` (the baseline).
+
+For one device: :mod:`.offload` (``offload="cpu"``) and :mod:`.predict` (the
+expert-predictor op); see their docstrings.
+
+AEP itself needs no op of its own: its graphs call PyTorch's functional
+collectives (``_c10d_functional.all_gather_into_tensor_coalesced`` and
+``wait_tensor``) and the canonical ``moe_compile::moe``. See docs/parallel.md.
+"""
+
+from __future__ import annotations
+
+from .dist import CollectiveError, World, WorldSizeMismatch, current_world, init_distributed
+
+__all__ = ["CollectiveError", "World", "WorldSizeMismatch", "current_world", "init_distributed"]

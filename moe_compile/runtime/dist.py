@@ -1,0 +1,132 @@
+"""The process group the parallel modes run on, and what happens when it fails.
+
+``parallel="aep"`` and ``parallel="ep"`` run on torch.distributed's default group:
+start the ranks with ``torchrun`` and call ``torch.distributed.init_process_group``
+(or :func:`init_distributed`, which also picks the backend and sets a timeout)
+before the compiled model's first call. The passes read the group here
+(:func:`current_world`); the world size is frozen into the compiled graph (shard
+sizes, gather sizes), so every call of a compiled graph first checks it again
+(:func:`guard_compiled`).
+
+Failure behaviour, on the ranks that are still alive:
+
+- a rank never joins: ``init_process_group`` raises after the timeout
+  (:func:`init_distributed` says how many ranks joined);
+- a rank dies or hangs after joining: the next collective fails, at once when its
+  connections close (gloo: "Connection reset by peer"), else when the group's
+  timeout expires; :func:`guard_compiled` re-raises it as :class:`CollectiveError`
+  naming this rank, the world size and the timeout;
+- the group's size differs from the one the graph was compiled for:
+  :class:`WorldSizeMismatch` before any collective is issued.
+
+Every rank must call the compiled model the same number of times (a rank without
+requests runs an empty or dummy batch): the collectives of one call pair up
+across ranks in order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import functools
+import os
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+#: seconds a collective (and the rendezvous of init_distributed) may wait for the other ranks
+DEFAULT_TIMEOUT_S = 300.0
+#: substrings of the errors gloo and NCCL raise when a peer is gone or a collective timed out
+_TRANSPORT_MARKERS = ("/gloo/", "NCCL", "ProcessGroup", "Connection reset", "Connection closed", "Timed out")
+
+
+class WorldSizeMismatch(RuntimeError):
+    """The compiled graph was built for another world size than the current group's."""
+
+
+class CollectiveError(RuntimeError):
+    """A collective of a compiled graph failed: a rank died, hung, or ran a different schedule."""
+
+
+@dataclasses.dataclass(frozen=True)
+class World:
+    rank: int
+    size: int
+    group_name: str  # the name the functional collectives take (``"0"`` for the default group)
+
+
+def current_world(mode: str) -> World:
+    """The default group, or a clear error when torch.distributed is not initialised."""
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError(
+            f"moe_prefill option parallel={mode!r} needs torch.distributed initialised before the compiled "
+            "model's first call: start the ranks with torchrun and call torch.distributed.init_process_group() "
+            "(or moe_compile.runtime.init_distributed())"
+        )
+    group = dist.group.WORLD
+    return World(dist.get_rank(), dist.get_world_size(), group.group_name)
+
+
+def check_world(mode: str, compiled_for: World) -> None:
+    """Raise :class:`WorldSizeMismatch` unless the default group still has the compiled world size."""
+    if not dist.is_available() or not dist.is_initialized():
+        raise WorldSizeMismatch(
+            f"moe_compile parallel={mode!r}: this graph was compiled for {compiled_for.size} ranks, "
+            "but torch.distributed is no longer initialised"
+        )
+    size = dist.get_world_size()
+    if size != compiled_for.size:
+        raise WorldSizeMismatch(
+            f"moe_compile parallel={mode!r}: this graph was compiled for world size {compiled_for.size} "
+            f"(its expert shards and gathers are sized for it), but the current group has {size} ranks; "
+            "recompile (torch._dynamo.reset()) after changing the group"
+        )
+
+
+def guard_compiled(compiled: Callable, mode: str, world: World) -> Callable:
+    """``compiled`` preceded by :func:`check_world`, with collective failures given context."""
+
+    @functools.wraps(compiled)
+    def run(*args: Any) -> Any:
+        check_world(mode, world)
+        try:
+            return compiled(*args)
+        except RuntimeError as exc:
+            if isinstance(exc, WorldSizeMismatch) or not _is_collective_failure(exc):
+                raise
+            raise CollectiveError(
+                f"moe_compile parallel={mode!r}: a collective failed on rank {world.rank} of {world.size} "
+                "(another rank died, hung for longer than the process group's timeout, or called the model "
+                f"a different number of times): {exc}"
+            ) from exc
+
+    return run
+
+
+def _is_collective_failure(exc: BaseException) -> bool:
+    if isinstance(exc, getattr(dist, "DistError", ())):
+        return True
+    return any(marker in str(exc) for marker in _TRANSPORT_MARKERS)
+
+
+def init_distributed(backend: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S) -> World:
+    """``init_process_group`` from torchrun's environment, with a timeout, and the resulting world.
+
+    ``backend``: ``"nccl"`` when CUDA is available, else ``"gloo"``. On CUDA the
+    rank's device is set from ``LOCAL_RANK``. A rank that does not join within
+    ``timeout_s`` makes the others raise; collectives use the same timeout.
+    """
+    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    size = os.environ.get("WORLD_SIZE", "?")
+    try:
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+    except (RuntimeError, ValueError) as exc:
+        raise RuntimeError(
+            f"moe_compile: torch.distributed could not start {size} ranks within {timeout_s:g} s "
+            f"(a rank never joined, or the rendezvous address is wrong): {exc}"
+        ) from exc
+    return current_world("init")

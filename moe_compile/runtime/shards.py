@@ -1,0 +1,65 @@
+"""Expert shards: this rank's slice of each expert tensor, and the release of the full tensors.
+
+Rank ``r`` of ``W`` owns the contiguous block of experts ``[r*E/W, (r+1)*E/W)`` of
+every MoE layer, so that gathering the shards along dim 0 in rank order
+(``all_gather_into_tensor``) rebuilds each full tensor in expert order::
+
+    full  w_up [E, N, H]  ->  shard on rank r: w_up[r*E/W : (r+1)*E/W]  [E/W, N, H]
+    all_gather_into_tensor(shard, W)  ->  [E, N, H], equal to full
+
+Shards are built once per full tensor and cached, weakly keyed by the tensor: the
+parallel passes release the full tensor's storage after the first compile, and a
+recompile (a new input shape, say) finds its shards here instead.
+
+Releasing (:func:`release`) resizes the tensor's storage to 0 bytes. The tensor
+keeps its shape, dtype and strides, which is all Dynamo's guards look at, so the
+compiled model keeps running; the eager model cannot (its expert weights are gone).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.weak import WeakIdKeyDictionary
+
+#: full tensor -> {(world size, rank): shard}
+_SHARDS: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def expert_range(num_experts: int, world_size: int, rank: int) -> tuple[int, int]:
+    """The experts ``[start, stop)`` rank ``rank`` owns (``num_experts`` divisible by ``world_size``)."""
+    per_rank = num_experts // world_size
+    return rank * per_rank, (rank + 1) * per_rank
+
+
+def shard(full: torch.Tensor, world_size: int, rank: int) -> torch.Tensor:
+    """This rank's experts of ``full`` (``[E, ...] -> [E/W, ...]``), contiguous, built once."""
+    per_tensor = _SHARDS.setdefault(full, {})
+    key = (world_size, rank)
+    if key not in per_tensor:
+        if is_released(full):
+            raise RuntimeError(
+                f"an expert tensor of shape {tuple(full.shape)} was released (storage resized to 0) and no shard "
+                f"for rank {rank} of {world_size} was kept; rebuild the model to compile it for this world size"
+            )
+        start, stop = expert_range(full.shape[0], world_size, rank)
+        per_tensor[key] = full[start:stop].detach().clone(memory_format=torch.contiguous_format)
+    return per_tensor[key]
+
+
+def is_released(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` has elements but no storage left (see :func:`release`)."""
+    return tensor.numel() > 0 and tensor.untyped_storage().nbytes() == 0
+
+
+def release(full: torch.Tensor) -> int:
+    """Free ``full``'s storage when ``full`` owns all of it; the bytes freed (0 if not released).
+
+    Not released: a storage already released, one larger than the tensor (other
+    tensors may use it), or one that cannot be resized (e.g. memory-mapped).
+    """
+    storage = full.untyped_storage()
+    nbytes = storage.nbytes()
+    if nbytes == 0 or nbytes != full.numel() * full.element_size() or not storage.resizable():
+        return 0
+    storage.resize_(0)
+    return nbytes

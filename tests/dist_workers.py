@@ -1,0 +1,291 @@
+"""Multi-process helpers for the parallel tests: spawn W ranks on 127.0.0.1 (gloo), collect their results.
+
+:func:`spawn` starts ``W`` processes (``torch.multiprocessing``, spawn context)
+that join one gloo group on a free local port and each run ``fn(rank, world_size,
+*args)``; it returns what each rank returned, or fails with every rank's traceback.
+The worker functions live here too, so that the spawned processes can import them.
+
+Each parity worker builds the same zoo model with the same seed as every other
+rank, computes the single-process eager logits for *its own* batch first (the
+parallel compile releases the full expert weights), then compiles with
+``parallel=...`` and compares. The structure of every compiled graph is read by a
+capturing pass appended to the pipeline (:class:`GraphFacts`).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import queue as queue_module
+import socket
+import time
+import traceback
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.fx as fx
+import torch.multiprocessing as mp
+
+FAMILIES = ("qwen3_moe", "mixtral", "deepseek_v3", "gpt_oss")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn(
+    fn,
+    world_size: int,
+    *args: Any,
+    timeout_s: float = 600,
+    procs: int | None = None,
+    group_timeout_s: float | None = 120,
+) -> list:
+    """Run ``fn(rank, world_size, *args)`` on ``procs`` (default ``world_size``) ranks; their results by rank.
+
+    The ranks join a gloo group whose collectives time out after ``group_timeout_s``
+    (``None``: the worker initialises the group itself).
+    """
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = free_port()
+    procs = world_size if procs is None else procs
+    workers = [
+        ctx.Process(target=_entry, args=(fn, r, world_size, port, group_timeout_s, queue, args)) for r in range(procs)
+    ]
+    for w in workers:
+        w.start()
+    results: dict[int, tuple[str, Any]] = {}
+    deadline = time.monotonic() + timeout_s
+    try:
+        while len(results) < procs:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError(
+                    f"ranks {sorted(set(range(procs)) - set(results))} did not finish in {timeout_s} s"
+                )
+            try:
+                rank, status, payload = queue.get(timeout=min(remaining, 5.0))
+            except queue_module.Empty:  # check that nobody died without reporting
+                dead = {r: w.exitcode for r, w in enumerate(workers) if w.exitcode is not None and r not in results}
+                if dead:
+                    raise AssertionError(f"ranks exited without a result (rank: exit code): {dead}") from None
+                continue
+            results[rank] = (status, payload)
+    finally:
+        for w in workers:
+            w.join(timeout=30)
+            if w.is_alive():
+                w.kill()
+    errors = [f"rank {r}:\n{p}" for r, (s, p) in sorted(results.items()) if s == "error"]
+    assert not errors, "\n".join(errors)
+    return [results[r][1] for r in range(procs)]
+
+
+def _entry(fn, rank: int, world_size: int, port: int, group_timeout_s: float | None, queue, args: tuple) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size))
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # W ranks share two cores
+    torch.set_num_threads(1)
+    try:
+        if group_timeout_s is not None:
+            dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=group_timeout_s))
+        queue.put((rank, "ok", fn(rank, world_size, *args)))
+    except BaseException:
+        queue.put((rank, "error", traceback.format_exc()))
+    finally:
+        queue.close()
+        queue.join_thread()  # the result reaches the parent whatever happens next
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------------------------
+# what a compiled graph looks like
+# ---------------------------------------------------------------------------------------------
+
+
+class GraphFacts:
+    """A pass appended to the pipeline (in the worker only) that records each final graph's structure."""
+
+    name = "capture"
+
+    def __init__(self):
+        self.graphs: list[dict[str, Any]] = []
+
+    def __call__(self, gm: fx.GraphModule, ctx) -> bool:
+        self.graphs.append(graph_facts(gm))
+        return False
+
+    def install(self) -> None:
+        import moe_compile.backend as backend
+        from moe_compile.passes import build_pipeline
+
+        backend.build_pipeline = lambda options: [*build_pipeline(options), self]
+
+
+def graph_facts(gm: fx.GraphModule) -> dict[str, Any]:
+    """Counts of collectives and MoE calls, and for each MoE call where its gather was issued."""
+    from moe_compile.graph import op_name
+
+    nodes = list(gm.graph.nodes)
+    pos = {n: i for i, n in enumerate(nodes)}
+    moe = [n for n in nodes if op_name(n).startswith("moe_compile::moe")]
+    names = [op_name(n) for n in nodes]
+    layers = []
+    for i, call in enumerate(moe):
+        weights = [a for a in call.args[3:7] if isinstance(a, fx.Node)]
+        layer: dict[str, Any] = {
+            "weights_from": sorted({op_name(w) if w.op == "call_function" else w.op for w in weights})
+        }
+        waits = [w for w in weights if op_name(w) == "_c10d_functional::wait_tensor"]
+        if waits:
+            gathers = {w.args[0].args[0] for w in waits}  # wait(getitem(gather, j))
+            (gather,) = gathers
+            layer["gathers"] = len(gathers)
+            layer["moe_between"] = sum(pos[gather] < pos[m] < pos[call] for m in moe)
+            layer["waits_right_before"] = all(pos[call] - pos[w] <= len(waits) for w in waits)
+            layer["gather_shapes"] = [list(g.meta["val"].shape) for g in gather.args[0]]
+        layers.append(layer)
+    # how many gathered layers are alive at once: issued and not yet used by their MoE call
+    alive, peak = 0, 0
+    for n in nodes:
+        if op_name(n) == "_c10d_functional::all_gather_into_tensor_coalesced":
+            alive += 1
+            peak = max(peak, alive)
+        elif n in moe and any(op_name(a) == "_c10d_functional::wait_tensor" for a in n.all_input_nodes):
+            alive -= 1
+    return {
+        "moe_calls": [op_name(n) for n in moe],
+        "gathers": names.count("_c10d_functional::all_gather_into_tensor_coalesced"),
+        "all_to_all": sum("all_to_all" in n for n in names),
+        "placeholder_weights": sum(a.op == "placeholder" for n in moe for a in n.args[3:7] if isinstance(a, fx.Node)),
+        "peak_gathered_layers": peak,
+        "layers": layers,
+    }
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+# ---------------------------------------------------------------------------------------------
+# workers
+# ---------------------------------------------------------------------------------------------
+
+
+def parity_worker(
+    rank: int, world_size: int, modes: tuple[str, ...], families: tuple[str, ...], recompile: bool
+) -> dict:
+    """For each family and mode: compiled logits vs single-process eager on this rank's batches, and graphs.
+
+    With ``recompile``, the first family is called a second time with another shape, which recompiles
+    (dynamic shapes) after the full expert weights were released.
+    """
+    import moe_compile
+    from moe_compile.testing import zoo
+
+    facts = GraphFacts()
+    facts.install()
+    out = {}
+    for name in families:
+        for mode in modes:
+            torch._dynamo.reset()
+            facts.graphs.clear()
+            model = zoo.build(name, seed=0)  # the same weights on every rank
+            # this rank's own requests: different tokens and lengths on each rank
+            batches = [zoo.make_inputs(model, batch=2, seq=5 + rank, seed=100 + rank)]
+            if recompile and name == families[0]:
+                batches.append(zoo.make_inputs(model, batch=1, seq=9 + 2 * rank, seed=200 + rank))
+            params = dict(model.named_parameters())
+            with torch.no_grad():
+                expected = [model(b).logits for b in batches]
+                compiled = torch.compile(model, backend="moe_prefill", options={"parallel": mode, "inductor": False})
+                with moe_compile.backend.collect_reports() as report:
+                    got = [compiled(b).logits for b in batches]
+            out[(name, mode)] = {
+                "errors": [rel_err(g, e) for g, e in zip(got, expected)],
+                "graphs": list(facts.graphs),
+                "blocks": len(report.blocks),
+                "moe_layers": len(zoo.moe_layer_indices(name, model.config)),
+                "calls": len(batches),
+                "schedules": [b.schedule for b in report.blocks],
+                "released": all(
+                    params[w].untyped_storage().nbytes() == 0 for b in report.blocks for w in b.weights.values()
+                ),
+            }
+    return out
+
+
+def misuse_worker(rank: int, world_size: int) -> dict[str, str]:
+    """Two misuses, each failing with a clear error on every rank before any collective is issued.
+
+    ``bad_split``: a model whose experts do not divide over the ranks; ``world_change``: a model
+    compiled on ``world_size`` ranks, then called in a group of 1.
+    """
+    from custom_moe import TinyLM
+
+    from moe_compile.testing import zoo
+
+    torch.manual_seed(0)
+    errors = {}
+    with torch.no_grad():
+        model = TinyLM(experts=world_size + 1).eval()
+        compiled = torch.compile(model, backend="moe_prefill", options={"parallel": "aep", "inductor": False})
+        errors["bad_split"] = _error_of(compiled, torch.randint(0, 64, (1, 4)))
+
+        torch._dynamo.reset()
+        model = zoo.build("qwen3_moe", num_layers=1)
+        input_ids = zoo.make_inputs(model, seq=4, seed=rank)
+        compiled = torch.compile(model, backend="moe_prefill", options={"parallel": "aep", "inductor": False})
+        compiled(input_ids)
+        dist.destroy_process_group()
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+        errors["world_change"] = _error_of(compiled, input_ids)
+    return errors
+
+
+def _error_of(fn, *args) -> str:
+    try:
+        fn(*args)
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return "no error"
+
+
+def dead_peer_worker(rank: int, world_size: int, how: str) -> dict:
+    """Rank 1 leaves ("exit") or stalls ("hang") before the first collective; rank 0 must fail, not hang.
+
+    The stalled rank waits on the rendezvous store (not a collective) until rank 0 has failed.
+    """
+    from moe_compile.testing import zoo
+
+    store = dist.distributed_c10d._get_default_store()
+    model = zoo.build("qwen3_moe", num_layers=1)
+    if rank == 1:
+        if how == "hang":
+            store.wait(["rank0_failed"], datetime.timedelta(seconds=120))
+            store.set("rank1_saw_it", "1")  # rank 0 hosts the store: it waits for this before leaving
+        return {"left": True}  # the process ends, its connections close
+    compiled = torch.compile(model, backend="moe_prefill", options={"parallel": "aep", "inductor": False})
+    start = time.monotonic()  # compiling is part of the first call
+    with torch.no_grad():
+        error = _error_of(compiled, zoo.make_inputs(model, seq=4))
+    if how == "hang":
+        store.set("rank0_failed", "1")
+        store.wait(["rank1_saw_it"], datetime.timedelta(seconds=120))
+    return {"error": error, "seconds": time.monotonic() - start}
+
+
+def never_joins_worker(rank: int, world_size: int, timeout_s: float) -> dict:
+    """Only this rank of ``world_size`` starts: init_distributed must fail within the timeout."""
+    from moe_compile.runtime import init_distributed
+
+    start = time.monotonic()
+    try:
+        init_distributed("gloo", timeout_s=timeout_s)
+    except RuntimeError as exc:
+        return {"error": str(exc), "seconds": time.monotonic() - start}
+    return {"error": None, "seconds": time.monotonic() - start}

@@ -1,0 +1,87 @@
+"""AEP and EP on 2 and 4 gloo ranks: logits equal single-process eager per rank; graph structure; failures.
+
+Each test spawns one group of processes (tests/dist_workers.py) whose workers loop
+over the families, so a family costs a compile, not a process start.
+"""
+
+import pytest
+from dist_workers import FAMILIES, dead_peer_worker, misuse_worker, never_joins_worker, parity_worker, spawn
+
+pytestmark = pytest.mark.slow  # multi-process runs
+
+GATHER = "_c10d_functional::all_gather_into_tensor_coalesced"
+
+
+def _check_parity(results: list[dict], world_size: int, mode: str) -> None:
+    for rank, per_family in enumerate(results):
+        for name in FAMILIES:
+            r = per_family[(name, mode)]
+            where = f"{name}, {mode}, rank {rank} of {world_size}"
+            assert max(r["errors"]) < 1e-5, (where, r["errors"])
+            assert len(r["errors"]) == len(r["graphs"]) == r["calls"], where  # a second call recompiles
+            assert r["blocks"] == r["calls"] * r["moe_layers"], (where, r)
+            assert r["released"], f"{where}: full expert weights still hold memory"
+            for graph in r["graphs"]:
+                assert graph["all_to_all"] == 0 if mode == "aep" else graph["gathers"] == 0, (where, graph)
+                assert graph["placeholder_weights"] == 0, (where, graph)  # no MoE call reads a full weight
+                _check_graph(graph, r["moe_layers"], world_size, mode, where)
+
+
+def _check_graph(graph: dict, layers: int, world_size: int, mode: str, where: str) -> None:
+    if mode == "ep":
+        assert graph["moe_calls"] == ["moe_compile::moe_ep"] * layers, (where, graph)
+        assert all(layer["weights_from"] == ["aten::view"] for layer in graph["layers"]), (where, graph)  # shards
+        return
+    # AEP, default depth on CPU = 1: one gather per MoE layer, waited on right before the layer's call,
+    # issued at least one MoE layer earlier (the first two at the graph start); two gathered layers at most
+    assert graph["moe_calls"] == ["moe_compile::moe"] * layers, (where, graph)
+    assert graph["gathers"] == layers, (where, graph)
+    assert graph["peak_gathered_layers"] == min(2, layers), (where, graph)
+    for i, layer in enumerate(graph["layers"]):
+        assert layer["weights_from"] == ["_c10d_functional::wait_tensor"], (where, i, layer)
+        assert layer["gathers"] == 1 and layer["waits_right_before"], (where, i, layer)
+        assert layer["moe_between"] == min(i, 1), (where, i, layer)
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_aep_and_ep_match_eager_on_every_rank(world_size):
+    # on 2 ranks the first family is also recompiled for a second shape (after its weights were released)
+    results = spawn(parity_worker, world_size, ("aep", "ep"), FAMILIES, world_size == 2)
+    for mode in ("aep", "ep"):
+        _check_parity(results, world_size, mode)
+    # the AEP report: per block, where the gather is issued and waited on
+    schedules = results[0][("qwen3_moe", "aep")]["schedules"]
+    assert [s["issued_after"] for s in schedules[:2]] == ["graph start", "graph start"]
+    assert all(s["window_moe_layers"] == min(i, 1) and s["window_flops"] > 0 for i, s in enumerate(schedules[:2]))
+    # gathered shapes: the full [E, ...] tensors, from [E/W, ...] shards
+    layer = results[0][("gpt_oss", "aep")]["graphs"][0]["layers"][0]
+    assert len(layer["gather_shapes"]) == 4 and all(shape[0] == 8 // world_size for shape in layer["gather_shapes"])
+
+
+def test_bad_split_and_world_size_change_fail_clearly_on_every_rank():
+    for errors in spawn(misuse_worker, 2):
+        assert (
+            "ValueError: moe_prefill option parallel='aep': block blocks.0 has 3 experts, which do not divide "
+            "evenly over world size 2" in errors["bad_split"]
+        ), errors
+        assert errors["world_change"].startswith(
+            "WorldSizeMismatch: moe_compile parallel='aep': this graph was compiled for world size 2"
+        ), errors
+        assert "the current group has 1 ranks" in errors["world_change"], errors
+
+
+@pytest.mark.parametrize("how", ["exit", "hang"])
+def test_a_rank_that_dies_or_hangs_makes_the_others_fail_within_the_timeout(how):
+    group_timeout_s = 3
+    rank0, rank1 = spawn(dead_peer_worker, 2, how, group_timeout_s=group_timeout_s, timeout_s=180)
+    assert rank1 == {"left": True}
+    error = rank0["error"]
+    assert error.startswith("CollectiveError: moe_compile parallel='aep': a collective failed on rank 0 of 2"), error
+    assert ("Timed out" if how == "hang" else "Connection") in error, error  # gloo's own words, kept
+    assert rank0["seconds"] < group_timeout_s + 15, rank0  # compiling included
+
+
+def test_a_rank_that_never_joins_makes_the_others_fail_within_the_timeout():
+    (rank0,) = spawn(never_joins_worker, 2, 2.0, procs=1, group_timeout_s=None, timeout_s=120)
+    assert rank0["error"] is not None and "could not start 2 ranks within 2 s" in rank0["error"], rank0
+    assert rank0["seconds"] < 2.0 + 10, rank0

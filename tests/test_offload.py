@@ -1,0 +1,250 @@
+"""Predictor nodes in the graph and the single-device offload they drive (``predictor=PATH``, ``offload="cpu"``).
+
+On the shipped tiny MoE with a predictor trained here for two epochs on a few thousand tokens, and on
+a zoo model with hand-made predictors (constant scores, so they are right or wrong by construction):
+compiled logits equal eager's whatever the predictor says, the graph holds one predictor, one
+prefetch and one offloaded call per layer, and the copy counts say where the bytes moved.
+"""
+
+from __future__ import annotations
+
+import collections
+
+import pytest
+import torch
+from conftest import rel_err
+
+import moe_compile
+from moe_compile.graph import op_name
+from moe_compile.passes import GraphPass
+from moe_compile.predictor import (
+    ExpertPredictor,
+    ExpertPredictors,
+    TrainConfig,
+    collect_routing,
+    load_model,
+    model_identity,
+    save_bundle,
+    text_chunks,
+    train_predictors,
+)
+from moe_compile.predictor.train import PredictorBundle
+from moe_compile.runtime import offload
+from moe_compile.testing import zoo
+
+PREDICT, PREFETCH, OFFLOAD = "moe_compile::predict_experts", "moe_compile::offload_prefetch", "moe_compile::moe_offload"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_model()
+
+
+@pytest.fixture(scope="module")
+def trained_file(tiny, tmp_path_factory):
+    bundle = train_predictors(tiny, text_chunks(None, "train", 128, 32 * 128), TrainConfig(epochs=2), progress=False)
+    path = tmp_path_factory.mktemp("predictor") / "tiny.safetensors"
+    save_bundle(bundle, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def heldout():
+    return text_chunks(None, "heldout", 32, 2 * 32)  # [2, 32]
+
+
+class _Capture(GraphPass):
+    """Keeps every graph after all passes."""
+
+    name = "capture"
+
+    def __init__(self):
+        self.graphs = []
+
+    def run(self, gm, ctx):
+        self.graphs.append(gm)
+        return False
+
+
+@pytest.fixture
+def graphs(monkeypatch):
+    from moe_compile import backend
+    from moe_compile.passes import build_pipeline
+
+    capture = _Capture()
+    monkeypatch.setattr(backend, "build_pipeline", lambda options: [*build_pipeline(options), capture])
+    return capture.graphs
+
+
+def _compile_and_compare(model, input_ids, options):
+    """Compiled logits vs eager's (fp32 rel err < 1e-5); the merged report."""
+    compiled = torch.compile(model, backend="moe_prefill", options={"inductor": False, **options})
+    with torch.no_grad(), moe_compile.backend.collect_reports() as report:
+        got = compiled(input_ids).logits
+    with torch.no_grad():
+        expected = model(input_ids).logits
+    assert rel_err(got, expected) < 1e-5
+    return report
+
+
+def _ops(gm) -> collections.Counter:
+    return collections.Counter(op_name(n) for n in gm.graph.nodes)
+
+
+def _totals(report) -> tuple[int, int, int, int]:
+    """(bytes ahead, of those used, on demand, needed) over all layers."""
+    stats = [s for store in report.offload for s in store.stats()]
+    return tuple(
+        sum(getattr(s, f) for s in stats)
+        for f in ("bytes_ahead", "bytes_ahead_used", "bytes_on_demand", "bytes_needed")
+    )
+
+
+def _constant_predictors(model, path, experts: dict[int, list[int]]) -> None:
+    """A predictor file whose layer ``i`` always predicts ``experts[i]`` (hand-made weights: scores = b2)."""
+    identity = model_identity(model)
+    E, K = identity["num_experts"], identity["top_k"]
+    predictors = {}
+    for layer, chosen in experts.items():
+        p = ExpertPredictor(identity["hidden_size"], E, K, width=8)
+        with torch.no_grad():
+            for t in (p.up.weight, p.up.bias, p.down.weight):
+                t.zero_()
+            p.down.bias.copy_(torch.arange(E, 0, -1).float() * 0.01)  # ties broken, below the chosen ones
+            p.down.bias[chosen] = torch.tensor([10.0 - j for j in range(K)])
+        predictors[layer] = p
+    bundle = PredictorBundle(ExpertPredictors(predictors), ExpertPredictors({}), {}, identity, {})
+    save_bundle(bundle, path)
+
+
+def _routed(model, input_ids) -> dict[int, set[int]]:
+    """The experts each MoE layer's router picks for ``input_ids``, from the eager model."""
+    data = collect_routing(model, input_ids, progress=False)
+    return {layer: set(data.topk[layer].flatten().tolist()) for layer in data.layers}
+
+
+# --- options ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"offload": "gpu"}, "option 'offload' must be one of None, 'cpu', got 'gpu'"),
+        ({"predictor": 3}, "option 'predictor' must be None or a path to a predictor file, got 3"),
+        ({"offload": "cpu", "parallel": "aep"}, "option 'offload' cannot be combined with parallel='aep'"),
+    ],
+)
+def test_bad_options_name_the_problem(options, message):
+    with pytest.raises(ValueError, match=message):
+        moe_compile.Options.from_user(options)
+
+
+# --- the shipped model, trained predictor ----------------------------------------------------------
+
+
+def test_trained_predictor_drives_prefetch_exactly(tiny, trained_file, heldout, graphs):
+    report = _compile_and_compare(tiny, heldout, {"offload": "cpu", "predictor": str(trained_file)})
+    (gm,) = graphs
+    ops = _ops(gm)
+    assert (ops[PREDICT], ops[PREFETCH], ops[OFFLOAD], ops["moe_compile::moe"]) == (4, 4, 4, 0), ops
+    # one predictor per layer, on the residual entering the layer: the embedding, then each layer's output
+    inputs = [n.args[0].args[0] for n in gm.graph.nodes if op_name(n) == PREDICT]
+    assert [op_name(n) for n in inputs] == ["aten::embedding", "aten::add", "aten::add", "aten::add"]
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    for call in (n for n in gm.graph.nodes if op_name(n) == OFFLOAD):
+        token = call.args[3]
+        assert op_name(token) == PREFETCH and order[token] < order[call]
+    # the full expert weights are no longer read by the graph
+    experts = [
+        n for n in gm.graph.find_nodes(op="placeholder") if getattr(n.meta.get("val"), "ndim", 0) == 3
+    ]  # [E, ., .]
+    assert len(experts) == 8 and all(not p.users for p in experts)  # gate_up_proj, down_proj per layer
+    assert [b.predictor.split(":")[0] for b in report.blocks] == [
+        f"pre-attention of model.layers.{i}" for i in range(4)
+    ]
+    assert "offload layer 3 (model.layers.3.mlp): ahead" in str(report)
+    _, used, on_demand, needed = _totals(report)
+    assert needed == used + on_demand > 0
+    assert used > 0.5 * needed, report  # most bytes move ahead
+
+
+def test_no_predictor_fetches_everything_on_demand(tiny, heldout, graphs):
+    report = _compile_and_compare(tiny, heldout, {"offload": "cpu"})
+    ops = _ops(graphs[0])
+    assert (ops[PREDICT], ops[PREFETCH], ops[OFFLOAD]) == (0, 0, 4), ops
+    ahead, used, on_demand, needed = _totals(report)
+    assert ahead == used == 0 and on_demand == needed > 0
+    assert all(b.predictor == "-" for b in report.blocks)
+
+
+def test_predictor_without_offload_is_checked_but_inserts_nothing(tiny, trained_file, heldout, graphs):
+    report = _compile_and_compare(tiny, heldout, {"predictor": str(trained_file)})
+    ops = _ops(graphs[0])
+    assert (ops[PREDICT], ops["moe_compile::moe"]) == (0, 4), ops
+    assert any("nothing consumes predictions without offload='cpu'" in n for n in report.notes), report
+
+
+def test_predictor_for_another_model_fails_at_compile_time(trained_file):
+    other = zoo.build("qwen3_moe", num_layers=4)
+    with pytest.raises(Exception, match=r"predictors made for another model: router weights differ"):
+        _compile_and_compare(other, zoo.make_inputs(other, seq=5), {"offload": "cpu", "predictor": str(trained_file)})
+
+
+def test_always_wrong_predictor_on_the_shipped_model(tiny, heldout, tmp_path):
+    ids = heldout[:1, :3]  # [1, 3]: at most 6 of 8 experts routed per layer
+    wrong = {layer: sorted(set(range(8)) - routed)[:2] for layer, routed in _routed(tiny, ids).items()}
+    path = tmp_path / "wrong.safetensors"
+    _constant_predictors(tiny, path, wrong)
+    report = _compile_and_compare(tiny, ids, {"offload": "cpu", "predictor": str(path)})
+    ahead, used, on_demand, needed = _totals(report)
+    assert ahead > 0 and used == 0 and on_demand == needed > 0  # every prefetched byte wasted, all on demand
+
+
+# --- a zoo model, hand-made predictors -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["right", "wrong", "none"])
+def test_zoo_model_exact_with_right_wrong_or_no_predictor(kind, tmp_path, graphs):
+    model = zoo.build("qwen3_moe", num_layers=3)
+    ids = zoo.make_inputs(model, batch=1, seq=1)  # one token: a constant predictor can be exactly right
+    routed = _routed(model, ids)
+    options = {"offload": "cpu"}
+    if kind != "none":
+        chosen = {layer: sorted(r) if kind == "right" else sorted(set(range(8)) - r)[:2] for layer, r in routed.items()}
+        _constant_predictors(model, tmp_path / "p.safetensors", chosen)
+        options["predictor"] = str(tmp_path / "p.safetensors")
+    report = _compile_and_compare(model, ids, options)
+    ops = _ops(graphs[0])
+    assert ops[OFFLOAD] == 3 and ops[PREDICT] == ops[PREFETCH] == (0 if kind == "none" else 3), ops
+    _, used, on_demand, needed = _totals(report)
+    expected = {"right": (needed, 0), "wrong": (0, needed), "none": (0, needed)}[kind]
+    assert (used, on_demand) == expected and needed > 0
+
+
+def test_counts_accumulate_and_reset(tiny, heldout):
+    compiled = torch.compile(tiny, backend="moe_prefill", options={"inductor": False, "offload": "cpu"})
+    with torch.no_grad(), moe_compile.backend.collect_reports() as report:
+        compiled(heldout)
+        compiled(heldout)
+    (store,) = report.offload
+    assert store in offload.stores() and all(s.calls == 2 for s in store.stats())
+    store.reset_stats()
+    assert all(s.calls == 0 and s.bytes_needed == 0 for s in store.stats())
+
+
+def test_predict_experts_op_matches_predict_topk():
+    from moe_compile.predictor import predict_topk
+
+    w1, b1, w2, b2 = torch.randn(16, 8), torch.randn(16), torch.randn(4, 16), torch.randn(4)
+    hidden = torch.randn(5, 8)  # [T, H]
+    got = torch.ops.moe_compile.predict_experts(hidden, w1, b1, w2, b2, 2, 1e-6)  # [T, K]
+    torch.testing.assert_close(got, predict_topk(hidden, w1, b1, w2, b2, 2, 1e-6))
+    torch.library.opcheck(torch.ops.moe_compile.predict_experts.default, (hidden, w1, b1, w2, b2, 2, 1e-6))
