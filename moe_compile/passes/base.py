@@ -94,3 +94,23 @@ def set_fake_val(node: fx.Node) -> None:
         return
     with mode:
         node.meta["val"] = node.target(*args, **kwargs)  # type: ignore[operator]
+
+
+def add_constant(gm: fx.GraphModule, name: str, tensor: torch.Tensor, fake_mode: Any) -> fx.Node:
+    """``tensor`` as a buffer of ``gm``, read through a view: ``view(view(get_attr, [-1]), shape)``.
+
+    Inserted at the graph's current insertion point. Inductor hands a constant passed
+    straight to an extern kernel (a collective, a custom op) to its fake mode as a
+    real tensor, and fails; a view of the constant is lowered as a view (no copy).
+    Without Inductor the two views cost nothing.
+    """
+    gm.register_buffer(name, tensor)
+    graph = gm.graph
+    attr = graph.get_attr(name)
+    if fake_mode is not None:
+        attr.meta["val"] = fake_mode.from_tensor(tensor, static_shapes=True)
+    flat = graph.call_function(torch.ops.aten.view.default, (attr, [-1]))
+    set_fake_val(flat)
+    view = graph.call_function(torch.ops.aten.view.default, (flat, list(tensor.shape)))
+    set_fake_val(view)
+    return view

@@ -59,7 +59,7 @@ from ..graph import ancestors_since, module_path, numel, same, tensor_val, walk_
 from ..predictor import PredictorWeights, load_predictors_for_routers
 from ..report import BlockReport, Skipped
 from ..runtime import offload, predict  # noqa: F401  (registers the ops)
-from .base import GraphPass, PassContext, set_fake_val
+from .base import GraphPass, PassContext, add_constant, set_fake_val
 from .detect_moe import VIEWS
 
 aten = torch.ops.aten
@@ -118,7 +118,7 @@ class InsertPredictors(GraphPass):
         fake_mode = detect_fake_mode([act])
         with graph.inserting_before(site.before):
             weights = [
-                _constant(gm, f"moe_predictor{site.layer}_{name}", t, act.device, fake_mode)
+                add_constant(gm, f"moe_predictor{site.layer}_{name}", _on(t, act.device), fake_mode)
                 for name, t in (("w1", w.w1), ("b1", w.b1), ("w2", w.w2), ("b2", w.b2))
             ]
             hidden = graph.call_function(aten.reshape.default, (site.activation, [-1, H]))  # [T, H]
@@ -198,17 +198,6 @@ def _router_weight(ids: fx.Node, block_input: fx.Node, order: dict, ctx: PassCon
     return value
 
 
-def _constant(gm: fx.GraphModule, name: str, tensor: torch.Tensor, device: torch.device, fake_mode) -> fx.Node:
-    """``tensor`` as a buffer of ``gm``, read as ``view(view(get_attr, [-1]), shape)`` (see the module doc)."""
-    with unset_fake_temporarily():
-        tensor = tensor.to(device)
-    gm.register_buffer(name, tensor)
-    graph = gm.graph
-    attr = graph.get_attr(name)
-    if fake_mode is not None:
-        attr.meta["val"] = fake_mode.from_tensor(tensor, static_shapes=True)
-    flat = graph.call_function(aten.view.default, (attr, [-1]))
-    set_fake_val(flat)
-    view = graph.call_function(aten.view.default, (flat, list(tensor.shape)))
-    set_fake_val(view)
-    return view
+def _on(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    with unset_fake_temporarily():  # a real copy, even while the compiler runs under a fake mode
+        return tensor.to(device)

@@ -11,7 +11,7 @@ in graph order, it:
 3. builds this rank's shard of each expert weight and bias (experts
    ``[r*E/W, (r+1)*E/W)``, :mod:`moe_compile.runtime.shards`) from the real tensors
    and stores it in the graph module as a buffer, read by a ``get_attr`` node at the
-   graph start (through a view, for Inductor's sake: see :func:`_constant`);
+   graph start (through a view, for Inductor's sake: see :func:`.base.add_constant`);
 4. lets the subclass rewrite the calls (:meth:`ShardedExpertsPass.rewrite`);
 5. releases the storage of every full expert tensor that no node reads any more
    (the eager model cannot run afterwards) and asks the backend to check the
@@ -35,7 +35,7 @@ from torch._subclasses.fake_tensor import unset_fake_temporarily
 from ..report import BlockReport, Skipped
 from ..runtime import dist as rdist
 from ..runtime import shards
-from .base import GraphPass, PassContext, set_fake_val
+from .base import GraphPass, PassContext, add_constant
 
 aten = torch.ops.aten
 #: the canonical op's expert tensors, by argument position
@@ -121,7 +121,8 @@ class ShardedExpertsPass(GraphPass):
         for role, tensor in tensors.items():
             with unset_fake_temporarily():
                 shard = shards.shard(tensor, world.size, world.rank)
-            shard_nodes[role] = _constant(gm, f"moe_shard{index}_{role}", shard, fake_mode, before=first)
+            with gm.graph.inserting_before(first):
+                shard_nodes[role] = add_constant(gm, f"moe_shard{index}_{role}", shard, fake_mode)
         full_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
         return ShardedBlock(node, report, full, shard_nodes, full_bytes, full_bytes // world.size)
 
@@ -141,26 +142,6 @@ class ShardedExpertsPass(GraphPass):
                         ctx.report.notes.append(note)
                     released += freed
         return released
-
-
-def _constant(gm: fx.GraphModule, name: str, tensor: torch.Tensor, fake_mode, before: fx.Node) -> fx.Node:
-    """``tensor`` as a buffer of ``gm``, read through a view: ``view(view(get_attr, [-1]), shape)``.
-
-    Inductor hands a constant passed straight to an extern kernel (a collective, a
-    custom op) to its fake mode as a real tensor, and fails; a view of the constant
-    is lowered as a view (no copy). Without Inductor the two views cost nothing.
-    """
-    gm.register_buffer(name, tensor)
-    graph = gm.graph
-    with graph.inserting_before(before):
-        attr = graph.get_attr(name)
-        if fake_mode is not None:
-            attr.meta["val"] = fake_mode.from_tensor(tensor, static_shapes=True)
-        flat = graph.call_function(aten.view.default, (attr, [-1]))
-        set_fake_val(flat)
-        view = graph.call_function(aten.view.default, (flat, list(tensor.shape)))
-        set_fake_val(view)
-    return view
 
 
 def _full_tensor(ctx: PassContext, placeholder: fx.Node) -> torch.Tensor | None:
