@@ -35,12 +35,7 @@ from moe_compile.testing import zoo
 PREDICT, PREFETCH, OFFLOAD = "moe_compile::predict_experts", "moe_compile::offload_prefetch", "moe_compile::moe_offload"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
