@@ -32,26 +32,6 @@ __all__ = ["fused_moe", "moe_triton"]
 _MAX_REDUCE_BLOCK = 1024
 
 
-def _run(
-    hidden_TH: torch.Tensor,
-    topk_ids_TK: torch.Tensor,
-    topk_weights_TK: torch.Tensor,
-    w_up: torch.Tensor,
-    w_down: torch.Tensor,
-    b_up_EN: torch.Tensor | None,
-    b_down_EH: torch.Tensor | None,
-    spec: ExpertSpec,
-    config: KernelConfig,
-) -> torch.Tensor:
-    K = topk_ids_TK.shape[1]
-    H = hidden_TH.shape[1]
-    alignment = align(topk_ids_TK, w_up.shape[0], config.block_m)  # [P], [B], [1]
-    act_SI = up_projection(hidden_TH, alignment, w_up, b_up_EN, spec, K, config)  # [S, I]
-    y_SH = down_projection(act_SI, alignment, topk_weights_TK, w_down, b_down_EH, spec, config)  # [S, H]
-    block_h = min(triton.next_power_of_2(max(H, 1)), _MAX_REDUCE_BLOCK)
-    return reduce_topk(y_SH, K, hidden_TH.dtype, block_h)  # [T, H]
-
-
 def fused_moe(
     hidden_TH: torch.Tensor,
     topk_ids_TK: torch.Tensor,
@@ -65,15 +45,20 @@ def fused_moe(
 ) -> torch.Tensor:
     """The MoE layer in Triton: ``[T, H] -> [T, H]`` in ``hidden``'s dtype; ``config`` overrides the choice."""
     check_inputs(hidden_TH, topk_ids_TK, topk_weights_TK, w_up, w_down, b_up_EN, b_down_EH, spec)
-    args = (hidden_TH, topk_ids_TK, topk_weights_TK, w_up, w_down, b_up_EN, b_down_EH, spec)
+    T, K = topk_ids_TK.shape
+    H = hidden_TH.shape[1]
     if config is None:
-        T, K = topk_ids_TK.shape
+        args = (hidden_TH, topk_ids_TK, topk_weights_TK, w_up, w_down, b_up_EN, b_down_EH, spec)
         N = w_up.shape[2] if spec.transposed else w_up.shape[1]
         config = select_config(
-            w_up.shape[0], N, hidden_TH.shape[1], T, K, w_up.dtype, hidden_TH.device,
-            bench=lambda c: triton.testing.do_bench(lambda: _run(*args, c)),
+            w_up.shape[0], N, H, T, K, w_up.dtype, hidden_TH.device,
+            bench=lambda c: triton.testing.do_bench(lambda: fused_moe(*args, config=c)),
         )  # fmt: skip
-    return _run(*args, config)
+    alignment = align(topk_ids_TK, w_up.shape[0], config.block_m)  # [P], [B], [1]
+    act_SI = up_projection(hidden_TH, alignment, w_up, b_up_EN, spec, K, config)  # [S, I]
+    y_SH = down_projection(act_SI, alignment, topk_weights_TK, w_down, b_down_EH, spec, config)  # [S, H]
+    block_h = min(triton.next_power_of_2(max(H, 1)), _MAX_REDUCE_BLOCK)
+    return reduce_topk(y_SH, K, hidden_TH.dtype, block_h)  # [T, H]
 
 
 @torch.library.custom_op("moe_compile::moe_triton", mutates_args=())
