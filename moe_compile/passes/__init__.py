@@ -7,6 +7,9 @@ Each pass is one module; its docstring says what it matches and what it emits.
 1. :mod:`.detect_moe` — find MoE blocks by data flow (analysis only).
 2. :mod:`.canonicalize_moe` — verify each block on probe inputs and replace it
    with one ``moe_compile::moe`` call.
+2'. :mod:`.recognize_expert_parallel` — under torch.distributed: find blocks that
+   already run expert-parallel (AllToAll); with ``"aep"`` rewrite each into one
+   canonical call on global ids whose weights are this rank's shards.
 2a. :mod:`.offload_experts` — only with ``offload``: experts to host memory,
    calls retargeted to ``moe_compile::moe_offload`` (everything on demand).
 2b. :mod:`.insert_predictors` — only with ``predictor``: each layer's predictor
@@ -33,6 +36,7 @@ from .expert_parallel import ExpertParallel
 from .insert_predictors import InsertPredictors
 from .lower_triton import LowerToTriton
 from .offload_experts import OffloadExperts
+from .recognize_expert_parallel import RecognizeExpertParallel
 from .released_weights import HideReleasedWeights
 
 __all__ = ["GraphPass", "PassContext", "MoEMatch", "build_pipeline"]
@@ -42,7 +46,7 @@ _PARALLEL = {"aep": AsyncExpertParallel, "ep": ExpertParallel}
 
 def build_pipeline(options: Options) -> list[GraphPass]:
     """The passes run on every inference ATen graph, in order."""
-    passes: list[GraphPass] = [DetectMoE(), CanonicalizeMoE()]
+    passes: list[GraphPass] = [DetectMoE(), CanonicalizeMoE(), RecognizeExpertParallel()]
     if options.offload is not None:
         passes.append(OffloadExperts())
     if options.predictor is not None:
