@@ -130,7 +130,11 @@ class ExpertParallelExperts(nn.Module):
         y_RH = batched_experts(x_RH, ids_R1, ones_R1, self.w_up, self.w_down, self.b_up, self.b_down, self.spec)
         y_SH = _all_to_all(y_RH, send, recv, self.group)  # combine
         unsorted_SH = torch.empty_like(y_SH).index_copy(0, order_S, y_SH)
-        return (unsorted_SH.view(T, K, H) * weights_TK.unsqueeze(-1)).sum(dim=1)
+        return self.weighted_sum(unsorted_SH.view(T, K, H), weights_TK)
+
+    def weighted_sum(self, y_TKH: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
+        """``sum_k weights[t, k] * y[t, k]``: ``[T, K, H] -> [T, H]``."""
+        return (y_TKH * weights_TK.unsqueeze(-1)).sum(dim=1)
 
 
 class ExpertParallelMoE(nn.Module):
