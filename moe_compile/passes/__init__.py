@@ -27,6 +27,8 @@ docstring what it matches and emits, and insert it in :func:`build_pipeline`.
 
 from __future__ import annotations
 
+import torch
+
 from ..options import Options
 from .async_expert_parallel import AsyncExpertParallel
 from .base import GraphPass, PassContext
@@ -46,7 +48,9 @@ _PARALLEL = {"aep": AsyncExpertParallel, "ep": ExpertParallel}
 
 def build_pipeline(options: Options) -> list[GraphPass]:
     """The passes run on every inference ATen graph, in order."""
-    passes: list[GraphPass] = [DetectMoE(), CanonicalizeMoE(), RecognizeExpertParallel()]
+    passes: list[GraphPass] = [DetectMoE(), CanonicalizeMoE()]
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        passes.append(RecognizeExpertParallel())  # an EP model's AllToAlls need a process group
     if options.offload is not None:
         passes.append(OffloadExperts())
     if options.predictor is not None:

@@ -18,6 +18,10 @@ in graph order, it:
    world size before every call of the compiled graph
    (``ctx.state["wrap_compiled"]``, :func:`moe_compile.runtime.dist.guard_compiled`).
 
+A call in ``ctx.state["moe_presharded"]`` (a recognised expert-parallel block,
+:mod:`.recognize_expert_parallel`) already takes this rank's shards: they are used as
+they are, and nothing is released.
+
 A block whose weights are not graph inputs with known values is left replicated
 (unchanged) and the report says why.
 """
