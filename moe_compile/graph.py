@@ -53,12 +53,21 @@ def numel(shape: Iterable) -> object:
     return n
 
 
+#: the value a data-dependent (unbacked) size takes in probes: e.g. the rows an AllToAll receives
+UNBACKED_HINT = 8
+
+
 def hint(size: object) -> int:
-    """A concrete value for a (possibly symbolic) size: its hint."""
+    """A concrete value for a (possibly symbolic) size: its hint.
+
+    A data-dependent size (an unbacked SymInt, say ``u2 + u3``) has none: each of its
+    symbols counts as :data:`UNBACKED_HINT`, so that every tensor of one graph agrees.
+    """
     if isinstance(size, torch.SymInt):
         h = size.node.hint
         if h is None:
-            h = size.node.shape_env.size_hint(size.node.expr)
+            expr, known = size.node.expr, size.node.shape_env.var_to_val
+            h = expr.xreplace({s: known.get(s, UNBACKED_HINT) for s in expr.free_symbols})
         return int(h)
     return int(size)  # type: ignore[call-overload]
 

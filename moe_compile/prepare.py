@@ -18,6 +18,13 @@ ones that trace into one graph and compute the same function:
   capacity-masked) one-hot mask ``[T, K, E]``; a token whose mask row is empty
   gets no expert output, as in the loop.
 
+- **Hugging Face expert parallelism.** An experts module that transformers' EP
+  runs with ``AllToAllEP`` (``DistributedConfig(ep_size=W, ep_implementation=
+  "all_to_all")``) graph-breaks about ten times per layer; it is replaced by
+  :class:`moe_compile.reference.ExpertParallelExperts` on the same local shards,
+  which traces into one graph (:mod:`moe_compile.reference.hf_expert_parallel`).
+  This check is collective: call ``prepare`` on every rank.
+
 Nothing is replaced on trust: each candidate is run, before and after, on random
 inputs (every expert, both selection forms), and replaced only when the outputs
 agree within the dtype's tolerance. What was done and what was left, with the
@@ -82,6 +89,7 @@ def prepare(model: nn.Module) -> nn.Module:
     if getattr(config, "_experts_implementation", None) == "eager" and _uses_experts_interface(model):
         model.set_experts_implementation("grouped_mm")
         _prepare_log.append(("", "experts implementation eager -> grouped_mm"))
+    _make_expert_parallel_traceable(model)
     for name, module in list(model.named_modules()):
         if not _looks_like_expert_container(module):
             continue
@@ -95,6 +103,23 @@ def prepare(model: nn.Module) -> nn.Module:
     for name, what in _prepare_log:
         log.info("moe_compile.prepare: %s: %s", name or "<model>", what)
     return model
+
+
+def _make_expert_parallel_traceable(model: nn.Module) -> None:
+    """Hugging Face ``AllToAllEP`` experts -> the reference EP module on the same shards (collective checks)."""
+    from .reference.hf_expert_parallel import all_to_all_implementation, make_traceable
+
+    for name, module in list(model.named_modules()):
+        implementation = all_to_all_implementation(module)
+        if implementation is None:
+            continue
+        result = make_traceable(module, implementation)
+        if isinstance(result, str):
+            _prepare_log.append((name, f"left alone: {result}"))
+            continue
+        parent_name, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), attr, result)
+        _prepare_log.append((name, "expert-parallel (HF AllToAllEP) -> reference EP module with functional collectives"))
 
 
 def prepare_report() -> list[tuple[str, str]]:

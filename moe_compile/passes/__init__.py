@@ -7,6 +7,9 @@ Each pass is one module; its docstring says what it matches and what it emits.
 1. :mod:`.detect_moe` — find MoE blocks by data flow (analysis only).
 2. :mod:`.canonicalize_moe` — verify each block on probe inputs and replace it
    with one ``moe_compile::moe`` call.
+2'. :mod:`.recognize_expert_parallel` — under torch.distributed: find blocks that
+   already run expert-parallel (AllToAll); with ``"aep"`` rewrite each into one
+   canonical call on global ids whose weights are this rank's shards.
 2a. :mod:`.offload_experts` — only with ``offload``: experts to host memory,
    calls retargeted to ``moe_compile::moe_offload`` (everything on demand).
 2b. :mod:`.insert_predictors` — only with ``predictor``: each layer's predictor
@@ -24,6 +27,8 @@ docstring what it matches and emits, and insert it in :func:`build_pipeline`.
 
 from __future__ import annotations
 
+import torch
+
 from ..options import Options
 from .async_expert_parallel import AsyncExpertParallel
 from .base import GraphPass, PassContext
@@ -33,6 +38,7 @@ from .expert_parallel import ExpertParallel
 from .insert_predictors import InsertPredictors
 from .lower_triton import LowerToTriton
 from .offload_experts import OffloadExperts
+from .recognize_expert_parallel import RecognizeExpertParallel
 from .released_weights import HideReleasedWeights
 
 __all__ = ["GraphPass", "PassContext", "MoEMatch", "build_pipeline"]
@@ -43,6 +49,8 @@ _PARALLEL = {"aep": AsyncExpertParallel, "ep": ExpertParallel}
 def build_pipeline(options: Options) -> list[GraphPass]:
     """The passes run on every inference ATen graph, in order."""
     passes: list[GraphPass] = [DetectMoE(), CanonicalizeMoE()]
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        passes.append(RecognizeExpertParallel())  # an EP model's AllToAlls need a process group
     if options.offload is not None:
         passes.append(OffloadExperts())
     if options.predictor is not None:

@@ -60,13 +60,19 @@ def _cut_region(m: MoEMatch, ctx: PassContext) -> tuple[_Region, list[fx.Node]] 
     """The nodes computing ``m.out`` from the block's inputs, and the bias placeholders found."""
 
     stop = {m.hidden, m.topk_ids, m.topk_weights, m.w_up, m.w_down}
-    nodes = set(backward_region([m.out], stop))
+    # sizes computed in the graph (data-dependent ones, e.g. an AllToAll's split sizes) are region inputs
+    computed_sizes = {n for n in m.out.graph.nodes if n.op == "call_function" and isinstance(n.meta.get("val"), torch.SymInt)}
+    nodes = set(backward_region([m.out], stop | computed_sizes))
     biases, syms, foreign = [], [], []
     for node in nodes:
-        if node in stop or node.op != "placeholder":
+        if node in stop:
             continue
         v = node.meta.get("val")
-        if isinstance(v, torch.SymInt):
+        if node in computed_sizes:
+            syms.append(node)
+        elif node.op != "placeholder":
+            continue
+        elif isinstance(v, torch.SymInt):
             syms.append(node)
         elif isinstance(v, torch.Tensor) and v.dim() == 2 and same(v.shape[0], m.num_experts) and _added(node):
             biases.append(node)

@@ -21,7 +21,8 @@ Found by structure, never by class name:
    multiplies the down matmul's output (walking back through views, casts and
    the sort permutation);
 5. the block's output is the first node, on the down matmul's post-dominator
-   chain, holding ``T*H`` elements.
+   chain, holding ``T*H`` elements (for ``K = 1``: on the chain after the
+   multiplication by the routing weights).
 
 Emits: nothing in the graph. Each match (:class:`MoEMatch`) goes to
 ``ctx.state["moe_matches"]``; a near miss goes to ``ctx.report.skipped`` with
@@ -138,8 +139,8 @@ def _find_ids(ancestors: set[fx.Node], T: object, E: int, order: dict) -> fx.Nod
     return best
 
 
-def _find_routing_weights(down_mm: fx.Node, T: object, K: int, order: dict) -> fx.Node | None:
-    """The [T, K] float tensor multiplied into the down projection's output."""
+def _find_routing_weights(down_mm: fx.Node, T: object, K: int, order: dict) -> tuple[fx.Node, fx.Node] | None:
+    """The [T, K] float tensor multiplied into the down projection's output, and the ``mul`` node."""
     downstream = descendants_until(down_mm, order[down_mm] + 64, order)
     frontier, seen = [down_mm], set()
     for _ in range(8):  # the combine is a few nodes after the down matmul
@@ -158,7 +159,7 @@ def _find_routing_weights(down_mm: fx.Node, T: object, K: int, order: dict) -> f
                     for cand in walk_back(arg, VIEWS | GATHERS):
                         v = tensor_val(cand)
                         if v is not None and v.is_floating_point() and same_shape(v.shape, (T, K)):
-                            return cand
+                            return cand, user
         frontier = nxt
     return None
 
@@ -352,10 +353,12 @@ class DetectMoE(GraphPass):
         if ids is None:
             return "no integer [tokens, k] expert-index tensor feeds the experts (routing not top-k style)"
         K = tensor_val(ids).shape[1]
-        weights = _find_routing_weights(down_mm, T, K, order)
-        if weights is None:
+        found = _find_routing_weights(down_mm, T, K, order)
+        if found is None:
             return "routing weights are not applied to the experts' outputs (e.g. they scale the input instead)"
-        out = _find_output(down_mm, ipdom, T, H)
+        weights, weighting = found
+        # with one expert per token the down matmul's output already has T*H elements: start after the weighting
+        out = _find_output(weighting if K == 1 else down_mm, ipdom, T, H)
         if out is None:
             return "the experts' outputs do not merge into one [tokens, hidden] tensor (something else uses them)"
         I = down_v.shape[1] if transposed[0] else down_v.shape[2]  # noqa: E741

@@ -18,6 +18,10 @@ in graph order, it:
    world size before every call of the compiled graph
    (``ctx.state["wrap_compiled"]``, :func:`moe_compile.runtime.dist.guard_compiled`).
 
+A call in ``ctx.state["moe_presharded"]`` (a recognised expert-parallel block,
+:mod:`.recognize_expert_parallel`) already takes this rank's shards: they are used as
+they are, and nothing is released.
+
 A block whose weights are not graph inputs with known values is left replicated
 (unchanged) and the report says why.
 """
@@ -98,6 +102,9 @@ class ShardedExpertsPass(GraphPass):
         first: fx.Node,
         index: int,
     ) -> ShardedBlock | None:
+        presharded = ctx.state.get("moe_presharded", {}).get(node)
+        if presharded is not None:  # a recognised expert-parallel block: its weights are this rank's shards
+            return _already_sharded(node, report, presharded, world, self.mode, ctx)
         E = report.num_experts
         if E % world.size:
             raise ValueError(
@@ -142,6 +149,18 @@ class ShardedExpertsPass(GraphPass):
                         ctx.report.notes.append(note)
                     released += freed
         return released
+
+
+def _already_sharded(
+    node: fx.Node, report: BlockReport, world_size: int, world: rdist.World, mode: str, ctx: PassContext
+) -> ShardedBlock | None:
+    """A block whose expert arguments already are this rank's shards ``[E/W, ...]`` (nothing to shard or release)."""
+    if world_size != world.size:
+        ctx.report.skipped.append(Skipped(report.path, f"parallel={mode}: sharded over {world_size} ranks, not {world.size}"))
+        return None
+    shard_nodes = {role: node.args[pos] for role, pos in ROLES.items() if isinstance(node.args[pos], fx.Node)}
+    shard_bytes = sum(v.numel() * v.element_size() for v in (n.meta["val"] for n in shard_nodes.values()))
+    return ShardedBlock(node, report, {}, shard_nodes, shard_bytes * world_size, shard_bytes)
 
 
 def _full_tensor(ctx: PassContext, placeholder: fx.Node) -> torch.Tensor | None:

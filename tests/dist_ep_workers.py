@@ -1,0 +1,86 @@
+"""Workers for tests/test_recognize_ep.py: models that already run expert-parallel, compiled per `parallel` mode.
+
+Each case builds the full model with the same seed on every rank, computes the single-process
+eager logits of this rank's own batch, makes the model expert-parallel (the reference EP
+module, or Hugging Face's own ``AllToAllEP`` followed by ``moe_compile.prepare``), compiles it
+and compares. The final graphs' structure comes from ``dist_workers.GraphFacts``.
+"""
+
+from __future__ import annotations
+
+import torch
+from dist_workers import GraphFacts, rel_err
+
+
+def _unweighted_sum(y_TKH: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
+    """A near miss: the combined rows summed over k without the routing weights."""
+    return y_TKH.sum(dim=1)
+
+
+def _reference(rank: int, near_miss: bool):
+    from moe_compile.reference import ExpertParallelLM
+
+    torch.manual_seed(0)  # the same weights on every rank
+    model = ExpertParallelLM(layers=3).eval()
+    gen = torch.Generator().manual_seed(100 + rank)
+    batch = torch.randint(0, 64, (2, 5 + rank), generator=gen)  # this rank's own requests
+    with torch.no_grad():
+        expected = model(batch)
+    model.to_expert_parallel()
+    if near_miss:  # combine without the weighted sum: another function, not an EP MoE block
+        for block in model.blocks:
+            block.experts.weighted_sum = _unweighted_sum
+        with torch.no_grad():
+            expected = model(batch)  # the near miss computes another function: compare with itself
+    return model, batch, expected, 3, lambda m, b: m(b)
+
+
+def _hf(rank: int, family: str):
+    import moe_compile
+    from moe_compile.reference.hf_expert_parallel import apply_hf_expert_parallel
+    from moe_compile.testing import zoo
+
+    model = zoo.build(family, seed=0)
+    batch = zoo.make_inputs(model, batch=2, seq=5 + rank, seed=100 + rank)
+    with torch.no_grad():
+        expected = model(batch).logits
+        apply_hf_expert_parallel(model)
+        hf_ep = model(batch).logits  # HF's own EP, eager
+        moe_compile.prepare(model)  # collective: every rank calls it
+    assert rel_err(hf_ep, expected) < 1e-5, rel_err(hf_ep, expected)
+    layers = len(zoo.moe_layer_indices(family, model.config))
+    return model, batch, expected, layers, lambda m, b: m(b).logits
+
+
+def recognize_worker(rank: int, world_size: int, cases: tuple[tuple[str, str | None], ...]) -> dict:
+    """For each (model, mode): logits error against eager, graph facts, report notes and skips."""
+    import moe_compile
+    from moe_compile.prepare import prepare_report
+    from moe_compile.reference.expert_parallel import traceable
+
+    facts = GraphFacts()
+    facts.install()
+    out = {}
+    for name, mode in cases:
+        torch._dynamo.reset()
+        facts.graphs.clear()
+        if name.startswith("reference"):
+            model, batch, expected, layers, run = _reference(rank, near_miss=name == "reference_near_miss")
+            prepared = []
+        else:
+            model, batch, expected, layers, run = _hf(rank, name)
+            prepared = prepare_report()
+        with torch.no_grad(), traceable():
+            compiled = torch.compile(model, backend="moe_prefill", options={"parallel": mode, "inductor": False})
+            with moe_compile.backend.collect_reports() as report:
+                got = run(compiled, batch)
+        out[(name, mode)] = {
+            "error": rel_err(got, expected),
+            "graphs": list(facts.graphs),
+            "layers": layers,
+            "blocks": [(b.path, b.num_experts, b.top_k, b.rewrites) for b in report.blocks],
+            "notes": list(report.notes),
+            "skipped": [(s.where, s.reason) for s in report.skipped],
+            "prepared": prepared,
+        }
+    return out
