@@ -137,11 +137,11 @@ class AsyncExpertParallel(ShardedExpertsPass):
         depth = min(depth, len(blocks) - 1)
         budget = ctx.options.memory_budget
         if budget is not None:
-            one = _ring_bytes(blocks, 0)
-            if one > budget:
+            biggest = max(blocks, key=lambda b: _ring_bytes([b], 0))
+            if _ring_bytes([biggest], 0) > budget:
                 raise ValueError(
                     f"moe_prefill option memory_budget={budget} bytes cannot hold one gathered MoE layer: "
-                    f"{one} bytes are needed"
+                    f"block {biggest.report.path} needs {_ring_bytes([biggest], 0)} bytes"
                 )
             wanted = depth
             while _ring_bytes(blocks, depth) > budget:
