@@ -170,3 +170,21 @@ def test_stats_of_another_model_are_a_clear_error(one_rank, tmp_path):
     compiled = torch.compile(model, backend="moe_prefill", options={**options, "routing_stats": str(path)})
     with pytest.raises(Exception, match="the router weights of block model.layers.0.mlp"), torch.no_grad():
         compiled(zoo.make_inputs(model))
+
+
+def test_routing_stats_command_writes_a_file_the_compile_reads(tmp_path, capsys):
+    from moe_compile import cli
+    from moe_compile.predictor import TINY_MOE_DIR
+
+    text = tmp_path / "text.txt"
+    text.write_text("def f(x):\n    return x + 1\n" * 40)
+    out = tmp_path / "stats.safetensors"
+    argv = ["routing-stats", "--model", str(TINY_MOE_DIR), "--out", str(out), "--texts", str(text)]
+    assert cli.main([*argv, "--max-tokens", "256", "--seq-len", "32", "--batch-size", "4"]) == 0
+    printed = capsys.readouterr().out
+    stats = RoutingStats.load(out)
+    assert f"wrote {out}: {len(stats.blocks)} MoE block(s), 256 tokens" in printed
+    assert stats.samples == {"calls": 2, "tokens": 256}
+    assert all(int(c.sum()) == 256 * 2 for c in stats.counts.values())  # top-2
+    with pytest.raises(SystemExit, match="cannot load the model"):
+        cli.main(["routing-stats", "--model", str(tmp_path), "--out", str(out)])
