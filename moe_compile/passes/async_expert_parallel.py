@@ -50,6 +50,21 @@ outputs laid out ``[E, ...]`` in expert order, no concatenation copy).
 ``prefetch_depth="auto"`` asks :func:`moe_compile.planner.auto_prefetch_depth`
 (1 where the device is unknown, e.g. CPU).
 
+With ``hot_experts=R`` (:mod:`.sharded_experts` keeps the ``R`` most used experts of the
+block resident as ``[R, ...]`` constants and shards the other ``E - R``), the gather
+brings ``[E-R, ...]`` and the layer is rebuilt in the order resident + gathered, the
+routed ids remapped to it through an ``[E]`` constant (the canonical op is unchanged;
+the result is exact, a permutation of the experts)::
+
+    wait_3_0 = _c10d_functional.wait_tensor(ag_3_0)                      # [E-R, 32, 32]
+    cat_6 = aten.cat([moe_resident3_w_up_view, wait_3_0])                # [E, 32, 32], permuted
+    ...
+    index_3 = aten.index(moe_position3_view, [ids_3])                    # ids' = position[ids]
+    moe_3 = moe_compile.moe(x_3, index_3, wts_3, cat_6, cat_7, None, None, spec)
+
+A block with every expert resident (``R >= E``) has no gather and reads its constants.
+The ring counts the gathered ``[E-R, ...]`` tensors plus one concatenated layer.
+
 The schedule is built on a networkx dependency graph of the compiled graph: for
 each block, the *window* is the set of nodes that depend on the issue point and
 that the block depends on, which every valid execution order runs between the
