@@ -123,7 +123,8 @@ def _compile(model, options, batch):
     try:
         with torch.no_grad():
             expected = model(batch).logits
-            compiled = torch.compile(model, backend="moe_prefill", options={"parallel": "aep", "inductor": False, **options})
+            options = {"parallel": "aep", "inductor": False, **options}
+            compiled = torch.compile(model, backend="moe_prefill", options=options)
             with moe_compile.backend.collect_reports() as report:
                 got = compiled(batch).logits
     finally:
@@ -188,3 +189,14 @@ def test_routing_stats_command_writes_a_file_the_compile_reads(tmp_path, capsys)
     assert all(int(c.sum()) == 256 * 2 for c in stats.counts.values())  # top-2
     with pytest.raises(SystemExit, match="cannot load the model"):
         cli.main(["routing-stats", "--model", str(tmp_path), "--out", str(out)])
+
+
+@pytest.mark.slow  # an Inductor compile (C++ on CPU)
+def test_hot_experts_through_inductor(one_rank, tmp_path):
+    model = zoo.build("qwen3_moe", seed=0)
+    path = tmp_path / "stats.safetensors"
+    collect_routing_stats(model, _samples(model)).save(path)
+    options = {"hot_experts": 2, "routing_stats": str(path), "inductor": True}
+    err, (graph,), _ = _compile(model, options, zoo.make_inputs(model, seq=6))
+    assert err < 1e-5 and graph["gathers"] == 2
+    assert all(layer["weights_from"] == ["aten::cat"] and layer["ids_remapped"] for layer in graph["layers"])
