@@ -374,7 +374,8 @@ def hot_experts_worker(rank: int, world_size: int, families: tuple[str, ...], ho
     from moe_compile.passes import build_pipeline
 
     graphs: list[dict] = []  # every final graph of the current run, captured by a pass appended to the pipeline
-    backend.build_pipeline = lambda options: [*build_pipeline(options), lambda gm, ctx: graphs.append(hot_graph_facts(gm))]
+    capture = lambda gm, ctx: graphs.append(hot_graph_facts(gm))  # noqa: E731
+    backend.build_pipeline = lambda options: [*build_pipeline(options), capture]
     out = {name: run(name, {"hot_experts": hot}) for name in families}
     first = families[0]
     out["all_resident"] = run(first, {"hot_experts": 8, "tag": "all"})

@@ -101,7 +101,8 @@ class ShardedExpertsPass(GraphPass):
         shard_mb = sum(b.shard_bytes for b in blocks) / 2**20
         ctx.report.notes.append(
             f"parallel={self.mode}: rank {world.rank} of {world.size}, {len(blocks)} MoE block(s) sharded, "
-            f"{shard_mb:.2f} MiB of expert shards (and resident experts) kept, {released / 2**20:.2f} MiB of full expert weights "
+            f"{shard_mb:.2f} MiB of expert shards (and resident experts) kept, "
+            f"{released / 2**20:.2f} MiB of full expert weights "
             "released (the eager model can no longer run)"
         )
         return True

@@ -14,9 +14,10 @@ With ``R`` resident ("hot") experts (``hot_experts``), every rank keeps those ``
     resident [R, N, H] = w_up[hot ids]; shard on rank r: w_up[others[r*(E-R)/W : (r+1)*(E-R)/W]]
     all_gather_into_tensor(shard, W)  ->  [E-R, N, H], equal to w_up[others]
 
-Shards are built once per full tensor and cached (keyed by world size, rank and resident set), weakly keyed by the tensor: the
-parallel passes release the full tensor's storage after the first compile, and a
-recompile (a new input shape, say) finds its shards here instead.
+Shards and resident copies are built once per full tensor and cached (keyed by world
+size, rank and resident set), weakly keyed by the tensor: the parallel passes release
+the full tensor's storage after the first compile, and a recompile (a new input shape,
+say) finds its shards here instead.
 
 Releasing (:func:`release`) resizes the tensor's storage to 0 bytes. The tensor
 keeps its shape, dtype and strides, which is all Dynamo's guards look at, so the
