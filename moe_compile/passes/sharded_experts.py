@@ -125,7 +125,7 @@ class ShardedExpertsPass(GraphPass):
             }
             for _, report in calls:
                 stats.check_block(report.path, report.num_experts, params)
-            key = (str(path), r, world.size, world.group_name)
+            key = (stats.checksum(r), world.size, world.group_name)
             if key not in _AGREED:
                 # NOTE: a collective at compile time (once per process and stats file): every rank compiles
                 # on its first call, so these pair up; a recompile finds the key and issues none.
@@ -218,7 +218,7 @@ class ShardedExpertsPass(GraphPass):
         return released
 
 
-#: (routing_stats path, hot_experts, world size, group) whose hot sets the ranks were checked to agree on
+#: (checksum of the hot sets, world size, group) the ranks were checked to agree on
 _AGREED: set[tuple] = set()
 
 
