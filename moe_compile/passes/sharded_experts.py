@@ -41,11 +41,11 @@ import torch.fx as fx
 from torch._guards import detect_fake_mode
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 
+from ..graph import tensor_val
 from ..report import BlockReport, Skipped
 from ..routing_stats import RoutingStats
 from ..runtime import dist as rdist
 from ..runtime import shards
-from ..graph import tensor_val
 from .base import GraphPass, PassContext, add_constant
 
 aten = torch.ops.aten
@@ -125,13 +125,13 @@ class ShardedExpertsPass(GraphPass):
             }
             for _, report in calls:
                 stats.check_block(report.path, report.num_experts, params)
-            key = (stats.checksum(r), world.size, world.group_name)
+            checksum = stats.checksum(r)  # of every block's hot set in the file, not only this graph's
+            key = (checksum, world.size, world.group_name)
             if key not in _AGREED:
-                # NOTE: a collective at compile time (once per process and stats file): every rank compiles
-                # on its first call, so these pair up; a recompile finds the key and issues none.
-                rdist.check_same_on_all_ranks(
-                    stats.checksum(r), f"the hot_experts={r} sets chosen from routing_stats={str(path)!r}"
-                )
+                # NOTE: collectives at compile time (once per process and hot sets): every rank compiles on
+                # its first call, so these pair up; a recompile finds the key and issues none.
+                what = f"the hot_experts={r} sets chosen from routing_stats={str(path)!r}"
+                rdist.check_same_on_all_ranks(checksum, what)
                 _AGREED.add(key)
             return {report.path: stats.hot(report.path, r) for _, report in calls}
 
