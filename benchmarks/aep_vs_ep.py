@@ -7,7 +7,10 @@ What is measured, in one run, on a random-weight Qwen3-MoE-shaped model:
 - ``one rank``: rank 0 runs the whole model (compiled with ``moe_prefill``, no
   parallelism) on its batch; the other ranks wait;
 - ``AEP`` (``prefetch_depth`` 1, and 0 for comparison) and ``EP``: every rank runs its
-  own batch of the same size; the experts are sharded over the ranks.
+  own batch of the same size; the experts are sharded over the ranks;
+- ``AEP + hot experts``: AEP at depth 1 with ``hot_experts=--hot-experts`` resident
+  experts per layer, chosen from routing statistics every rank collects on the same
+  sample batch (``moe_compile.collect_routing_stats``): only the other experts are gathered.
 
 tokens/s = tokens of all working ranks / the step's wall time (the slowest rank),
 median over ``--steps`` steps after two warm-up steps (the first compiles). Each
@@ -25,6 +28,7 @@ from __future__ import annotations
 import argparse
 import platform
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
@@ -110,6 +114,7 @@ def main() -> None:
     parser.add_argument("--experts", type=int, default=16)
     parser.add_argument("--top-k", type=int, default=2)
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--hot-experts", type=int, default=4, help="resident experts per layer in the hot run")
     args = parser.parse_args()
 
     world = init_distributed(timeout_s=600)
@@ -117,11 +122,19 @@ def main() -> None:
     generator = torch.Generator().manual_seed(world.rank)
     batch = torch.randint(0, 1024, (args.tokens_per_rank // args.seq, args.seq), generator=generator)
 
+    # routing statistics for the hot run: the same sample batch (seed 1234) on every rank, so the same hot sets
+    samples = torch.randint(0, 1024, (4, args.seq), generator=torch.Generator().manual_seed(1234))
+    stats = moe_compile.collect_routing_stats(build(args), samples)
+    stats_path = f"{tempfile.mkdtemp()}/routing-rank{world.rank}.safetensors"
+    stats.save(stats_path)
+    hot_share = statistics.mean(stats.hot_share(b, args.hot_experts) for b in stats.blocks)
+    hot = {"parallel": "aep", "prefetch_depth": 1, "hot_experts": args.hot_experts, "routing_stats": stats_path}
     runs = [
         ("one rank", None, False),
         ("AEP, prefetch depth 1", {"parallel": "aep", "prefetch_depth": 1}, True),
         ("AEP, prefetch depth 0", {"parallel": "aep", "prefetch_depth": 0}, True),
         ("EP (AllToAll)", {"parallel": "ep"}, True),
+        (f"AEP + {args.hot_experts} hot experts, depth 1", hot, True),
     ]
     rows = []
     for name, options, everyone in runs:
@@ -146,6 +159,11 @@ def main() -> None:
         base = rows[0][2]
         for name, ranks, tps, seconds, err in rows:
             print(f"| {name} | {ranks} | {tps:,.0f} | {seconds:.3f} | {tps / base:.2f}x | {err:.1e} |")
+        print(
+            f"\n# hot experts: {args.hot_experts} of {args.experts} per layer resident (they take {hot_share:.0%} of "
+            f"the sample's routed slots); each layer gathers {args.experts - args.hot_experts} experts instead of "
+            f"{args.experts}"
+        )
         print(
             f"\n# one layer: gather of its experts {gather_s * 1e3:.1f} ms (measured, gloo), compute about "
             f"{rows[0][3] / args.layers * 1e3:.1f} ms (one rank's step / layers): the gather "

@@ -17,6 +17,7 @@ from .explain import explain
 from .options import Options
 from .prepare import prepare
 from .report import BlockReport, Report, Skipped
+from .routing_stats import RoutingStats, RoutingStatsError, collect_routing_stats
 from .spec import ExpertSpec
 
 __version__ = "0.1.0"
@@ -26,7 +27,10 @@ __all__ = [
     "ExpertSpec",
     "Options",
     "Report",
+    "RoutingStats",
+    "RoutingStatsError",
     "Skipped",
+    "collect_routing_stats",
     "explain",
     "last_report",
     "moe_prefill_backend",

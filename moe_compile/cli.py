@@ -7,7 +7,12 @@ large), compiles it with ``moe_prefill`` and prints the report.
 ``moe-compile plan --config PATH_OR_DIR --gpus W --gpu h100 --link nvlink
 --tokens-per-gpu N --dtype bf16`` predicts, per MoE layer, whether AEP's expert
 gather hides behind compute, and the throughput of TP, EP and AEP
-(:mod:`moe_compile.planner`).
+(:mod:`moe_compile.planner`); ``--hot-experts R`` shows AEP's smaller gather with ``R``
+resident experts per layer.
+
+``moe-compile routing-stats --model DIR --out FILE`` counts, per MoE layer, how often
+each expert is picked on sample text (the routing statistics ``hot_experts`` needs,
+:mod:`moe_compile.routing_stats`).
 """
 
 from __future__ import annotations
@@ -82,8 +87,36 @@ def cmd_plan(args: argparse.Namespace) -> int:
         seq_len=args.seq_len,
         mfu=args.mfu,
         ep_imbalance=args.ep_imbalance,
+        hot_experts=args.hot_experts,
     )
     print(planner.format_plan(planner.plan(shape, setting)))
+    return 0
+
+
+def cmd_routing_stats(args: argparse.Namespace) -> int:
+    import torch
+
+    from .predictor.cli import _chunks
+    from .predictor.tiny_moe import load_model
+    from .routing_stats import collect_routing_stats
+
+    torch.set_num_threads(args.threads)
+    try:
+        model = load_model(args.model)
+    except (FileNotFoundError, OSError, ValueError) as err:
+        raise SystemExit(f"moe-compile: cannot load the model at {args.model}: {err}")
+    chunks = _chunks(args.texts, "train", args.max_tokens, args.seq_len)  # [B, S] byte tokens
+    try:
+        stats = collect_routing_stats(model, chunks.split(args.batch_size))
+    except ValueError as err:
+        raise SystemExit(f"moe-compile: {args.model}: {err}")
+    stats.save(args.out)
+    print(f"wrote {args.out}: {len(stats.blocks)} MoE block(s), {stats.samples['tokens']} tokens")
+    for block in stats.blocks:
+        counts = stats.counts[block]
+        share = stats.hot_share(block, args.show_hot)
+        print(f"  {block}: E={len(counts)}, top {args.show_hot} experts {list(stats.hot(block, args.show_hot))} "
+              f"take {share:.1%} of the routed slots")  # fmt: skip
     return 0
 
 
@@ -118,7 +151,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mfu", type=_positive(float), default=0.4, help="model FLOPs utilisation of the compute")
     p.add_argument("--ep-imbalance", type=_positive(float), default=1.25,
                    help="EP: the busiest rank's expert work over the mean")  # fmt: skip
+    p.add_argument("--hot-experts", type=int, default=0, metavar="R",
+                   help="AEP: R experts per layer resident on every GPU, only the rest gathered")  # fmt: skip
     p.set_defaults(func=cmd_plan)
+    p = sub.add_parser("routing-stats", help="count how often each expert is picked, for hot_experts")
+    p.add_argument("--model", required=True, help="checkpoint directory")
+    p.add_argument("--out", required=True, help="routing statistics file to write (safetensors)")
+    p.add_argument("--texts", nargs="+", default=None, metavar="PATH",
+                   help="text files or directories, read as bytes (default: the Python standard library)")  # fmt: skip
+    p.add_argument("--max-tokens", type=_positive(int), default=16384, help="tokens to run (default 16384)")
+    p.add_argument("--seq-len", type=_positive(int), default=128, help="tokens per sequence (default 128)")
+    p.add_argument("--batch-size", type=_positive(int), default=16, help="sequences per forward (default 16)")
+    p.add_argument("--show-hot", type=_positive(int), default=2, metavar="R", help="hot experts to print")
+    p.add_argument("--threads", type=_positive(int), default=1, help="torch CPU threads (default 1)")
+    p.set_defaults(func=cmd_routing_stats)
     from .predictor.cli import add_subcommands as add_predictor_subcommands
 
     add_predictor_subcommands(sub)

@@ -43,6 +43,12 @@ class Options:
     #: AEP: bytes the gathered expert weights may occupy at once on a rank (the ring of prefetched
     #: layers), or None for no bound; the prefetch depth is lowered to fit.
     memory_budget: int | None = None
+    #: AEP: keep the R most used experts of every MoE layer resident on every rank and gather only the
+    #: other E - R (E - R must divide by the world size; R >= E: no gather); needs ``routing_stats``.
+    hot_experts: int = 0
+    #: AEP with hot_experts > 0: a routing statistics file for this model (which experts are most used),
+    #: made by ``moe_compile.collect_routing_stats(model, samples).save(path)`` or `moe-compile routing-stats`.
+    routing_stats: str | os.PathLike | None = None
     #: a predictor file made by `moe-compile train-predictor` for this model (docs/predictors.md), or
     #: None: each MoE layer's predictor runs on the layer's pre-attention activation and drives the
     #: offload prefetch; a file made for another model is an error at compile time.
@@ -96,8 +102,24 @@ class Options:
             raise ValueError(
                 f"moe_prefill option 'memory_budget' must be a number of bytes > 0 or None, got {budget!r}"
             )
+        hot = self.hot_experts
+        if not (type(hot) is int and hot >= 0):
+            raise ValueError(f"moe_prefill option 'hot_experts' must be an int >= 0, got {hot!r}")
+        if self.routing_stats is not None and not isinstance(self.routing_stats, (str, os.PathLike)):
+            raise ValueError(
+                f"moe_prefill option 'routing_stats' must be None or a path to a routing statistics file, "
+                f"got {self.routing_stats!r}"
+            )
+        if hot > 0 and self.routing_stats is None:
+            raise ValueError(
+                f"moe_prefill option hot_experts={hot} needs routing_stats=PATH, a routing statistics file for "
+                "this model that says which experts are most used; make one with "
+                "moe_compile.collect_routing_stats(model, samples).save(PATH) or `moe-compile routing-stats`"
+            )
+        if self.routing_stats is not None and hot == 0:
+            raise ValueError("moe_prefill option 'routing_stats' applies only with hot_experts > 0")
         if self.parallel != "aep":
-            for name, default in (("prefetch_depth", "auto"), ("memory_budget", None)):
+            for name, default in (("prefetch_depth", "auto"), ("memory_budget", None), ("hot_experts", 0)):
                 if getattr(self, name) != default:
                     raise ValueError(f"moe_prefill option {name!r} applies only with parallel='aep'")
         if self.predictor is not None and not isinstance(self.predictor, (str, os.PathLike)):

@@ -95,6 +95,7 @@ class Setting:
     seq_len: int = 2048
     mfu: float = DEFAULT_MFU
     ep_imbalance: float = DEFAULT_EP_IMBALANCE
+    hot_experts: int = 0  # AEP: experts per layer resident on every GPU (``hot_experts``), not gathered
 
     @property
     def flops_per_s(self) -> float:
@@ -145,7 +146,8 @@ def plan(model: ModelShape, setting: Setting) -> Plan:
         expert_flops = N * 2 * layer.top_k * layer.expert_params
         attention_s, experts_s = attn_flops / s.flops_per_s, expert_flops / s.flops_per_s
         compute_s = attention_s + experts_s
-        gather_s = (1 - 1 / W) * layer.experts * layer.expert_params * wbytes / link
+        gathered = max(layer.experts - s.hot_experts, 0)  # the hot experts are resident, not gathered
+        gather_s = (1 - 1 / W) * gathered * layer.expert_params * wbytes / link
         if layer.moe:
             a2a_bytes = N * layer.top_k * (1 - 1 / W) * H * (ACTIVATION_BYTES[s.dtype] + 2)  # dispatch + combine
             ep_s = attention_s + experts_s * s.ep_imbalance + a2a_bytes / link + EP_SYNC_S
@@ -179,10 +181,14 @@ def _memory_gb(model: ModelShape, s: Setting, depth: int) -> dict[str, float]:
     wbytes = WEIGHT_BYTES[s.dtype]
     dense = sum(layer.dense_params for layer in model.layers) * wbytes + model.embedding_params * 2
     experts = sum(layer.experts * layer.expert_params for layer in model.layers) * wbytes
-    layer_bytes = sorted((layer.experts * layer.expert_params * wbytes for layer in model.layers), reverse=True)
-    ring = sum(layer_bytes[: depth + 1])
+    R = s.hot_experts
+    gathered = [max(layer.experts - R, 0) * layer.expert_params * wbytes for layer in model.layers]
+    resident = sum(min(R, layer.experts) * layer.expert_params for layer in model.layers) * wbytes
+    # hot experts: the resident copies on every GPU, and one [E, ...] layer for the concatenation
+    cat = max((layer.experts * layer.expert_params * wbytes for layer in model.layers), default=0) if R else 0
+    ring = sum(sorted(gathered, reverse=True)[: depth + 1]) + cat
     return {
-        "aep": (dense + experts / s.gpus + ring) / 1e9,
+        "aep": (dense + resident + (experts - resident) / s.gpus + ring) / 1e9,
         "ep": (dense + experts / s.gpus) / 1e9,
         "tp": (dense + experts) / s.gpus / 1e9,
     }
@@ -318,6 +324,7 @@ def format_plan(p: Plan) -> str:
         ),
         "",
         f"AEP prefetch depth {p.depth}: ring of {p.depth + 1} gathered layer(s)",
+        *_hot_line(p),
         (
             "memory per GPU (weights + AEP ring; activations not counted): "
             + ", ".join(f"{m.upper()} {p.memory_gb[m]:.1f} GB" for m in ("tp", "ep", "aep"))
@@ -337,6 +344,24 @@ def format_plan(p: Plan) -> str:
         f"AEP / best baseline ({best.upper()}): {tput['aep'] / tput[best]:.2f}x",
     ]
     return "\n".join(lines)
+
+
+def _hot_line(p: Plan) -> list[str]:
+    R = p.setting.hot_experts
+    moe = [lp for lp in p.layers if lp.layer.moe]
+    if not R or not moe:
+        return []
+    lp = max(moe, key=lambda lp: lp.layer.experts * lp.layer.expert_params)
+    E, W = lp.layer.experts, p.setting.gpus
+    full = (1 - 1 / W) * E * lp.layer.expert_params * WEIGHT_BYTES[p.setting.dtype]
+    line = (
+        f"AEP hot experts: {min(R, E)} of {E} per layer resident on every GPU; the largest layer's gather "
+        f"{full * max(E - R, 0) / E / 1e9:.3f} GB instead of {full / 1e9:.3f} GB per GPU (plus one on-device "
+        "copy of the layer to concatenate resident and gathered experts)"
+    )
+    if R < E and (E - R) % W:
+        line += f"; note: E - R = {E - R} does not divide over {W} GPUs, the compile would refuse it"
+    return [line]
 
 
 def _merged(layers: list[LayerPlan]) -> list[tuple[str, LayerPlan]]:

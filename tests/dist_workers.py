@@ -289,3 +289,101 @@ def never_joins_worker(rank: int, world_size: int, timeout_s: float) -> dict:
     except RuntimeError as exc:
         return {"error": str(exc), "seconds": time.monotonic() - start}
     return {"error": None, "seconds": time.monotonic() - start}
+
+
+def hot_graph_facts(gm: fx.GraphModule) -> dict[str, Any]:
+    """Per MoE call with resident experts: its gather (inputs, outputs, when issued) and how its layer is rebuilt."""
+    from moe_compile.graph import op_name
+
+    nodes = list(gm.graph.nodes)
+    pos = {n: i for i, n in enumerate(nodes)}
+    moe = [n for n in nodes if op_name(n).startswith("moe_compile::moe")]
+    names = [op_name(n) for n in nodes]
+    layers = []
+    for call in moe:
+        weights = [a for a in call.args[3:7] if isinstance(a, fx.Node)]
+        cats = [w for w in weights if op_name(w) == "aten::cat"]
+        waits = [w for w in weights if op_name(w) == "_c10d_functional::wait_tensor"]
+        waits += [c.args[0][1] for c in cats]  # cat([resident, wait])
+        layer: dict[str, Any] = {
+            "weights_from": sorted({op_name(w) if w.op == "call_function" else w.op for w in weights}),
+            "ids_remapped": op_name(call.args[1]) == "aten::index",
+            "resident_shapes": [list(c.args[0][0].meta["val"].shape) for c in cats],
+        }
+        if waits:
+            (gather,) = {w.args[0].args[0] for w in waits}
+            layer["gather_in_shapes"] = [list(g.meta["val"].shape) for g in gather.args[0]]
+            layer["gather_out_shapes"] = [list(v.shape) for v in gather.meta["val"]]
+            layer["moe_between"] = sum(pos[gather] < pos[m] < pos[call] for m in moe)
+        layers.append(layer)
+    return {
+        "gathers": names.count("_c10d_functional::all_gather_into_tensor_coalesced"),
+        "all_to_all": sum("all_to_all" in n for n in names),
+        "placeholder_weights": sum(a.op == "placeholder" for n in moe for a in n.args[3:7] if isinstance(a, fx.Node)),
+        "layers": layers,
+    }
+
+
+def hot_experts_worker(rank: int, world_size: int, families: tuple[str, ...], hot: int, tmp: str) -> dict:
+    """AEP with ``hot`` resident experts per layer, from routing statistics each rank collects itself.
+
+    Per family: logits vs single-process eager on this rank's batch, and the graph. Then, on the first
+    family: every expert resident (``hot = E``), a ``hot`` whose non-resident experts do not divide over
+    the ranks, and ranks given statistics that pick different experts (each must fail clearly).
+    """
+    import moe_compile
+    from moe_compile.testing import zoo
+
+    def stats_file(model, tag: str, edit=None) -> str:
+        samples = [zoo.make_inputs(model, batch=2, seq=8, seed=s) for s in (11, 12)]  # the same on every rank
+        stats = moe_compile.collect_routing_stats(model, samples)
+        if edit is not None:
+            edit(stats)
+        path = f"{tmp}/{tag}-rank{rank}.safetensors"
+        stats.save(path)
+        return path
+
+    def run(name: str, options: dict) -> dict:
+        torch._dynamo.reset()
+        graphs.clear()
+        model = zoo.build(name, seed=0)
+        path = stats_file(model, f"{name}-{options.get('tag', 'hot')}", options.pop("edit", None))
+        options.pop("tag", None)
+        batch = zoo.make_inputs(model, batch=2, seq=5 + rank, seed=100 + rank)
+        with torch.no_grad():
+            expected = model(batch).logits
+            compiled = torch.compile(
+                model,
+                backend="moe_prefill",
+                options={"parallel": "aep", "inductor": False, "routing_stats": path, **options},
+            )
+            with moe_compile.backend.collect_reports() as report:
+                try:
+                    got = compiled(batch).logits
+                except Exception as exc:
+                    return {"error": f"{type(exc).__name__}: {exc}"}
+        return {
+            "error": None,
+            "rel_err": rel_err(got, expected),
+            "graphs": list(graphs),
+            "schedules": [b.schedule for b in report.blocks],
+            "moe_layers": len(zoo.moe_layer_indices(name, model.config)),
+        }
+
+    import moe_compile.backend as backend
+    from moe_compile.passes import build_pipeline
+
+    graphs: list[dict] = []  # every final graph of the current run, captured by a pass appended to the pipeline
+    capture = lambda gm, ctx: graphs.append(hot_graph_facts(gm))  # noqa: E731
+    backend.build_pipeline = lambda options: [*build_pipeline(options), capture]
+    out = {name: run(name, {"hot_experts": hot}) for name in families}
+    first = families[0]
+    out["all_resident"] = run(first, {"hot_experts": 8, "tag": "all"})
+    out["bad_split"] = run(first, {"hot_experts": hot + 1, "tag": "split"})
+
+    def disagree(stats) -> None:  # rank 0 prefers the low ids, the others the high ids
+        for block, counts in stats.counts.items():
+            stats.counts[block] = torch.arange(len(counts)).flip(0) if rank == 0 else torch.arange(len(counts))
+
+    out["disagree"] = run(first, {"hot_experts": hot, "tag": "disagree", "edit": disagree})
+    return out

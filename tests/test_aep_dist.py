@@ -5,7 +5,15 @@ over the families, so a family costs a compile, not a process start.
 """
 
 import pytest
-from dist_workers import FAMILIES, dead_peer_worker, misuse_worker, never_joins_worker, parity_worker, spawn
+from dist_workers import (
+    FAMILIES,
+    dead_peer_worker,
+    hot_experts_worker,
+    misuse_worker,
+    never_joins_worker,
+    parity_worker,
+    spawn,
+)
 
 pytestmark = pytest.mark.slow  # multi-process runs
 
@@ -85,3 +93,42 @@ def test_a_rank_that_never_joins_makes_the_others_fail_within_the_timeout():
     (rank0,) = spawn(never_joins_worker, 2, 2.0, procs=1, group_timeout_s=None, timeout_s=120)
     assert rank0["error"] is not None and "could not start 2 ranks within 2 s" in rank0["error"], rank0
     assert rank0["seconds"] < 2.0 + 10, rank0
+
+
+@pytest.mark.parametrize("world_size, hot", [(2, 2), (4, 4)])
+def test_aep_with_hot_experts_matches_eager_and_gathers_only_the_rest(world_size, hot, tmp_path):
+    E = 8  # every family of the zoo
+    per_rank = (E - hot) // world_size
+    results = spawn(hot_experts_worker, world_size, FAMILIES, hot, str(tmp_path))
+    for rank, out in enumerate(results):
+        for name in FAMILIES:
+            r, where = out[name], f"{name}, rank {rank} of {world_size}, hot_experts={hot}"
+            assert r["error"] is None, (where, r["error"])
+            assert r["rel_err"] < 1e-5, (where, r["rel_err"])
+            (graph,) = r["graphs"]
+            assert graph["all_to_all"] == 0 and graph["placeholder_weights"] == 0, (where, graph)
+            assert graph["gathers"] == r["moe_layers"], (where, graph)  # one per layer
+            for i, layer in enumerate(graph["layers"]):
+                # the layer is cat([resident [R, ...], gathered [E-R, ...]]), its ids remapped to that order
+                assert layer["weights_from"] == ["aten::cat"] and layer["ids_remapped"], (where, i, layer)
+                assert all(shape[0] == hot for shape in layer["resident_shapes"]), (where, i, layer)
+                assert all(shape[0] == per_rank for shape in layer["gather_in_shapes"]), (where, i, layer)
+                assert all(shape[0] == E - hot for shape in layer["gather_out_shapes"]), (where, i, layer)
+                assert len(layer["gather_in_shapes"]) == (4 if name == "gpt_oss" else 2), (where, layer)  # biases
+                assert layer["moe_between"] == min(i, 1), (where, i, layer)  # waited a layer after its issue
+            for s in r["schedules"]:
+                assert len(s["resident_experts"]) == hot, (where, s)
+                assert s["gather_bytes"] * E == s["gather_bytes_without_resident"] * (E - hot), (where, s)
+        # every expert resident: no gather at all, the constants read directly, still exact
+        r = out["all_resident"]
+        assert r["error"] is None and r["rel_err"] < 1e-5, r
+        assert r["graphs"][0]["gathers"] == 0, r["graphs"]
+        assert all(layer["weights_from"] == ["aten::view"] for layer in r["graphs"][0]["layers"]), r["graphs"]
+        assert all(s["gather_bytes"] == 0 for s in r["schedules"]), r["schedules"]
+        valid = [v for v in range(E + 1) if (E - v) % world_size == 0]
+        error = out["bad_split"]["error"]
+        assert f"ValueError: moe_prefill option hot_experts={hot + 1}: block model.layers.0.mlp has E={E}" in error
+        assert f"E - R = {E - hot - 1} not resident do not divide evenly over world size W={world_size}" in error
+        assert f"use hot_experts in {valid}" in error, error
+        assert "the ranks disagree on the hot_experts" in out["disagree"]["error"], out["disagree"]
+        assert "give every rank the same file" in out["disagree"]["error"], out["disagree"]

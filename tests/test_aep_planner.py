@@ -96,3 +96,20 @@ def test_auto_depth_on_cpu_and_on_a_known_gpu(monkeypatch):
     assert (depth, why) == (1, "auto: smallest depth that hides every gather on H100 SXM over NVLink")
     depth, why = planner.auto_prefetch_depth(torch.device("cuda"), window_flops=lambda i, d: 1e9 * d, **args)
     assert depth == 1 and "link-bound" in why
+
+
+def test_hot_experts_shrink_the_gather_and_add_resident_memory(config_path, capsys):
+    shape = planner.model_shape(cli._load_config(str(config_path)))
+    setting = dict(gpus=4, gpu="h100", link="nvlink", tokens_per_gpu=1000, dtype="bf16", seq_len=100)
+    base = planner.plan(shape, planner.Setting(**setting))
+    hot = planner.plan(shape, planner.Setting(**setting, hot_experts=4))
+    assert hot.layers[1].gather_s == pytest.approx(base.layers[1].gather_s * 4 / 8)  # E - R = 4 of 8 gathered
+    # per GPU: + the 4 resident experts of both MoE layers (minus their 1/4 shards), ring of 2 half layers + 1 cat
+    resident = 2 * 4 * EXPERT * 2 * (1 - 1 / 4)
+    ring_change = (2 * 4 + 8 - 2 * 8) * EXPERT * 2
+    assert hot.memory_gb["aep"] == pytest.approx(base.memory_gb["aep"] + (resident + ring_change) / 1e9)
+    argv = ["plan", "--config", str(config_path), "--gpus", "4", "--gpu", "h100", "--link", "nvlink"]
+    assert cli.main([*argv, "--tokens-per-gpu", "1000", "--dtype", "bf16", "--hot-experts", "4"]) == 0
+    assert "AEP hot experts: 4 of 8 per layer resident on every GPU" in capsys.readouterr().out
+    assert cli.main([*argv, "--tokens-per-gpu", "1000", "--dtype", "bf16", "--hot-experts", "3"]) == 0
+    assert "E - R = 5 does not divide over 4 GPUs, the compile would refuse it" in capsys.readouterr().out

@@ -50,6 +50,21 @@ outputs laid out ``[E, ...]`` in expert order, no concatenation copy).
 ``prefetch_depth="auto"`` asks :func:`moe_compile.planner.auto_prefetch_depth`
 (1 where the device is unknown, e.g. CPU).
 
+With ``hot_experts=R`` (:mod:`.sharded_experts` keeps the ``R`` most used experts of the
+block resident as ``[R, ...]`` constants and shards the other ``E - R``), the gather
+brings ``[E-R, ...]`` and the layer is rebuilt in the order resident + gathered, the
+routed ids remapped to it through an ``[E]`` constant (the canonical op is unchanged;
+the result is exact, a permutation of the experts)::
+
+    wait_3_0 = _c10d_functional.wait_tensor(ag_3_0)                      # [E-R, 32, 32]
+    cat_6 = aten.cat([moe_resident3_w_up_view, wait_3_0])                # [E, 32, 32], permuted
+    ...
+    index_3 = aten.index(moe_position3_view, [ids_3])                    # ids' = position[ids]
+    moe_3 = moe_compile.moe(x_3, index_3, wts_3, cat_6, cat_7, None, None, spec)
+
+A block with every expert resident (``R >= E``) has no gather and reads its constants.
+The ring counts the gathered ``[E-R, ...]`` tensors plus one concatenated layer.
+
 The schedule is built on a networkx dependency graph of the compiled graph: for
 each block, the *window* is the set of nodes that depend on the issue point and
 that the block depends on, which every valid execution order runs between the
@@ -75,6 +90,7 @@ from .base import PassContext, set_fake_val
 from .sharded_experts import ROLES, ShardedBlock, ShardedExpertsPass
 
 _c10d = torch.ops._c10d_functional
+aten = torch.ops.aten
 #: ops whose FLOPs the window counts: 2 * (output elements) * (contracted size)
 _MATMULS = {"aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm", "aten::_grouped_mm"}
 
@@ -103,6 +119,9 @@ class AsyncExpertParallel(ShardedExpertsPass):
             for i, b in enumerate(blocks)
         ]
         for slot in slots:
+            if not slot.block.shards:  # every expert resident (hot_experts >= E): nothing to gather
+                _use_resident(slot.block)
+                continue
             anchor = slot.issue_after.node if slot.issue_after is not None else start
             last = self._emit(gm, slot.block, anchor, world)
             if slot.issue_after is None:
@@ -123,7 +142,7 @@ class AsyncExpertParallel(ShardedExpertsPass):
             depth, why = planner.auto_prefetch_depth(
                 device,
                 world.size,
-                gather_bytes=[b.full_bytes for b in blocks],
+                gather_bytes=[b.gather_bytes for b in blocks],
                 window_flops=lambda i, d: deps.window(i, d)[1],
                 num_layers=len(blocks),
                 dtype=tensor_val(blocks[0].node.args[ROLES["w_up"]]).dtype,
@@ -133,11 +152,11 @@ class AsyncExpertParallel(ShardedExpertsPass):
         depth = min(depth, len(blocks) - 1)
         budget = ctx.options.memory_budget
         if budget is not None:
-            biggest = max(blocks, key=lambda b: b.full_bytes)
-            if biggest.full_bytes > budget:
+            biggest = max(blocks, key=lambda b: _ring_bytes([b], 0))
+            if _ring_bytes([biggest], 0) > budget:
                 raise ValueError(
                     f"moe_prefill option memory_budget={budget} bytes cannot hold one gathered MoE layer: "
-                    f"block {biggest.report.path} needs {biggest.full_bytes} bytes"
+                    f"block {biggest.report.path} needs {_ring_bytes([biggest], 0)} bytes"
                 )
             wanted = depth
             while _ring_bytes(blocks, depth) > budget:
@@ -165,9 +184,17 @@ class AsyncExpertParallel(ShardedExpertsPass):
         args = list(block.node.args)
         with graph.inserting_before(block.node):
             for role, part in zip(roles, parts):
-                wait = graph.call_function(_c10d.wait_tensor.default, (part,))
+                wait = graph.call_function(_c10d.wait_tensor.default, (part,))  # [E-R, ...]
                 set_fake_val(wait)
                 args[ROLES[role]] = wait
+            if block.resident:  # the full layer in the order resident + gathered, ids remapped to it
+                for role in roles:
+                    layer = graph.call_function(aten.cat.default, ([block.resident[role], args[ROLES[role]]],))
+                    set_fake_val(layer)  # [E, ...]: a copy of the layer (see docs/parallel.md)
+                    args[ROLES[role]] = layer
+                ids = graph.call_function(aten.index.Tensor, (block.position, [args[1]]))
+                set_fake_val(ids)  # [T, K]: ids' = position[ids]
+                args[1] = ids
         block.node.args = tuple(args)
         return last
 
@@ -215,10 +242,26 @@ def _flops(node: fx.Node) -> int:
     return 0
 
 
+def _use_resident(block: ShardedBlock) -> None:
+    """A block whose experts are all resident reads its ``[E, ...]`` constants (in expert order) directly."""
+    args = list(block.node.args)
+    for role, node in block.resident.items():
+        args[ROLES[role]] = node
+    block.node.args = tuple(args)
+    block.report.schedule = {"resident_experts": list(block.resident_ids), "gather_bytes": 0,
+                             "gather_bytes_without_resident": block.full_bytes}  # fmt: skip
+    block.report.rewrites.append(f"aep: all {len(block.resident_ids)} experts resident, no gather")
+
+
 def _ring_bytes(blocks: list[ShardedBlock], depth: int) -> int:
-    """The most bytes of gathered weights alive at once: ``depth + 1`` consecutive layers."""
-    sizes = [b.full_bytes for b in blocks]
-    return max(sum(sizes[i : i + depth + 1]) for i in range(len(sizes)))
+    """The most bytes of gathered weights alive at once: ``depth + 1`` consecutive layers' gathers.
+
+    With resident experts, plus the first layer's ``[E, ...]`` concatenation (an upper bound: its
+    gathered part is dead once copied).
+    """
+    sizes = [b.gather_bytes for b in blocks]
+    cats = [b.full_bytes if b.resident and b.shards else 0 for b in blocks]
+    return max(sum(sizes[i : i + depth + 1]) + cats[i] for i in range(len(sizes)))
 
 
 def _report(slot: Slot, depth: int) -> None:
@@ -227,8 +270,15 @@ def _report(slot: Slot, depth: int) -> None:
         "issued_after": slot.issue_after.node.name if slot.issue_after is not None else "graph start",
         "waited_before": slot.block.node.name,
         "prefetch_depth": depth,
-        "gather_bytes": slot.block.full_bytes,
+        "gather_bytes": slot.block.gather_bytes,
+        "gather_bytes_without_resident": slot.block.full_bytes,
+        "resident_experts": list(slot.block.resident_ids),
         "window_moe_layers": slot.window_moe_layers,
         "window_flops": slot.window_flops,
     }
     slot.block.report.rewrites.append(f"aep: gather issued {issued}, waited before this block")
+    if slot.block.resident_ids:
+        b = slot.block
+        slot.block.report.rewrites.append(
+            f"aep: experts {list(b.resident_ids)} resident, gathering {b.gather_bytes} of {b.full_bytes} bytes"
+        )

@@ -6,14 +6,23 @@ in graph order, it:
 
 1. reads torch.distributed's default group (a clear error when it is not
    initialised): world size ``W``, this rank ``r``;
-2. checks that each block's ``E`` experts divide by ``W`` (``ValueError`` naming
-   the block, ``E`` and ``W``);
-3. builds this rank's shard of each expert weight and bias (experts
-   ``[r*E/W, (r+1)*E/W)``, :mod:`moe_compile.runtime.shards`) from the real tensors
-   and stores it in the graph module as a buffer, read by a ``get_attr`` node at the
-   graph start (through a view, for Inductor's sake: see :func:`.base.add_constant`);
-4. lets the subclass rewrite the calls (:meth:`ShardedExpertsPass.rewrite`);
-5. releases the storage of every full expert tensor that no node reads any more
+2. with ``hot_experts=R`` (AEP only): reads the ``routing_stats`` file, checks each
+   block against it (:meth:`~moe_compile.routing_stats.RoutingStats.check_block`: the
+   block was counted, same ``E``, same router weights; :class:`RoutingStatsError`
+   otherwise), picks each block's ``R`` most used experts, and checks once per
+   process that every rank picked the same sets (an all-reduce MIN and MAX of a
+   checksum of them: ``ValueError`` on every rank when the ranks' files differ);
+3. checks that each block's ``E - R`` sharded experts divide by ``W`` (``ValueError``
+   naming the block, ``E``, ``R``, ``W`` and the ``R`` that would work);
+4. builds this rank's shard of each expert weight and bias (experts
+   ``[r*E/W, (r+1)*E/W)``, or of the ``E - R`` non-resident experts in id order,
+   :mod:`moe_compile.runtime.shards`) from the real tensors, and the ``[R, ...]``
+   resident copies and the ``[E]`` position of each expert in the order
+   ``resident + sharded`` (when ``0 < R < E``), and stores each in the graph module as
+   a buffer, read by a ``get_attr`` node at the graph start (through a view, for
+   Inductor's sake: see :func:`.base.add_constant`);
+5. lets the subclass rewrite the calls (:meth:`ShardedExpertsPass.rewrite`);
+6. releases the storage of every full expert tensor that no node reads any more
    (the eager model cannot run afterwards) and asks the backend to check the
    world size before every call of the compiled graph
    (``ctx.state["wrap_compiled"]``, :func:`moe_compile.runtime.dist.guard_compiled`).
@@ -36,7 +45,9 @@ import torch.fx as fx
 from torch._guards import detect_fake_mode
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 
+from ..graph import tensor_val
 from ..report import BlockReport, Skipped
+from ..routing_stats import RoutingStats
 from ..runtime import dist as rdist
 from ..runtime import shards
 from .base import GraphPass, PassContext, add_constant
@@ -53,9 +64,14 @@ class ShardedBlock:
     node: fx.Node  # the canonical moe call
     report: BlockReport
     full: dict[str, fx.Node]  # role -> placeholder of the full tensor [E, ...]
-    shards: dict[str, fx.Node]  # role -> this rank's shard [E/W, ...] (a view of a get_attr)
-    full_bytes: int  # bytes of the full tensors: what gathering the layer brings to a rank
-    shard_bytes: int
+    shards: dict[str, fx.Node]  # role -> this rank's shard [(E-R)/W, ...] (a view of a get_attr); {} when R >= E
+    full_bytes: int  # bytes of the full tensors [E, ...]
+    shard_bytes: int  # bytes this rank keeps: its shard and the resident copies
+    gather_bytes: int  # bytes of the gathered tensors [E-R, ...]: what gathering the layer brings to a rank
+    resident_ids: tuple[int, ...] = ()  # the R experts every rank keeps whole (hot_experts)
+    resident: dict[str, fx.Node] = dataclasses.field(default_factory=dict)  # role -> [R, ...] (a view of a get_attr)
+    #: [E] position of each expert in the order resident + gathered (0 < R < E), for ``ids' = position[ids]``
+    position: fx.Node | None = None
 
 
 class ShardedExpertsPass(GraphPass):
@@ -74,9 +90,11 @@ class ShardedExpertsPass(GraphPass):
         world = rdist.current_world(self.mode)
         order = {n: i for i, n in enumerate(gm.graph.nodes)}
         first = next(n for n in gm.graph.nodes if n.op != "placeholder")  # the shards' get_attrs go before it
+        calls = sorted(calls, key=lambda c: order[c[0]])
+        hot = self._hot_experts(ctx, calls, world)
         blocks = []
-        for node, report in sorted(calls, key=lambda c: order[c[0]]):
-            block = self._shard(gm, ctx, node, report, world, first, index=len(blocks))
+        for node, report in calls:
+            block = self._shard(gm, ctx, node, report, world, first, len(blocks), hot.get(report.path, ()))
             if block is not None:
                 blocks.append(block)
         if not blocks:
@@ -87,10 +105,39 @@ class ShardedExpertsPass(GraphPass):
         shard_mb = sum(b.shard_bytes for b in blocks) / 2**20
         ctx.report.notes.append(
             f"parallel={self.mode}: rank {world.rank} of {world.size}, {len(blocks)} MoE block(s) sharded, "
-            f"{shard_mb:.2f} MiB of expert shards kept, {released / 2**20:.2f} MiB of full expert weights "
+            f"{shard_mb:.2f} MiB of expert shards (and resident experts) kept, "
+            f"{released / 2**20:.2f} MiB of full expert weights "
             "released (the eager model can no longer run)"
         )
         return True
+
+    def _hot_experts(
+        self, ctx: PassContext, calls: list[tuple[fx.Node, BlockReport]], world: rdist.World
+    ) -> dict[str, tuple[int, ...]]:
+        """Block path -> its resident experts (``hot_experts``), checked against the graph and across ranks."""
+        r = ctx.options.hot_experts
+        if r == 0:
+            return {}
+        path = ctx.options.routing_stats
+        with unset_fake_temporarily():
+            stats = RoutingStats.load(path)
+            params = {
+                name: value
+                for i, name in ctx.param_names.items()
+                if ctx.real_inputs is not None and i < len(ctx.real_inputs)
+                and isinstance(value := ctx.real_inputs[i], torch.Tensor) and not value.is_meta
+            }
+            for _, report in calls:
+                stats.check_block(report.path, report.num_experts, params)
+            checksum = stats.checksum(r)  # of every block's hot set in the file, not only this graph's
+            key = (checksum, world.size, world.group_name)
+            if key not in _AGREED:
+                # NOTE: collectives at compile time (once per process and hot sets): every rank compiles on
+                # its first call, so these pair up; a recompile finds the key and issues none.
+                what = f"the hot_experts={r} sets chosen from routing_stats={str(path)!r}"
+                rdist.check_same_on_all_ranks(checksum, what)
+                _AGREED.add(key)
+            return {report.path: stats.hot(report.path, r) for _, report in calls}
 
     def _shard(
         self,
@@ -101,15 +148,23 @@ class ShardedExpertsPass(GraphPass):
         world: rdist.World,
         first: fx.Node,
         index: int,
+        resident: tuple[int, ...],
     ) -> ShardedBlock | None:
         presharded = ctx.state.get("moe_presharded", {}).get(node)
         if presharded is not None:  # a recognised expert-parallel block: its weights are this rank's shards
-            return _already_sharded(node, report, presharded, world, self.mode, ctx)
-        E = report.num_experts
-        if E % world.size:
+            return _already_sharded(node, report, presharded, world, self.mode, ctx, resident)
+        E, R, W = report.num_experts, len(resident), world.size
+        if (E - R) % W:
+            if R == 0:
+                raise ValueError(
+                    f"moe_prefill option parallel={self.mode!r}: block {report.path} has {E} experts, "
+                    f"which do not divide evenly over world size {W}; use a world size that divides {E}"
+                )
+            valid = [v for v in range(E + 1) if (E - v) % W == 0]
             raise ValueError(
-                f"moe_prefill option parallel={self.mode!r}: block {report.path} has {E} experts, "
-                f"which do not divide evenly over world size {world.size}; use a world size that divides {E}"
+                f"moe_prefill option hot_experts={ctx.options.hot_experts}: block {report.path} has E={E} experts; "
+                f"the E - R = {E - R} not resident do not divide evenly over world size W={W}; "
+                f"use hot_experts in {valid} (R >= E keeps every expert resident)"
             )
         full: dict[str, fx.Node] = {}
         tensors: dict[str, torch.Tensor] = {}
@@ -125,13 +180,32 @@ class ShardedExpertsPass(GraphPass):
             full[role], tensors[role] = arg, tensor
         fake_mode = detect_fake_mode([node.meta.get("val")])
         shard_nodes: dict[str, fx.Node] = {}
+        resident_nodes: dict[str, fx.Node] = {}
         for role, tensor in tensors.items():
             with unset_fake_temporarily():
-                shard = shards.shard(tensor, world.size, world.rank)
+                shard = shards.shard(tensor, W, world.rank, resident) if R < E else None
+                kept = shards.resident(tensor, resident) if R else None
             with gm.graph.inserting_before(first):
-                shard_nodes[role] = add_constant(gm, f"moe_shard{index}_{role}", shard, fake_mode)
+                if shard is not None:
+                    shard_nodes[role] = add_constant(gm, f"moe_shard{index}_{role}", shard, fake_mode)
+                if kept is not None:
+                    resident_nodes[role] = add_constant(gm, f"moe_resident{index}_{role}", kept, fake_mode)
+        position = None
+        if 0 < R < E:
+            ids = tensor_val(node.args[1])
+            order = [*resident, *shards.sharded_experts(E, resident)]  # expert ids in the cat's order
+            with unset_fake_temporarily():
+                pos = torch.empty(E, dtype=ids.dtype)  # [E]: expert id -> its row in cat([resident, gathered])
+                pos[torch.tensor(order)] = torch.arange(E, dtype=ids.dtype)
+                pos = pos.to(ids.device)
+            with gm.graph.inserting_before(first):
+                position = add_constant(gm, f"moe_position{index}", pos, fake_mode)
         full_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
-        return ShardedBlock(node, report, full, shard_nodes, full_bytes, full_bytes // world.size)
+        gather_bytes = full_bytes // E * (E - R)
+        kept_bytes = gather_bytes // W + full_bytes // E * R  # this rank's shard and resident copies
+        return ShardedBlock(
+            node, report, full, shard_nodes, full_bytes, kept_bytes, gather_bytes, resident, resident_nodes, position
+        )
 
     def _release(self, ctx: PassContext, blocks: list[ShardedBlock]) -> int:
         released = 0
@@ -151,16 +225,31 @@ class ShardedExpertsPass(GraphPass):
         return released
 
 
+#: (checksum of the hot sets, world size, group) the ranks were checked to agree on
+_AGREED: set[tuple] = set()
+
+
 def _already_sharded(
-    node: fx.Node, report: BlockReport, world_size: int, world: rdist.World, mode: str, ctx: PassContext
+    node: fx.Node,
+    report: BlockReport,
+    world_size: int,
+    world: rdist.World,
+    mode: str,
+    ctx: PassContext,
+    resident: tuple[int, ...],
 ) -> ShardedBlock | None:
     """A block whose expert arguments already are this rank's shards ``[E/W, ...]`` (nothing to shard or release)."""
     if world_size != world.size:
         ctx.report.skipped.append(Skipped(report.path, f"parallel={mode}: sharded over {world_size} ranks, not {world.size}"))
         return None
+    if resident:
+        ctx.report.notes.append(
+            f"{report.path}: already expert-parallel; hot_experts does not apply (its experts stay sharded as written)"
+        )
     shard_nodes = {role: node.args[pos] for role, pos in ROLES.items() if isinstance(node.args[pos], fx.Node)}
     shard_bytes = sum(v.numel() * v.element_size() for v in (n.meta["val"] for n in shard_nodes.values()))
-    return ShardedBlock(node, report, {}, shard_nodes, shard_bytes * world_size, shard_bytes)
+    full_bytes = shard_bytes * world_size
+    return ShardedBlock(node, report, {}, shard_nodes, full_bytes, shard_bytes, gather_bytes=full_bytes)
 
 
 def _full_tensor(ctx: PassContext, placeholder: fx.Node) -> torch.Tensor | None:

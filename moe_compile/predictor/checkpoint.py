@@ -28,6 +28,7 @@ mismatch lists what differs); the tensor names and shapes. Each failure raises
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from collections.abc import Mapping
@@ -83,52 +84,80 @@ def save_bundle(bundle: PredictorBundle, path: str | Path) -> None:
     }
     layers = {kind: getattr(bundle, kind).layers for kind in KINDS} | {"frequency": sorted(bundle.frequency)}
     metadata = {
-        "format": FORMAT,
-        "format_version": str(FORMAT_VERSION),
         "model_fingerprint": fingerprint(bundle.identity),
-        "model_identity": json.dumps(bundle.identity, sort_keys=True),
-        "predictor": json.dumps(predictor, sort_keys=True),
-        "layers": json.dumps(layers),
-        "training": json.dumps(bundle.training, sort_keys=True),
-        "checksum": _checksum(tensors),
+        "model_identity": bundle.identity,
+        "predictor": predictor,
+        "layers": layers,
+        "training": bundle.training,
     }
+    write_file(tensors, path, PREDICTOR_FORMAT, metadata)
+
+
+@dataclasses.dataclass(frozen=True)
+class FileFormat:
+    """A kind of moe_compile safetensors file: its ``format`` tag, version, required metadata, how to remake one."""
+
+    name: str  # the metadata "format" value
+    version: int
+    what: str  # in messages: "predictor", "routing statistics"
+    required: tuple[str, ...]  # metadata keys besides format, format_version and checksum
+    json_fields: tuple[str, ...]  # metadata values stored as JSON
+    remake: str  # what to do about a bad file
+    error: type[ValueError]
+
+
+PREDICTOR_FORMAT = FileFormat(
+    FORMAT,
+    FORMAT_VERSION,
+    "predictor",
+    ("model_fingerprint", "model_identity", "predictor", "layers"),
+    _JSON_FIELDS,
+    _RETRAIN,
+    PredictorFileError,
+)
+
+
+def write_file(tensors: dict[str, torch.Tensor], path: str | Path, fmt: FileFormat, metadata: dict[str, Any]) -> None:
+    """Write ``tensors`` with ``metadata`` (JSON fields encoded here), the format tag and a checksum."""
+    encoded = {k: json.dumps(v, sort_keys=True) if k in fmt.json_fields else v for k, v in metadata.items()}
+    encoded |= {"format": fmt.name, "format_version": str(fmt.version), "checksum": _checksum(tensors)}
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path), metadata=metadata)
+    save_file(tensors, str(path), metadata=encoded)
 
 
-def read_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """The tensors and metadata (JSON fields decoded) of the predictor file at ``path``, checked for integrity."""
-    path = Path(path)
+def read_file(
+    path: str | Path, fmt: FileFormat = PREDICTOR_FORMAT
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The tensors and metadata (JSON fields decoded) of the ``fmt`` file at ``path``, checked for integrity."""
+    path, error, remake = Path(path), fmt.error, fmt.remake
     if not path.is_file():
-        raise PredictorFileError(f"{path}: no such predictor file")
+        raise error(f"{path}: no such {fmt.what} file")
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
             names = f.keys()
             tensors = {name: f.get_tensor(name) for name in names}
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
-        raise PredictorFileError(f"{path}: not a readable safetensors file, corrupted or truncated ({err}); {_RETRAIN}")
-    if metadata.get("format") != FORMAT:
-        raise PredictorFileError(
-            f"{path}: not a moe_compile predictor file (metadata format is {metadata.get('format')!r}, "
-            f"expected {FORMAT!r})"
+        raise error(f"{path}: not a readable safetensors file, corrupted or truncated ({err}); {remake}")
+    if metadata.get("format") != fmt.name:
+        raise error(
+            f"{path}: not a moe_compile {fmt.what} file (metadata format is {metadata.get('format')!r}, "
+            f"expected {fmt.name!r})"
         )
-    if metadata.get("format_version") != str(FORMAT_VERSION):
-        raise PredictorFileError(
-            f"{path}: predictor format version {metadata.get('format_version')!r}; this moe_compile reads "
-            f"version {FORMAT_VERSION}; {_RETRAIN}"
+    if metadata.get("format_version") != str(fmt.version):
+        raise error(
+            f"{path}: {fmt.what} format version {metadata.get('format_version')!r}; this moe_compile reads "
+            f"version {fmt.version}; {remake}"
         )
-    missing = [
-        key for key in ("model_fingerprint", "model_identity", "predictor", "layers", "checksum") if key not in metadata
-    ]
+    missing = [key for key in (*fmt.required, "checksum") if key not in metadata]
     if missing:
-        raise PredictorFileError(f"{path}: metadata lacks {', '.join(missing)}; {_RETRAIN}")
+        raise error(f"{path}: metadata lacks {', '.join(missing)}; {remake}")
     if _checksum(tensors) != metadata["checksum"]:
-        raise PredictorFileError(f"{path}: tensor data does not match its checksum: the file is corrupted; {_RETRAIN}")
+        raise error(f"{path}: tensor data does not match its checksum: the file is corrupted; {remake}")
     try:
-        decoded = {key: json.loads(value) if key in _JSON_FIELDS else value for key, value in metadata.items()}
+        decoded = {key: json.loads(value) if key in fmt.json_fields else value for key, value in metadata.items()}
     except json.JSONDecodeError as err:
-        raise PredictorFileError(f"{path}: corrupted metadata ({err}); {_RETRAIN}") from None
+        raise error(f"{path}: corrupted metadata ({err}); {remake}") from None
     return tensors, decoded
 
 

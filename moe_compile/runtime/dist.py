@@ -111,6 +111,25 @@ def _is_collective_failure(exc: BaseException) -> bool:
     return any(marker in str(exc) for marker in _TRANSPORT_MARKERS)
 
 
+def check_same_on_all_ranks(value: int, what: str) -> None:
+    """Raise ``ValueError`` on every rank unless every rank of the default group passed the same ``value``.
+
+    NOTE: two all-reduces (MIN, MAX) on the default group; every rank must call this at the same point.
+    """
+    group = dist.group.WORLD
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else "cpu"
+    low = torch.tensor([value], dtype=torch.int64, device=device)
+    high = low.clone()
+    dist.all_reduce(low, op=dist.ReduceOp.MIN)
+    dist.all_reduce(high, op=dist.ReduceOp.MAX)
+    if low.item() != high.item():  # NOTE: host sync
+        raise ValueError(
+            f"moe_compile: the ranks disagree on {what} (rank {dist.get_rank()} of {dist.get_world_size()} has "
+            f"checksum {value}, the group's range is [{low.item()}, {high.item()}]); give every rank the same "
+            "file: the ranks' gathers must pair up"
+        )
+
+
 def init_distributed(backend: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S) -> World:
     """``init_process_group`` from torchrun's environment, with a timeout, and the resulting world.
 

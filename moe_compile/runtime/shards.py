@@ -7,9 +7,17 @@ every MoE layer, so that gathering the shards along dim 0 in rank order
     full  w_up [E, N, H]  ->  shard on rank r: w_up[r*E/W : (r+1)*E/W]  [E/W, N, H]
     all_gather_into_tensor(shard, W)  ->  [E, N, H], equal to full
 
-Shards are built once per full tensor and cached, weakly keyed by the tensor: the
-parallel passes release the full tensor's storage after the first compile, and a
-recompile (a new input shape, say) finds its shards here instead.
+With ``R`` resident ("hot") experts (``hot_experts``), every rank keeps those ``R`` whole
+(:func:`resident`) and the other ``E - R``, in id order, are split the same way
+(:func:`sharded_experts`, :func:`shard` with ``resident``)::
+
+    resident [R, N, H] = w_up[hot ids]; shard on rank r: w_up[others[r*(E-R)/W : (r+1)*(E-R)/W]]
+    all_gather_into_tensor(shard, W)  ->  [E-R, N, H], equal to w_up[others]
+
+Shards and resident copies are built once per full tensor and cached (keyed by world
+size, rank and resident set), weakly keyed by the tensor: the parallel passes release
+the full tensor's storage after the first compile, and a recompile (a new input shape,
+say) finds its shards here instead.
 
 Releasing (:func:`release`) resizes the tensor's storage to 0 bytes. The tensor
 keeps its shape, dtype and strides, which is all Dynamo's guards look at, so the
@@ -21,7 +29,7 @@ from __future__ import annotations
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
-#: full tensor -> {(world size, rank): shard}
+#: full tensor -> {key: tensor built from it}; keys: ("shard", world size, rank, resident ids), ("resident", ids)
 _SHARDS: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
@@ -31,18 +39,47 @@ def expert_range(num_experts: int, world_size: int, rank: int) -> tuple[int, int
     return rank * per_rank, (rank + 1) * per_rank
 
 
-def shard(full: torch.Tensor, world_size: int, rank: int) -> torch.Tensor:
-    """This rank's experts of ``full`` (``[E, ...] -> [E/W, ...]``), contiguous, built once."""
+def sharded_experts(num_experts: int, resident: tuple[int, ...] = ()) -> list[int]:
+    """The experts that are sharded (not resident), in the order the gather lays them out."""
+    kept = set(resident)
+    return [e for e in range(num_experts) if e not in kept]
+
+
+def shard(full: torch.Tensor, world_size: int, rank: int, resident: tuple[int, ...] = ()) -> torch.Tensor:
+    """This rank's experts of ``full`` (``[E, ...] -> [(E-R)/W, ...]``), contiguous, built once.
+
+    ``resident``: the ``R`` experts every rank keeps whole (:func:`resident`); the other ``E - R``
+    (:func:`sharded_experts`, in id order) are split in contiguous blocks over the ranks.
+    """
+
+    def build() -> torch.Tensor:
+        experts = sharded_experts(full.shape[0], resident)
+        start, stop = expert_range(len(experts), world_size, rank)
+        if not resident:
+            return full[start:stop].detach().clone(memory_format=torch.contiguous_format)
+        return full.detach()[torch.tensor(experts[start:stop], dtype=torch.long)].contiguous()  # [(E-R)/W, ...]
+
+    return _cached(full, ("shard", world_size, rank, tuple(resident)), build, f"rank {rank} of {world_size}")
+
+
+def resident(full: torch.Tensor, experts: tuple[int, ...]) -> torch.Tensor:
+    """The experts ``experts`` of ``full`` (``[E, ...] -> [R, ...]``, in that order), contiguous, built once."""
+
+    def build() -> torch.Tensor:
+        return full.detach()[torch.tensor(experts, dtype=torch.long)].contiguous()  # [R, ...]
+
+    return _cached(full, ("resident", tuple(experts)), build, f"resident experts {list(experts)}")
+
+
+def _cached(full: torch.Tensor, key: tuple, build, what: str) -> torch.Tensor:
     per_tensor = _SHARDS.setdefault(full, {})
-    key = (world_size, rank)
     if key not in per_tensor:
         if is_released(full):
             raise RuntimeError(
-                f"an expert tensor of shape {tuple(full.shape)} was released (storage resized to 0) and no shard "
-                f"for rank {rank} of {world_size} was kept; rebuild the model to compile it for this world size"
+                f"an expert tensor of shape {tuple(full.shape)} was released (storage resized to 0) and no copy "
+                f"for {what} was kept; rebuild the model to compile it for this world size or resident set"
             )
-        start, stop = expert_range(full.shape[0], world_size, rank)
-        per_tensor[key] = full[start:stop].detach().clone(memory_format=torch.contiguous_format)
+        per_tensor[key] = build()
     return per_tensor[key]
 
 
