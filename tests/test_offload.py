@@ -235,6 +235,28 @@ def test_counts_accumulate_and_reset(tiny, heldout):
     assert all(s.calls == 0 and s.bytes_needed == 0 for s in store.stats())
 
 
+def test_store_lives_as_long_as_the_compiled_graph():
+    import gc
+    import weakref
+
+    model = zoo.build("qwen3_moe", num_layers=2)
+    compiled = torch.compile(model, backend="moe_prefill", options={"inductor": False, "offload": "cpu"})
+    with torch.no_grad():
+        compiled(zoo.make_inputs(model, seq=3))
+        (store,) = moe_compile.last_report().offload
+        handle, alive = store.handle, weakref.ref(store)
+        del store
+        gc.collect()
+        compiled(zoo.make_inputs(model, seq=3))  # the graph still owns its store: it runs
+    assert alive() is not None and alive() in offload.stores()
+    del compiled, model
+    torch._dynamo.reset()
+    gc.collect()
+    assert alive() is None and len(moe_compile.last_report().offload) == 0  # the report held it weakly
+    with pytest.raises(RuntimeError, match=f"expert store {handle} is gone: the compiled graph that owned it was freed"):
+        offload.get_store(handle)
+
+
 def test_predict_experts_op_matches_predict_topk():
     from moe_compile.predictor import predict_topk
 
