@@ -108,6 +108,7 @@ class RanksSource:
         recv_RB = torch.empty(W * m, spec.row_bytes, dtype=torch.uint8, device=self.device)  # [W*m, B]
         # NOTE: collective, asynchronous: waited on in finish (moe_offload, for a prefetch).
         work = _all_gather(recv_RB, send_MB, async_op=True)
+        in_flight = [send_MB]  # read asynchronously: alive, its memory not reused, until the gather is done
         ids, positions = [], []  # expert id, its row in recv_RB
         for q in range(W):
             for j, local in enumerate(union_WN[q].nonzero().flatten().tolist()):
@@ -116,6 +117,7 @@ class RanksSource:
 
         def finish() -> None:
             work.wait()
+            in_flight.clear()
             everything = len(ids) == W * n  # recv_RB holds every expert, in order
             ids_S = torch.tensor(ids, dtype=torch.long, device=self.device)  # [S]
             rows_SB = recv_RB if everything else recv_RB.index_select(0, torch.tensor(positions, device=self.device))
