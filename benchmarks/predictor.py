@@ -156,12 +156,15 @@ def aep_table(model_dir: str, predictor: Path, lengths: list[int], repeats: int,
     with tempfile.TemporaryDirectory() as out:
         port = 29500 + os.getpid() % 1000
         mp.start_processes(
-            _aep_rank, (ranks, port, model_dir, str(predictor), lengths, repeats, out), nprocs=ranks, start_method="spawn"
+            _aep_rank,
+            (ranks, port, model_dir, str(predictor), lengths, repeats, out),
+            nprocs=ranks,
+            start_method="spawn",
         )
         with open(Path(out) / "rank0.json") as f:
             rows = json.load(f)
-    header = f"{'tokens/rank':>11}  {'mode':<30}{'ahead KiB (used)':>18}{'on demand':>11}{'padding':>9}{'total':>8}{'prefill ms':>12}"
-    lines = [header]
+    header = f"{'tokens/rank':>11}  {'mode':<30}{'ahead KiB (used)':>18}{'on demand':>11}{'padding':>9}{'total':>8}"
+    lines = [header + f"{'prefill ms':>12}"]
     for r in rows:
         if r["all"] is None:
             moved = f"{r['ahead'] / 1024:.0f} ({r['used'] / 1024:.0f})"
@@ -184,10 +187,11 @@ def _aep_rank(rank, ranks, port, model_dir, predictor, lengths, repeats, out) ->
     try:
         for length in lengths:
             prompt = text_chunks(None, "heldout", length, length * ranks)[rank : rank + 1]  # [1, length], this rank's
-            for mode, options in AEP_MODES.items():
+            for mode, make_options in AEP_MODES.items():
                 torch._dynamo.reset()
                 model = load_model(model_dir)  # a fresh copy: AEP releases the full expert weights it compiled
-                compiled = torch.compile(model, backend="moe_prefill", options={"inductor": False, **options(predictor)})
+                options = {"inductor": False, **make_options(predictor)}
+                compiled = torch.compile(model, backend="moe_prefill", options=options)
                 with collect_reports() as report:
                     compiled(prompt)  # compile and warm up
                 for store in report.offload:
@@ -253,8 +257,9 @@ def main() -> int:
             print(f"offload='cpu', one prompt per length, median of {args.repeats} prefills (first call excluded):")
             print(offload_table(model, path, args.lengths, args.repeats))
         if args.aep_ranks:
-            print(f"parallel='aep' on {args.aep_ranks} gloo ranks (one thread each), one prompt per rank and length, "
-                  f"KiB gathered into rank 0 per prefill, median of {args.repeats} prefills (slowest rank):")  # fmt: skip
+            print(f"parallel='aep' on {args.aep_ranks} gloo ranks (one thread each), one prompt per rank and "
+                  f"length, KiB gathered into rank 0 per prefill, median of {args.repeats} prefills "
+                  "(slowest rank):")  # fmt: skip
             print(aep_table(args.model, path, args.lengths, args.repeats, args.aep_ranks))
     return 0
 

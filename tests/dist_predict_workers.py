@@ -55,7 +55,8 @@ def predicted_gather_worker(rank: int, world_size: int, families: tuple[str, ...
         nobody = {layer: sorted(set(range(E)) - u) for layer, u in union.items()}
         chosen = {
             "right": {layer: sorted(r) for layer, r in routed[rank].items()},
-            "wrong": {layer: (rest + sorted(set(range(E)) - routed[rank][layer]))[:K] for layer, rest in nobody.items()},
+            # experts nobody routes to; when fewer than K are left, filled with ones this rank does not route to
+            "wrong": {l: (rest + sorted(set(range(E)) - routed[rank][l]))[:K] for l, rest in nobody.items()},
         }
         for kind in KINDS:
             torch._dynamo.reset()

@@ -53,7 +53,8 @@ def test_predicted_gather_exact_and_moves_fewer_bytes(tmp_path):
             all_experts = per_family[(name, "right")]["all_experts_bytes"][0]
             assert right["bytes_ahead"] > right["bytes_on_demand"] == 0, (where, right)
             assert right["bytes_ahead_used"] == right["bytes_needed"] > 0, (where, right)
-            assert right["bytes_ahead"] + right["bytes_on_demand"] + right["bytes_padding"] < all_experts, (where, right)
+            moved = right["bytes_ahead"] + right["bytes_on_demand"] + right["bytes_padding"]
+            assert moved < all_experts, (where, right)
             wrong = per_family[(name, "wrong")]
             assert wrong["globally_wrong"], where  # 2 ranks x 2 routed experts leave 4 that nobody routes to
             b = wrong["bytes"][0]
@@ -83,11 +84,12 @@ def _compile(tmp_path, options, seq=1):
     """A 2-layer Qwen3-MoE, a right predictor for its one-token batch: (compiled logits, eager logits, report)."""
     model = zoo.build("qwen3_moe", num_layers=2)
     ids = zoo.make_inputs(model, batch=1, seq=seq)
-    constant_predictors(model, tmp_path / "p.safetensors", {i: sorted(r)[:2] for i, r in routed_experts(model, ids).items()})
+    path = tmp_path / "p.safetensors"
+    constant_predictors(model, path, {i: sorted(r)[:2] for i, r in routed_experts(model, ids).items()})
     with torch.no_grad():
         expected = model(ids).logits
         compiled = torch.compile(
-            model, backend="moe_prefill", options={"parallel": "aep", "predictor": str(tmp_path / "p.safetensors"), **options}
+            model, backend="moe_prefill", options={"parallel": "aep", "predictor": str(path), **options}
         )
         with moe_compile.backend.collect_reports() as report:
             got = compiled(ids).logits

@@ -329,7 +329,10 @@ def stores() -> list[OffloadStore]:
 
 @torch.library.custom_op("moe_compile::offload_prefetch", mutates_args=())
 def offload_prefetch(predicted_ids: torch.Tensor, store: int, layer: int) -> torch.Tensor:
-    """Start bringing the predicted experts (``[T, K]``, union over tokens) into ``layer``'s buffer; a token ``int64 [1]``."""
+    """Start bringing the predicted experts (``[T, K]``, union over tokens) into ``layer``'s buffer.
+
+    Returns a token ``int64 [1]`` (the prefetch's sequence number) for ``moe_offload``.
+    """
     # NOTE: host sync: the predicted ids are read on the host to choose what to bring.
     # NOTE: collective (RanksSource): the union over ranks, then an async all-gather waited on in moe_offload.
     experts = torch.unique(predicted_ids).tolist()
