@@ -42,7 +42,7 @@ def _check_exact_and_graphs(results: list[dict], families: tuple[str, ...], worl
 @pytest.mark.slow  # multi-process
 def test_predicted_gather_exact_and_moves_fewer_bytes(tmp_path):
     world_size = 2
-    families = ("qwen3_moe", "mixtral")
+    families = ("qwen3_moe", "mixtral", "deepseek_v3")  # deepseek_v3: a dense first layer, shared experts
     results = spawn(predicted_gather_worker, world_size, families, str(tmp_path))
     _check_exact_and_graphs(results, families, world_size)
     for rank, per_family in enumerate(results):
