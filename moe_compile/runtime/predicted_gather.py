@@ -17,11 +17,13 @@ unchanged. One fetch, for the experts this rank wants (predicted, or routed and 
     finish: wait, then each received expert's row unpacked into its row of the layer buffer
 
 When some rank owns ``n`` experts of the union (``m == n``), everything is gathered: the plain
-all-gather of the shards, the same bytes on the link, every expert resident. Every rank takes
-part in every fetch, in the same order, also when it wants nothing (its ``wanted_E`` is zeros):
-the collectives pair up across ranks. The union is empty on every rank at once, and then no gather
-is issued. One collective gathers all the layer's tensors (packed per expert, each role's bytes
-aligned), so the link sees one transfer per fetch.
+all-gather of the shards (the same bytes on the link, every expert resident), one per tensor of the
+layer, straight into the buffer, as plain AEP does (no packing, no copy). Every rank takes part in
+every fetch, in the same order, also when it wants nothing (its ``wanted_E`` is zeros): the
+collectives pair up across ranks. The union is empty on every rank at once, and then no gather is
+issued. Otherwise one collective gathers all the layer's tensors (packed per expert, each role's
+bytes aligned), so the link sees one transfer per fetch; the padding rows (``W*m`` minus the union)
+are the price of an equal-size all-gather (gloo has no all-gather of uneven sizes).
 """
 
 from __future__ import annotations
@@ -98,8 +100,8 @@ class RanksSource:
         m = int(union_WN.sum(1).max())
         if m == 0:
             return Fetch([])
-        if m == n:
-            union_WN[:] = True  # the same bytes on the link as the union: gather everything
+        if m == n:  # the same bytes on the link as the union: every shard, straight into the buffer
+            return self._gather_all(spec, buffer)
         local_C = union_WN[r].nonzero().flatten().to(self.device)  # [c] this rank's experts to send
         send_MB = torch.empty(m, spec.row_bytes, dtype=torch.uint8, device=self.device)  # rows past c: padding
         for role in spec.roles:
@@ -118,16 +120,22 @@ class RanksSource:
         def finish() -> None:
             work.wait()
             in_flight.clear()
-            everything = len(ids) == W * n  # recv_RB holds every expert, in order
             ids_S = torch.tensor(ids, dtype=torch.long, device=self.device)  # [S]
-            rows_SB = recv_RB if everything else recv_RB.index_select(0, torch.tensor(positions, device=self.device))
+            rows_SB = recv_RB.index_select(0, torch.tensor(positions, device=self.device))  # [S, B]
             for role in spec.roles:
                 target = buffer[role.name]  # [E, ...]
                 got = rows_SB[:, role.offset : role.offset + role.nbytes].view(role.shard.dtype)  # [S, numel]
-                got = got.view(len(ids), *target.shape[1:])  # [S, ...]
-                if everything:
-                    target.copy_(got)
-                else:
-                    target.index_copy_(0, ids_S, got)
+                target.index_copy_(0, ids_S, got.view(len(ids), *target.shape[1:]))  # rows at their expert ids
 
         return Fetch(ids, finish, padding_rows=W * m - len(ids))
+
+    def _gather_all(self, spec: _Layer, buffer: dict[str, torch.Tensor]) -> Fetch:
+        """Every rank's whole shard, gathered in rank order straight into ``buffer`` (``[E, ...]``, expert order)."""
+        # NOTE: collectives, asynchronous (one per tensor of the layer, no packing copy): waited on in finish.
+        works = [_all_gather(buffer[role.name], role.shard, async_op=True) for role in spec.roles]
+
+        def finish() -> None:
+            for work in works:
+                work.wait()
+
+        return Fetch(list(range(self.world.size * spec.per_rank)), finish)
