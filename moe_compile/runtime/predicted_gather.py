@@ -89,7 +89,10 @@ class RanksSource:
         return sum(r.shard.numel() * r.shard.element_size() for layer in self.layers.values() for r in layer.roles)
 
     def fetch(self, layer: int, buffer: dict[str, torch.Tensor], experts: list[int], ahead: bool) -> Fetch:
-        """Gather the union over ranks of every rank's ``experts`` into ``buffer``; finish waits and places them."""
+        """Gather the union over ranks of every rank's ``experts`` into ``buffer``; finish waits and places them.
+
+        ``ahead`` changes nothing here (the store finishes an on-demand fetch at once).
+        """
         spec = self.layers[layer]
         W, r, n = self.world.size, self.world.rank, spec.per_rank
         wanted_E = torch.zeros(W * n, dtype=torch.int32, device=self.device)
