@@ -6,7 +6,9 @@ hand-made predictor file (:mod:`predictor_helpers`): ``right`` predicts exactly 
 own token is routed to, ``wrong`` experts no rank's token is routed to (when there are enough),
 ``none`` is no predictor (plain AEP). It compiles, runs its one-token batch and then a longer batch
 of its own (a recompile after the release), and returns the errors against single-process eager,
-the store's byte counts per call and the op counts of each compiled graph.
+the store's byte counts per call and the op counts of each compiled graph. The store's ring buffers
+are filled with NaN whenever a layer claims one, so exact logits also show that no row of an expert
+that was not gathered is read.
 """
 
 from __future__ import annotations
@@ -34,11 +36,13 @@ class OpCounts(GraphFacts):
 def predicted_gather_worker(rank: int, world_size: int, families: tuple[str, ...], tmpdir: str) -> dict:
     import moe_compile
     from moe_compile.predictor import model_identity
+    from moe_compile.runtime.offload import OffloadStore
     from moe_compile.testing import zoo
-    from predictor_helpers import constant_predictors, routed_experts
+    from predictor_helpers import constant_predictors, nan_filling, routed_experts
 
     counts = OpCounts()
     counts.install()
+    OffloadStore._claim = nan_filling(OffloadStore._claim)  # in this spawned process only
     out = {}
     for name in families:
         reference = zoo.build(name, seed=0)  # never compiled: eager logits and routing

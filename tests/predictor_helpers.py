@@ -1,4 +1,4 @@
-"""Hand-made predictor files for the tests: right or wrong by construction (constant scores).
+"""Hand-made predictor files for the tests (right or wrong by construction: constant scores), NaN-filled rings.
 
 Used by tests/test_offload.py (one process) and tests/dist_predict_workers.py (spawned ranks).
 """
@@ -32,3 +32,15 @@ def routed_experts(model, input_ids) -> dict[int, set[int]]:
     """The experts each MoE layer's router picks for ``input_ids``, from the eager model."""
     data = collect_routing(model, input_ids, progress=False)
     return {layer: set(data.topk[layer].flatten().tolist()) for layer in data.layers}
+
+
+def nan_filling(claim):
+    """``OffloadStore._claim`` that fills the claimed ring buffer with NaN: reading a row not brought in shows."""
+
+    def claim_nan(self, layer, seq):
+        buffer = claim(self, layer, seq)
+        for t in buffer.tensors.values():
+            t.fill_(float("nan"))
+        return buffer
+
+    return claim_nan

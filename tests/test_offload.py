@@ -13,7 +13,7 @@ import collections
 import pytest
 import torch
 from conftest import rel_err
-from predictor_helpers import constant_predictors, routed_experts
+from predictor_helpers import constant_predictors, nan_filling, routed_experts
 
 import moe_compile
 from moe_compile.graph import op_name
@@ -195,6 +195,17 @@ def test_zoo_model_exact_with_right_wrong_or_no_predictor(kind, tmp_path, graphs
     _, used, on_demand, needed = _totals(report)
     expected = {"right": (needed, 0), "wrong": (0, needed), "none": (0, needed)}[kind]
     assert (used, on_demand) == expected and needed > 0
+
+
+def test_rows_of_experts_not_brought_in_are_never_read(tmp_path, monkeypatch):
+    """Ring buffers filled with NaN when claimed: only the rows brought in may reach the output."""
+    monkeypatch.setattr(offload.OffloadStore, "_claim", nan_filling(offload.OffloadStore._claim))
+    model = zoo.build("qwen3_moe", num_layers=3)
+    ids = zoo.make_inputs(model, batch=1, seq=2)
+    wrong = {layer: sorted(set(range(8)) - r)[:2] for layer, r in routed_experts(model, ids).items()}
+    constant_predictors(model, tmp_path / "p.safetensors", wrong)
+    report = _compile_and_compare(model, ids, {"offload": "cpu", "predictor": str(tmp_path / "p.safetensors")})
+    assert _totals(report)[2] > 0  # experts came on demand into NaN-filled buffers, and the logits are exact
 
 
 def test_counts_accumulate_and_reset(tiny, heldout):
