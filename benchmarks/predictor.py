@@ -14,18 +14,25 @@ model on the standard library's train files, then prints, on its held-out files:
 - offload mode (``offload="cpu"``): per prompt length, the expert bytes copied ahead and on demand per
   prefill, and the prefill time, for the pre-attention predictor, no predictor (all on demand) and all
   experts resident (no offload), compiled side by side. On a CPU the "device" is the CPU: the copies
-  and counts are real, the times only indicative (no transfer to hide).
+  and counts are real, the times only indicative (no transfer to hide);
+- AEP with a predictor (``parallel="aep"``, ``--aep-ranks W``): ``W`` gloo ranks on this machine, each
+  with its own held-out prompt per length; per prefill, the expert bytes gathered into a rank ahead
+  (the union over ranks of the predicted experts), on demand and as padding, against plain AEP (every
+  expert of every layer), and the prefill time (the slowest rank; loopback gloo: indicative only).
 
 ::
 
     python benchmarks/predictor.py                       # shipped tiny MoE, default sizes (~2 min on CPU)
     python benchmarks/predictor.py --predictor p.safetensors --eval-tokens 65536
     python benchmarks/predictor.py --predictor p.safetensors --offload-only --lengths 16 128 1024
+    python benchmarks/predictor.py --predictor p.safetensors --aep-only --aep-ranks 2 --lengths 1 4 16 128
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
+import json
 import os
 import platform
 import statistics
@@ -35,6 +42,8 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
@@ -136,6 +145,79 @@ def offload_table(model: torch.nn.Module, predictor: Path, lengths: list[int], r
     return "\n".join(lines)
 
 
+AEP_MODES = {
+    "aep + pre-attention predictor": lambda path: {"parallel": "aep", "predictor": str(path)},
+    "aep, all experts": lambda path: {"parallel": "aep"},
+}
+
+
+def aep_table(model_dir: str, predictor: Path, lengths: list[int], repeats: int, ranks: int) -> str:
+    """Per prompt length and mode, on ``ranks`` gloo ranks: KiB gathered into rank 0 per prefill, and the time."""
+    with tempfile.TemporaryDirectory() as out:
+        port = 29500 + os.getpid() % 1000
+        mp.start_processes(
+            _aep_rank,
+            (ranks, port, model_dir, str(predictor), lengths, repeats, out),
+            nprocs=ranks,
+            start_method="spawn",
+        )
+        with open(Path(out) / "rank0.json") as f:
+            rows = json.load(f)
+    header = f"{'tokens/rank':>11}  {'mode':<30}{'ahead KiB (used)':>18}{'on demand':>11}{'padding':>9}{'total':>8}"
+    lines = [header + f"{'prefill ms':>12}"]
+    for r in rows:
+        if r["all"] is None:
+            moved = f"{r['ahead'] / 1024:.0f} ({r['used'] / 1024:.0f})"
+            demand, padding = f"{r['on_demand'] / 1024:.0f}", f"{r['padding'] / 1024:.0f}"
+            total = r["ahead"] + r["on_demand"] + r["padding"]
+        else:
+            moved, demand, padding, total = "-", "-", "-", r["all"]
+        lines.append(
+            f"{r['length']:>11}  {r['mode']:<30}{moved:>18}{demand:>11}{padding:>9}{total / 1024:>8.0f}{r['ms']:>12.1f}"
+        )
+    return "\n".join(lines)
+
+
+@torch.no_grad()
+def _aep_rank(rank, ranks, port, model_dir, predictor, lengths, repeats, out) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(ranks))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=300))
+    rows = []
+    try:
+        for length in lengths:
+            prompt = text_chunks(None, "heldout", length, length * ranks)[rank : rank + 1]  # [1, length], this rank's
+            for mode, make_options in AEP_MODES.items():
+                torch._dynamo.reset()
+                model = load_model(model_dir)  # a fresh copy: AEP releases the full expert weights it compiled
+                options = {"inductor": False, **make_options(predictor)}
+                compiled = torch.compile(model, backend="moe_prefill", options=options)
+                with collect_reports() as report:
+                    compiled(prompt)  # compile and warm up
+                for store in report.offload:
+                    store.reset_stats()
+                times = []
+                for _ in range(repeats):
+                    dist.barrier()
+                    started = time.perf_counter()
+                    compiled(prompt)
+                    elapsed = torch.tensor([time.perf_counter() - started])
+                    dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)  # the step ends with the slowest rank
+                    times.append(elapsed.item())
+                stats = [s for store in report.offload for s in store.stats()]
+                sums = {f: sum(getattr(s, f) for s in stats) / repeats for f in
+                        ("bytes_ahead", "bytes_ahead_used", "bytes_on_demand", "bytes_padding")}  # fmt: skip
+                every = sum(b.schedule["gather_bytes"] for b in report.blocks if b.schedule) if not stats else None
+                rows.append({"length": length, "mode": mode, "ms": statistics.median(times) * 1e3, "all": every,
+                             "ahead": sums["bytes_ahead"], "used": sums["bytes_ahead_used"],
+                             "on_demand": sums["bytes_on_demand"], "padding": sums["bytes_padding"]})  # fmt: skip
+        if rank == 0:
+            with open(Path(out) / "rank0.json", "w") as f:
+                json.dump(rows, f)
+    finally:
+        dist.destroy_process_group()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=str(TINY_MOE_DIR))
@@ -147,9 +229,13 @@ def main() -> int:
     parser.add_argument("--offload-only", action="store_true", help="skip the accuracy table (needs --predictor)")
     parser.add_argument("--lengths", type=int, nargs="+", default=[16, 128, 1024], help="offload: prompt lengths")
     parser.add_argument("--repeats", type=int, default=5, help="offload: timed prefills per mode (median)")
+    parser.add_argument("--aep-ranks", type=int, default=0, help="AEP with the predictor on this many gloo ranks")
+    parser.add_argument("--aep-only", action="store_true", help="only the AEP table (needs --predictor, --aep-ranks)")
     args = parser.parse_args()
-    if args.offload_only and not args.predictor:
-        parser.error("--offload-only needs --predictor")
+    if (args.offload_only or args.aep_only) and not args.predictor:
+        parser.error("--offload-only and --aep-only need --predictor")
+    if args.aep_only and not args.aep_ranks:
+        parser.error("--aep-only needs --aep-ranks")
 
     torch.set_num_threads(args.threads)
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
@@ -165,10 +251,16 @@ def main() -> int:
             bundle = train_predictors(model, train, TrainConfig(epochs=args.epochs))
             print(f"trained on {train.numel()} tokens, {args.epochs} epochs, in {time.perf_counter() - started:.0f} s")
             save_bundle(bundle, path)  # the file round trip is part of what is measured
-        if not args.offload_only:
+        if not (args.offload_only or args.aep_only):
             accuracy(model, load_bundle(path, model), args.eval_tokens)
-        print(f"offload='cpu', one prompt per length, median of {args.repeats} prefills (first call excluded):")
-        print(offload_table(model, path, args.lengths, args.repeats))
+        if not args.aep_only:
+            print(f"offload='cpu', one prompt per length, median of {args.repeats} prefills (first call excluded):")
+            print(offload_table(model, path, args.lengths, args.repeats))
+        if args.aep_ranks:
+            print(f"parallel='aep' on {args.aep_ranks} gloo ranks (one thread each), one prompt per rank and "
+                  f"length, KiB gathered into rank 0 per prefill, median of {args.repeats} prefills "
+                  "(slowest rank):")  # fmt: skip
+            print(aep_table(args.model, path, args.lengths, args.repeats, args.aep_ranks))
     return 0
 
 

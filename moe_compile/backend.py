@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import itertools
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -90,8 +91,18 @@ def moe_prefill_backend(gm: fx.GraphModule, example_inputs: list[Any], **kwargs:
 
 
 def _wrapped(compiled: Callable, ctx: PassContext) -> Callable:
-    """``compiled`` as a pass asked to wrap it (``ctx.state["wrap_compiled"]``; parallel: world-size check)."""
+    """``compiled`` as the passes asked: wrapped (``ctx.state["wrap_compiled"]``; parallel: world-size check),
+    and holding what must live as long as it (``ctx.state["keep_alive"]``; the expert stores of offload)."""
     wrap = ctx.state.get("wrap_compiled")
+    keep = ctx.state.get("keep_alive")
+    if keep:
+        inner = compiled
+
+        @functools.wraps(inner)
+        def compiled(*args: Any) -> Any:
+            return inner(*args)
+
+        compiled.moe_compile_keep_alive = keep  # freed with the compiled graph (Dynamo's cache entry)
     return wrap(compiled) if wrap is not None else compiled
 
 

@@ -38,10 +38,12 @@ class Options:
     #: parallelism: tokens are sent to the rank owning their expert with AllToAll; the baseline).
     parallel: str | None = None
     #: AEP: how many MoE layers ahead of its use a layer's gather is issued (int >= 0), or "auto"
-    #: (the planner's choice for the device; 1 where the device is unknown, e.g. CPU).
+    #: (the planner's choice for the device; 1 where the device is unknown, e.g. CPU). Not with a predictor
+    #: (the predicted experts are gathered at the start of their own layer).
     prefetch_depth: int | str = "auto"
     #: AEP: bytes the gathered expert weights may occupy at once on a rank (the ring of prefetched
-    #: layers), or None for no bound; the prefetch depth is lowered to fit.
+    #: layers), or None for no bound; the prefetch depth is lowered to fit. With a predictor: the ring of
+    #: two layer buffers must fit (a ValueError at compile time otherwise).
     memory_budget: int | None = None
     #: AEP: keep the R most used experts of every MoE layer resident on every rank and gather only the
     #: other E - R (E - R must divide by the world size; R >= E: no gather); needs ``routing_stats``.
@@ -51,7 +53,8 @@ class Options:
     routing_stats: str | os.PathLike | None = None
     #: a predictor file made by `moe-compile train-predictor` for this model (docs/predictors.md), or
     #: None: each MoE layer's predictor runs on the layer's pre-attention activation and drives the
-    #: offload prefetch; a file made for another model is an error at compile time.
+    #: offload prefetch (offload="cpu") or, with parallel="aep", the gather of the union over ranks of the
+    #: predicted experts (the rest on demand); a file made for another model is an error at compile time.
     predictor: str | os.PathLike | None = None
     #: keep expert weights off the device: None, or "cpu" (host memory, pinned on CUDA; a ring of two
     #: layer buffers on the device; experts copied ahead by the predictor, the rest on demand).
@@ -122,6 +125,18 @@ class Options:
             for name, default in (("prefetch_depth", "auto"), ("memory_budget", None), ("hot_experts", 0)):
                 if getattr(self, name) != default:
                     raise ValueError(f"moe_prefill option {name!r} applies only with parallel='aep'")
+        if self.parallel == "aep" and self.predictor is not None and self.prefetch_depth != "auto":
+            raise ValueError(
+                "moe_prefill option 'prefetch_depth' does not apply with parallel='aep' and a predictor: "
+                "each layer's predicted experts are gathered at the start of that layer (before its attention); "
+                "leave prefetch_depth unset"
+            )
+        if self.parallel == "aep" and self.predictor is not None and self.hot_experts:
+            raise ValueError(
+                "moe_prefill option 'hot_experts' cannot be combined with a predictor under parallel='aep': "
+                "the predicted gather fetches each layer's experts from their owners' shards and keeps none "
+                "resident; use one or the other"
+            )
         if self.predictor is not None and not isinstance(self.predictor, (str, os.PathLike)):
             raise ValueError(f"moe_prefill option 'predictor' must be None or a path to a predictor file, got {self.predictor!r}")
         if self.offload is not None and self.parallel is not None:

@@ -9,6 +9,8 @@ also kept for :func:`moe_compile.last_report`.
 from __future__ import annotations
 
 import dataclasses
+import weakref
+from typing import Any
 
 
 @dataclasses.dataclass
@@ -63,8 +65,9 @@ class Report:
     notes: list[str] = dataclasses.field(default_factory=list)
     #: per pass: (name, seconds, changed) in pipeline order, summed over graphs
     pass_times: dict[str, float] = dataclasses.field(default_factory=dict)
-    #: offload="cpu": the live expert stores (moe_compile.runtime.offload.OffloadStore), copy counts per layer
-    offload: list = dataclasses.field(default_factory=list)
+    #: offload="cpu", or parallel="aep" with a predictor: the expert stores
+    #: (moe_compile.runtime.offload.OffloadStore), copy counts per layer; weakly held: only the live ones
+    offload: WeakList = dataclasses.field(default_factory=lambda: WeakList())
 
     def merge(self, other: Report) -> None:
         self.blocks.extend(other.blocks)
@@ -93,6 +96,35 @@ class Report:
         return "\n".join(lines)
 
     __repr__ = __str__
+
+
+class WeakList:
+    """A list of weak references that shows only the items still alive (a report must not keep a store alive)."""
+
+    def __init__(self) -> None:
+        self._refs: list[weakref.ref] = []
+
+    def append(self, item: Any) -> None:
+        self._refs.append(weakref.ref(item))
+
+    def extend(self, items: Any) -> None:
+        for item in items:
+            self.append(item)
+
+    def _live(self) -> list:
+        return [item for ref in self._refs if (item := ref()) is not None]
+
+    def __iter__(self):
+        return iter(self._live())
+
+    def __len__(self) -> int:
+        return len(self._live())
+
+    def __getitem__(self, index: int) -> Any:
+        return self._live()[index]
+
+    def __repr__(self) -> str:
+        return repr(self._live())
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:

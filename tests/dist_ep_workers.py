@@ -8,6 +8,9 @@ and compares. The final graphs' structure comes from ``dist_workers.GraphFacts``
 
 from __future__ import annotations
 
+import os
+import tempfile
+
 import torch
 from dist_workers import GraphFacts, rel_err
 
@@ -35,13 +38,18 @@ def _reference(rank: int, near_miss: bool):
     return model, batch, expected, 3, lambda m, b: m(b)
 
 
-def _hf(rank: int, family: str):
+def _hf(rank: int, family: str, predictor: str | None = None):
     import moe_compile
     from moe_compile.reference.hf_expert_parallel import apply_hf_expert_parallel
     from moe_compile.testing import zoo
 
     model = zoo.build(family, seed=0)
     batch = zoo.make_inputs(model, batch=2, seq=5 + rank, seed=100 + rank)
+    if predictor is not None:  # experts 0 and 5 predicted in every MoE layer: right for some tokens only
+        from predictor_helpers import constant_predictors
+
+        layers = zoo.moe_layer_indices(family, model.config)
+        constant_predictors(model, predictor, {layer: [0, 5] for layer in layers})
     with torch.no_grad():
         expected = model(batch).logits
         apply_hf_expert_parallel(model)
@@ -64,14 +72,17 @@ def recognize_worker(rank: int, world_size: int, cases: tuple[tuple[str, str | N
     for name, mode in cases:
         torch._dynamo.reset()
         facts.graphs.clear()
+        options = {"parallel": mode, "inductor": False}
+        if mode == "aep+predictor":  # AEP's predicted gather (passes/predicted_gather.py) on the recognised blocks
+            options.update(parallel="aep", predictor=os.path.join(tempfile.mkdtemp(), "predictors.safetensors"))
         if name.startswith("reference"):
             model, batch, expected, layers, run = _reference(rank, near_miss=name == "reference_near_miss")
             prepared = []
         else:
-            model, batch, expected, layers, run = _hf(rank, name)
+            model, batch, expected, layers, run = _hf(rank, name, options.get("predictor"))
             prepared = prepare_report()
         with torch.no_grad(), traceable():
-            compiled = torch.compile(model, backend="moe_prefill", options={"parallel": mode, "inductor": False})
+            compiled = torch.compile(model, backend="moe_prefill", options=options)
             with moe_compile.backend.collect_reports() as report:
                 got = run(compiled, batch)
         out[(name, mode)] = {
@@ -82,5 +93,6 @@ def recognize_worker(rank: int, world_size: int, cases: tuple[tuple[str, str | N
             "notes": list(report.notes),
             "skipped": [(s.where, s.reason) for s in report.skipped],
             "prepared": prepared,
+            "offload": [(s.bytes_ahead, s.calls) for store in report.offload for s in store.stats()],
         }
     return out

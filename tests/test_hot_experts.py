@@ -90,6 +90,10 @@ def test_save_load_round_trip_and_corruption(tmp_path):
         ({"parallel": "ep", "hot_experts": 2, "routing_stats": "s"}, "'hot_experts' applies only with parallel='aep'"),
         ({"hot_experts": 2, "routing_stats": "s"}, "'hot_experts' applies only with parallel='aep'"),
         ({"parallel": "aep", "hot_experts": 1, "routing_stats": 3}, "'routing_stats' must be None or a path"),
+        (
+            {"parallel": "aep", "hot_experts": 2, "routing_stats": "s", "predictor": "p.safetensors"},
+            "'hot_experts' cannot be combined with a predictor under parallel='aep'",
+        ),
     ],
 )
 def test_bad_hot_expert_options_name_the_problem(options, message):

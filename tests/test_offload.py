@@ -13,22 +13,18 @@ import collections
 import pytest
 import torch
 from conftest import rel_err
+from predictor_helpers import constant_predictors, nan_filling, routed_experts
 
 import moe_compile
 from moe_compile.graph import op_name
 from moe_compile.passes import GraphPass
 from moe_compile.predictor import (
-    ExpertPredictor,
-    ExpertPredictors,
     TrainConfig,
-    collect_routing,
     load_model,
-    model_identity,
     save_bundle,
     text_chunks,
     train_predictors,
 )
-from moe_compile.predictor.train import PredictorBundle
 from moe_compile.runtime import offload
 from moe_compile.testing import zoo
 
@@ -103,29 +99,6 @@ def _totals(report) -> tuple[int, int, int, int]:
     )
 
 
-def _constant_predictors(model, path, experts: dict[int, list[int]]) -> None:
-    """A predictor file whose layer ``i`` always predicts ``experts[i]`` (hand-made weights: scores = b2)."""
-    identity = model_identity(model)
-    E, K = identity["num_experts"], identity["top_k"]
-    predictors = {}
-    for layer, chosen in experts.items():
-        p = ExpertPredictor(identity["hidden_size"], E, K, width=8)
-        with torch.no_grad():
-            for t in (p.up.weight, p.up.bias, p.down.weight):
-                t.zero_()
-            p.down.bias.copy_(torch.arange(E, 0, -1).float() * 0.01)  # ties broken, below the chosen ones
-            p.down.bias[chosen] = torch.tensor([10.0 - j for j in range(K)])
-        predictors[layer] = p
-    bundle = PredictorBundle(ExpertPredictors(predictors), ExpertPredictors({}), {}, identity, {})
-    save_bundle(bundle, path)
-
-
-def _routed(model, input_ids) -> dict[int, set[int]]:
-    """The experts each MoE layer's router picks for ``input_ids``, from the eager model."""
-    data = collect_routing(model, input_ids, progress=False)
-    return {layer: set(data.topk[layer].flatten().tolist()) for layer in data.layers}
-
-
 # --- options ---------------------------------------------------------------------------------------
 
 
@@ -195,9 +168,9 @@ def test_predictor_for_another_model_fails_at_compile_time(trained_file):
 
 def test_always_wrong_predictor_on_the_shipped_model(tiny, heldout, tmp_path):
     ids = heldout[:1, :3]  # [1, 3]: at most 6 of 8 experts routed per layer
-    wrong = {layer: sorted(set(range(8)) - routed)[:2] for layer, routed in _routed(tiny, ids).items()}
+    wrong = {layer: sorted(set(range(8)) - routed)[:2] for layer, routed in routed_experts(tiny, ids).items()}
     path = tmp_path / "wrong.safetensors"
-    _constant_predictors(tiny, path, wrong)
+    constant_predictors(tiny, path, wrong)
     report = _compile_and_compare(tiny, ids, {"offload": "cpu", "predictor": str(path)})
     ahead, used, on_demand, needed = _totals(report)
     assert ahead > 0 and used == 0 and on_demand == needed > 0  # every prefetched byte wasted, all on demand
@@ -210,11 +183,11 @@ def test_always_wrong_predictor_on_the_shipped_model(tiny, heldout, tmp_path):
 def test_zoo_model_exact_with_right_wrong_or_no_predictor(kind, tmp_path, graphs):
     model = zoo.build("qwen3_moe", num_layers=3)
     ids = zoo.make_inputs(model, batch=1, seq=1)  # one token: a constant predictor can be exactly right
-    routed = _routed(model, ids)
+    routed = routed_experts(model, ids)
     options = {"offload": "cpu"}
     if kind != "none":
         chosen = {layer: sorted(r) if kind == "right" else sorted(set(range(8)) - r)[:2] for layer, r in routed.items()}
-        _constant_predictors(model, tmp_path / "p.safetensors", chosen)
+        constant_predictors(model, tmp_path / "p.safetensors", chosen)
         options["predictor"] = str(tmp_path / "p.safetensors")
     report = _compile_and_compare(model, ids, options)
     ops = _ops(graphs[0])
@@ -222,6 +195,17 @@ def test_zoo_model_exact_with_right_wrong_or_no_predictor(kind, tmp_path, graphs
     _, used, on_demand, needed = _totals(report)
     expected = {"right": (needed, 0), "wrong": (0, needed), "none": (0, needed)}[kind]
     assert (used, on_demand) == expected and needed > 0
+
+
+def test_rows_of_experts_not_brought_in_are_never_read(tmp_path, monkeypatch):
+    """Ring buffers filled with NaN when claimed: only the rows brought in may reach the output."""
+    monkeypatch.setattr(offload.OffloadStore, "_claim", nan_filling(offload.OffloadStore._claim))
+    model = zoo.build("qwen3_moe", num_layers=3)
+    ids = zoo.make_inputs(model, batch=1, seq=2)
+    wrong = {layer: sorted(set(range(8)) - r)[:2] for layer, r in routed_experts(model, ids).items()}
+    constant_predictors(model, tmp_path / "p.safetensors", wrong)
+    report = _compile_and_compare(model, ids, {"offload": "cpu", "predictor": str(tmp_path / "p.safetensors")})
+    assert _totals(report)[2] > 0  # experts came on demand into NaN-filled buffers, and the logits are exact
 
 
 def test_counts_accumulate_and_reset(tiny, heldout):
@@ -233,6 +217,28 @@ def test_counts_accumulate_and_reset(tiny, heldout):
     assert store in offload.stores() and all(s.calls == 2 for s in store.stats())
     store.reset_stats()
     assert all(s.calls == 0 and s.bytes_needed == 0 for s in store.stats())
+
+
+def test_store_lives_as_long_as_the_compiled_graph():
+    import gc
+    import weakref
+
+    model = zoo.build("qwen3_moe", num_layers=2)
+    compiled = torch.compile(model, backend="moe_prefill", options={"inductor": False, "offload": "cpu"})
+    with torch.no_grad():
+        compiled(zoo.make_inputs(model, seq=3))
+        (store,) = moe_compile.last_report().offload
+        handle, alive = store.handle, weakref.ref(store)
+        del store
+        gc.collect()
+        compiled(zoo.make_inputs(model, seq=3))  # the graph still owns its store: it runs
+    assert alive() is not None and alive() in offload.stores()
+    del compiled, model
+    torch._dynamo.reset()
+    gc.collect()
+    assert alive() is None and len(moe_compile.last_report().offload) == 0  # the report held it weakly
+    with pytest.raises(RuntimeError, match=f"expert store {handle} is gone: the compiled graph that owned it was freed"):
+        offload.get_store(handle)
 
 
 def test_predict_experts_op_matches_predict_topk():

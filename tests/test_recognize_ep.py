@@ -18,6 +18,7 @@ CASES = (
     ("qwen3_moe", "aep"),
     ("qwen3_moe", None),
     ("mixtral", "aep"),
+    ("qwen3_moe", "aep+predictor"),
 )
 
 
@@ -71,3 +72,15 @@ def test_near_miss_is_left_untouched_with_the_reason(results):
         reasons = [why for _, why in r["skipped"]]
         assert len(reasons) == r["layers"], (where, reasons)
         assert all("not recognised, left as written" in why and "routing weights" in why for why in reasons), reasons
+
+
+def test_recognised_blocks_take_the_predicted_gather_too(results):
+    # the recognised block's local shards feed AEP's predicted gather (passes/predicted_gather.py)
+    for where, r in _each(results, ("qwen3_moe", "aep+predictor")):
+        assert r["error"] < 1e-5, (where, r["error"])
+        (graph,) = r["graphs"]
+        assert graph["all_to_all"] == 0 and graph["gathers"] == 0, (where, graph)  # the gathers run inside the ops
+        assert graph["moe_calls"] == ["moe_compile::moe_offload"] * r["layers"], (where, graph)
+        # per layer one call, and the two predicted experts were gathered ahead of it
+        assert len(r["offload"]) == r["layers"], (where, r["offload"])
+        assert all(ahead > 0 and calls == 1 for ahead, calls in r["offload"]), (where, r["offload"])

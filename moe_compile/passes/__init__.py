@@ -12,14 +12,18 @@ Each pass is one module; its docstring says what it matches and what it emits.
    canonical call on global ids whose weights are this rank's shards.
 2a. :mod:`.offload_experts` — only with ``offload``: experts to host memory,
    calls retargeted to ``moe_compile::moe_offload`` (everything on demand).
-2b. :mod:`.insert_predictors` — only with ``predictor``: each layer's predictor
+2b. :mod:`.predicted_gather` — only with ``parallel="aep"`` and ``predictor``
+   (instead of step 4): shard the experts, calls retargeted to ``moe_offload``
+   on a store whose fetches all-gather over the ranks.
+2c. :mod:`.insert_predictors` — only with ``predictor``: each layer's predictor
    on its pre-attention activation, driving an ``offload_prefetch``.
 3. :mod:`.lower_triton` — retarget canonical calls to the Triton kernels when
    asked (``kernels="triton"``, or ``"auto"`` on a GPU).
 4. one of, with the ``parallel`` option:
    :mod:`.async_expert_parallel` (``"aep"``) — shard the experts, gather each
    layer's experts ahead of use;
-   :mod:`.expert_parallel` (``"ep"``) — shard the experts, AllToAll the tokens.
+   :mod:`.expert_parallel` (``"ep"``) — shard the experts, AllToAll the tokens;
+   nothing here when step 2b ran.
 
 To add a pass: subclass :class:`~.base.GraphPass` in a new module, say in its
 docstring what it matches and emits, and insert it in :func:`build_pipeline`.
@@ -38,6 +42,7 @@ from .expert_parallel import ExpertParallel
 from .insert_predictors import InsertPredictors
 from .lower_triton import LowerToTriton
 from .offload_experts import OffloadExperts
+from .predicted_gather import PredictedGather
 from .recognize_expert_parallel import RecognizeExpertParallel
 from .released_weights import HideReleasedWeights
 
@@ -51,11 +56,16 @@ def build_pipeline(options: Options) -> list[GraphPass]:
     passes: list[GraphPass] = [DetectMoE(), CanonicalizeMoE()]
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         passes.append(RecognizeExpertParallel())  # an EP model's AllToAlls need a process group
+    predicted_gather = options.parallel == "aep" and options.predictor is not None
     if options.offload is not None:
         passes.append(OffloadExperts())
+    if predicted_gather:
+        passes.append(PredictedGather())
     if options.predictor is not None:
         passes.append(InsertPredictors())
     passes.append(LowerToTriton())
     if options.parallel is not None:
-        passes = [HideReleasedWeights(), *passes, _PARALLEL[options.parallel]()]
+        passes = [HideReleasedWeights(), *passes]
+        if not predicted_gather:
+            passes.append(_PARALLEL[options.parallel]())
     return passes

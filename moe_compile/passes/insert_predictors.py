@@ -2,8 +2,10 @@
 
 Contract
 --------
-Matches: the calls of ``ctx.state["moe_blocks"]`` that :mod:`.offload_experts` retargeted to
-``moe_compile.moe_offload`` (the only consumer of predictions so far), with ``predictor=PATH``.
+Matches: the calls of ``ctx.state["moe_blocks"]`` that :mod:`.offload_experts` (``offload="cpu"``)
+or :mod:`.predicted_gather` (``parallel="aep"``) retargeted to ``moe_compile.moe_offload`` (the
+consumers of predictions), with ``predictor=PATH``. The prefetch is the same op for both: the call's
+store decides whether experts come from host memory or from the other ranks.
 For each, in graph order:
 
 1. the decoder layer holding the block: the longest proper prefix of the block's path ending in
@@ -41,8 +43,8 @@ The prefetch token is a data dependency of the call: it orders the copy before t
 keeps the prefetch alive. The four weights are buffers of the graph module, read through two
 views (Inductor hands a bare constant given to a custom op to its fake mode, and fails).
 
-Without ``offload`` nothing consumes predictions: the file is still checked against the graph's
-routers, no node is inserted and the report says so.
+Without ``offload`` or ``parallel="aep"`` nothing consumes predictions: the file is still checked
+against the graph's routers, no node is inserted and the report says so.
 """
 
 from __future__ import annotations
@@ -104,7 +106,7 @@ class InsertPredictors(GraphPass):
         if not consumed:
             ctx.report.notes.append(
                 f"predictor {ctx.options.predictor}: checked against {len(sites)} router(s); no node inserted: "
-                "nothing consumes predictions without offload='cpu'"
+                "nothing consumes predictions without offload='cpu' or parallel='aep'"
             )
             return False
         for site in consumed:

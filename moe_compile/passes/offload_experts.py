@@ -24,8 +24,9 @@ implementation of the canonical op (no Triton lowering in this mode).
 
 Requires: no ``parallel`` option (checked by :class:`~moe_compile.options.Options`). A block whose
 expert tensors are unknown (meta device, placeholders not lining up) stays resident, with the
-reason in ``report.skipped``. The store goes to ``ctx.report.offload`` (live copy counts) and to
-``ctx.state["offload_store"]``.
+reason in ``report.skipped``. The store goes to ``ctx.report.offload`` (live copy counts, a weak
+reference) and to ``ctx.state["keep_alive"]``: the backend's compiled callable holds it, so the store
+lives exactly as long as the compiled graph.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from torch import fx
 from torch._subclasses.fake_tensor import FakeTensor, unset_fake_temporarily
 
 from ..graph import tensor_val
-from ..report import Skipped
+from ..report import BlockReport, Skipped
 from ..runtime import offload
 from .base import GraphPass, PassContext, set_fake_val
 
@@ -59,25 +60,35 @@ class OffloadExperts(GraphPass):
                 reason = f"offload: {', '.join(unknown)} not a graph input with a known value; experts stay resident"
                 ctx.report.skipped.append(Skipped(report.path, reason))
                 continue
-            layer = len(store.layers)
-            with unset_fake_temporarily():
-                store.add_layer(layer, report.path, tensors)
-            x, ids, weights, *_, spec = node.args
-            node.target = torch.ops.moe_compile.moe_offload.default
-            node.args = (x, ids, weights, None, store.handle, layer, spec)
-            set_fake_val(node)
-            report.implementation = "offload (torch)"
-            report.rewrites.append(f"offload={ctx.options.offload} (ring slot {layer % 2})")
+            to_store_call(node, report, store, tensors, f"offload={ctx.options.offload}")
         if not store.layers:
             return False
-        ctx.state["offload_store"] = store
-        ctx.report.offload.append(store)
+        keep_store(ctx, store)
         where = "pinned host copies" if store.device.type == "cuda" else "the parameters, in host memory"
         ctx.report.notes.append(
             f"offload={ctx.options.offload}: {len(store.layers)} MoE layer(s), {store.host_bytes / 2**20:.2f} MiB of "
             f"experts kept as {where}; device ring of 2 layer buffers, {store.buffer_bytes / 2**20:.2f} MiB"
         )
         return True
+
+
+def to_store_call(node: fx.Node, report: BlockReport, store: offload.OffloadStore, tensors: dict, what: str) -> None:
+    """Hand a canonical call's expert tensors to ``store`` as its next layer; retarget it to ``moe_offload``."""
+    layer = len(store.layers)
+    with unset_fake_temporarily():
+        store.add_layer(layer, report.path, tensors)
+    x, ids, weights, *_, spec = node.args
+    node.target = torch.ops.moe_compile.moe_offload.default
+    node.args = (x, ids, weights, None, store.handle, layer, spec)  # None: no prefetch (insert_predictors adds it)
+    set_fake_val(node)
+    report.implementation = f"{store.source.name} (torch)"
+    report.rewrites.append(f"{what} (ring slot {layer % 2})")
+
+
+def keep_store(ctx: PassContext, store: offload.OffloadStore) -> None:
+    """The compiled graph keeps ``store`` alive (``ctx.state["keep_alive"]``); the report sees it while it lives."""
+    ctx.state.setdefault("keep_alive", []).append(store)
+    ctx.report.offload.append(store)
 
 
 def _real(ctx: PassContext, node: fx.Node) -> torch.Tensor | None:

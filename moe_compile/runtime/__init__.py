@@ -14,6 +14,8 @@ expert-predictor op); see their docstrings.
 AEP itself needs no op of its own: its graphs call PyTorch's functional
 collectives (``_c10d_functional.all_gather_into_tensor_coalesced`` and
 ``wait_tensor``) and the canonical ``moe_compile::moe``. See docs/parallel.md.
+AEP with a predictor uses the offload ops on a store whose source is
+:mod:`.predicted_gather` (the union over ranks of the wanted experts, all-gathered).
 """
 
 from __future__ import annotations
