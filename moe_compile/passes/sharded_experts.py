@@ -106,8 +106,8 @@ class ShardedExpertsPass(GraphPass):
         ctx.report.notes.append(
             f"parallel={self.mode}: rank {world.rank} of {world.size}, {len(blocks)} MoE block(s) sharded, "
             f"{shard_mb:.2f} MiB of expert shards (and resident experts) kept, "
-            f"{released / 2**20:.2f} MiB of full expert weights "
-            "released (the eager model can no longer run)"
+            f"{released / 2**20:.2f} MiB of full expert weights released"
+            + (" (the eager model can no longer run)" if released else "")
         )
         return True
 

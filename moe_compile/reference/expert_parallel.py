@@ -137,6 +137,13 @@ class ExpertParallelExperts(nn.Module):
         return (y_TKH * weights_TK.unsqueeze(-1)).sum(dim=1)
 
 
+def route(router: nn.Linear, x_TH: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax, top-k, renormalised (Qwen3-MoE with ``norm_topk_prob``): ids and weights ``[T, K]``."""
+    probs_TE = torch.softmax(router(x_TH), dim=-1)
+    weights_TK, ids_TK = probs_TE.topk(top_k, dim=-1)
+    return ids_TK, weights_TK / weights_TK.sum(-1, keepdim=True)
+
+
 class ExpertParallelMoE(nn.Module):
     """Softmax router, top-k, renormalised; the experts are :class:`ExpertParallelExperts`."""
 
@@ -148,9 +155,7 @@ class ExpertParallelMoE(nn.Module):
 
     def forward(self, x_BSH: torch.Tensor) -> torch.Tensor:
         x_TH = x_BSH.reshape(-1, x_BSH.shape[-1])
-        probs_TE = torch.softmax(self.router(x_TH), dim=-1)
-        weights_TK, ids_TK = probs_TE.topk(self.top_k, dim=-1)
-        weights_TK = weights_TK / weights_TK.sum(-1, keepdim=True)
+        ids_TK, weights_TK = route(self.router, x_TH, self.top_k)
         return self.experts(x_TH, ids_TK, weights_TK).view(x_BSH.shape)
 
 
@@ -166,9 +171,7 @@ class FullMoE(nn.Module):
 
     def forward(self, x_BSH: torch.Tensor) -> torch.Tensor:
         x_TH = x_BSH.reshape(-1, x_BSH.shape[-1])
-        probs_TE = torch.softmax(self.router(x_TH), dim=-1)
-        weights_TK, ids_TK = probs_TE.topk(self.top_k, dim=-1)
-        weights_TK = weights_TK / weights_TK.sum(-1, keepdim=True)
+        ids_TK, weights_TK = route(self.router, x_TH, self.top_k)
         out_TH = batched_experts(x_TH, ids_TK, weights_TK, self.w_up, self.w_down, None, None, ExpertSpec())
         return out_TH.view(x_BSH.shape)
 
