@@ -26,6 +26,7 @@ from moe_compile.predictor import (
     load_model,
     load_predictors,
     load_predictors_for_routers,
+    moe_layers,
     predict_topk,
     ranking_loss,
     read_metadata,
@@ -35,6 +36,7 @@ from moe_compile.predictor import (
     train_predictors,
 )
 from moe_compile.predictor.cli import add_subcommands
+from moe_compile.predictor.tiny_moe import tiny_moe_config
 from moe_compile.testing import zoo
 
 SEQ = 128
@@ -83,6 +85,15 @@ def test_shipped_model_is_a_standard_trained_moe(model, heldout_chunks):
     logits = model(input_ids=ids).logits  # [4, 128, 259]
     loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
     assert loss.item() < 2.5
+
+
+def test_tiny_moe_config_dense_first_layers():
+    """``train_lm --layers N --dense-first D``: the first D decoder layers are dense, the rest MoE."""
+    model = transformers.Qwen3MoeForCausalLM(tiny_moe_config(num_layers=3, dense_first=1))
+    assert [moe.index for moe in moe_layers(model)] == [1, 2]
+    assert not hasattr(model.model.layers[0].mlp, "gate")
+    with pytest.raises(ValueError, match="dense_first must be in"):
+        tiny_moe_config(num_layers=2, dense_first=2)
 
 
 def test_byte_tokenizer_matches_corpus_encoding():
