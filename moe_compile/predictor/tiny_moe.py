@@ -1,8 +1,9 @@
 """The small MoE language model shipped in ``moe_compile/assets/tiny_moe`` (trained by ``train_lm.py``).
 
-A standard ``transformers`` Qwen3-MoE causal LM over the byte vocabulary of :mod:`.corpus`: every
-decoder layer is MoE (8 experts, top-2, softmax then renormalised), trained on the Python standard
-library, so its routers carry real structure for predictors to learn (random-init routers do not).
+A standard ``transformers`` Qwen3-MoE causal LM over the byte vocabulary of :mod:`.corpus`: 10 decoder
+layers, the first a dense MLP (``mlp_only_layers=[0]``), the other 9 MoE (8 experts, top-2, softmax then
+renormalised), trained on the Python standard library, so its routers carry real structure for
+predictors to learn (random-init routers do not).
 It loads with ``AutoModelForCausalLM.from_pretrained(TINY_MOE_DIR)`` and its byte tokenizer with
 ``AutoTokenizer.from_pretrained(TINY_MOE_DIR)``.
 """
@@ -20,8 +21,8 @@ TINY_MOE_DIR = Path(__file__).resolve().parents[1] / "assets" / "tiny_moe"
 SEQ_LEN = 128  # training context; the positions the model has seen
 
 
-def tiny_moe_config(num_layers: int = 4, dense_first: int = 0) -> transformers.Qwen3MoeConfig:
-    """The architecture of the shipped model (1.81M parameters, 0.63M active per token).
+def tiny_moe_config(num_layers: int = 10, dense_first: int = 1) -> transformers.Qwen3MoeConfig:
+    """The architecture of the shipped model (defaults: 4.17M parameters, 1.52M active per token).
 
     ``num_layers`` decoder layers, the first ``dense_first`` of them a dense MLP (``mlp_only_layers``, as
     DeepSeek-V3's ``first_k_dense_replace``), the rest MoE.

@@ -200,8 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=40, help="warm-up steps")
     parser.add_argument("--aux-coef", type=float, default=0.01, help="weight of the per-layer load-balancing loss")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--layers", type=int, default=4, help="decoder layers")
-    parser.add_argument("--dense-first", type=int, default=0, help="how many first layers are a dense MLP, not MoE")
+    parser.add_argument("--layers", type=int, default=10, help="decoder layers")
+    parser.add_argument("--dense-first", type=int, default=1, help="how many first layers are a dense MLP, not MoE")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1, see module doc)")
     train(parser.parse_args(argv))
     return 0
