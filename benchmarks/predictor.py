@@ -10,7 +10,8 @@ model on the standard library's train files, then prints, on its held-out files:
   relative to the residual stream it is added to (the router sees both, the predictor only the
   latter), and a ceiling for the first layer: its pre-attention activation is the token embedding,
   so no predictor beats the best map from token id to top-k set; fitted on the evaluation tokens
-  themselves, that map's exact match bounds any pre-attention predictor's on that layer;
+  themselves, that map's exact match bounds any pre-attention predictor's on that layer (only when
+  the first MoE layer is decoder layer 0: after a dense first layer its input carries context);
 - offload mode (``offload="cpu"``): per prompt length, the expert bytes copied ahead and on demand per
   prefill, and the prefill time, for the pre-attention predictor, no predictor (all on demand) and all
   experts resident (no offload), compiled side by side. On a CPU the "device" is the CPU: the copies
@@ -276,6 +277,10 @@ def accuracy(model: torch.nn.Module, bundle, eval_tokens: int) -> None:
           f"{ours_later.exact:.1%} vs cross-layer {cross.exact:.1%} ({ours_later.exact - cross.exact:+.1%})")  # fmt: skip
     ratios = attention_update_ratio(model, heldout[:16])
     print("|attention update| / |residual| per layer: " + ", ".join(f"{k}: {v:.2f}" for k, v in ratios.items()))
+    first = moe_layers(model)[0].index
+    if first != 0:  # its input has been through attention and dense layers: no token-id ceiling
+        print(f"first MoE layer is decoder layer {first} (dense before it): no token-id ceiling")
+        return
     ceiling = first_layer_ceiling(model, heldout)
     print(f"first MoE layer ceiling (best map from token id to top-k set, fitted on the evaluation tokens): "
           f"{ceiling:.1%} exact")  # fmt: skip

@@ -26,6 +26,7 @@ from moe_compile.predictor import (
     load_model,
     load_predictors,
     load_predictors_for_routers,
+    moe_layers,
     predict_topk,
     ranking_loss,
     read_metadata,
@@ -35,9 +36,11 @@ from moe_compile.predictor import (
     train_predictors,
 )
 from moe_compile.predictor.cli import add_subcommands
+from moe_compile.predictor.tiny_moe import tiny_moe_config
 from moe_compile.testing import zoo
 
 SEQ = 128
+MOE_LAYERS = list(range(1, 10))  # the shipped model: 10 decoder layers, layer 0 dense, layers 1-9 MoE
 FAST = TrainConfig(epochs=2, batch_size=128)
 
 
@@ -76,13 +79,23 @@ def predictor_file(bundle, tmp_path_factory):
 
 def test_shipped_model_is_a_standard_trained_moe(model, heldout_chunks):
     assert isinstance(model, transformers.Qwen3MoeForCausalLM)
-    assert model.config.num_hidden_layers == 4 and model.config.num_experts == 8
+    assert model.config.num_hidden_layers == 10 and model.config.num_experts == 8
+    assert [moe.index for moe in moe_layers(model)] == MOE_LAYERS  # layer 0 is a dense MLP
     summary = json.loads((TINY_MOE_DIR / "training.json").read_text())
     assert summary["heldout_loss_nats_per_byte"] < 2.0  # uniform over 259 ids would be 5.56
     ids = heldout_chunks[:4]
     logits = model(input_ids=ids).logits  # [4, 128, 259]
     loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
     assert loss.item() < 2.5
+
+
+def test_tiny_moe_config_dense_first_layers():
+    """``train_lm --layers N --dense-first D``: the first D decoder layers are dense, the rest MoE."""
+    model = transformers.Qwen3MoeForCausalLM(tiny_moe_config(num_layers=3, dense_first=1))
+    assert [moe.index for moe in moe_layers(model)] == [1, 2]
+    assert not hasattr(model.model.layers[0].mlp, "gate")
+    with pytest.raises(ValueError, match="dense_first must be in"):
+        tiny_moe_config(num_layers=2, dense_first=2)
 
 
 def test_byte_tokenizer_matches_corpus_encoding():
@@ -121,9 +134,10 @@ def test_routing_is_learned(model, heldout_chunks):
 def test_collect_records_pre_attention_residual_and_router_choices(model, heldout_chunks):
     ids = heldout_chunks[:2]  # [2, 128]
     data = collect_routing(model, ids, progress=False)
-    assert data.layers == [0, 1, 2, 3] and data.num_tokens == 256
-    # layer 0's pre-attention activation is the token embedding
-    torch.testing.assert_close(data.pre_attention[0], model.model.embed_tokens(ids).reshape(256, -1))
+    assert data.layers == MOE_LAYERS and data.num_tokens == 256
+    # the first MoE layer's pre-attention activation is the dense layer 0's output
+    hidden = model(input_ids=ids, output_hidden_states=True).hidden_states[1]  # [2, 128, H]: after layer 0
+    torch.testing.assert_close(data.pre_attention[1], hidden.reshape(256, -1))
     for layer in data.layers:
         router = model.model.layers[layer].mlp.gate
         assert data.topk[layer].shape == (256, 2)
@@ -154,10 +168,10 @@ def test_topk_accuracy_is_set_based():
 
 def test_trained_predictor_beats_frequency_baseline(model, bundle, heldout_chunks):
     table = evaluate(model, bundle, heldout_chunks, progress=False)
-    for layer in [0, 1, 2, 3]:
+    for layer in MOE_LAYERS:
         ours, hot = table["pre-attention"][layer], table["frequency"][layer]
         assert ours.recall > hot.recall + 0.1, f"layer {layer}: {ours} vs frequency {hot}"
-    assert table["cross-layer"][0] is None and table["cross-layer"][1] is not None
+    assert table["cross-layer"][1] is None and table["cross-layer"][2] is not None
 
 
 def test_predict_topk_is_a_pure_function_that_traces_to_aten(bundle):
@@ -186,20 +200,20 @@ def test_save_load_round_trip(model, bundle, predictor_file, heldout_chunks):
     meta = read_metadata(predictor_file)
     assert meta["format"] == "moe_compile.expert_predictors" and meta["format_version"] == "1"
     assert meta["predictor"] | {"hidden_size": 128, "num_experts": 8, "top_k": 2, "width": 256} == meta["predictor"]
-    assert meta["layers"] == {"pre_attention": [0, 1, 2, 3], "cross_layer": [1, 2, 3], "frequency": [0, 1, 2, 3]}
-    assert meta["model_identity"]["moe_layers"] == [0, 1, 2, 3] and len(meta["model_fingerprint"]) == 64
+    assert meta["layers"] == {"pre_attention": MOE_LAYERS, "cross_layer": MOE_LAYERS[1:], "frequency": MOE_LAYERS}
+    assert meta["model_identity"]["moe_layers"] == MOE_LAYERS and len(meta["model_fingerprint"]) == 64
     assert meta["training"]["epochs"] == FAST.epochs
     loaded = load_bundle(predictor_file, model)
     predictors = load_predictors(predictor_file, model)
     hidden = torch.randn(2, 3, 128)  # [B, S, H]
-    for layer in [0, 1, 2, 3]:
+    for layer in MOE_LAYERS:
         torch.testing.assert_close(predictors.predict(layer, hidden), bundle.pre_attention.predict(layer, hidden))
         assert predictors.predict(layer, hidden).shape == (2, 3, 2)
-    for layer in [1, 2, 3]:
+    for layer in MOE_LAYERS[1:]:
         torch.testing.assert_close(loaded.cross_layer.predict(layer, hidden), bundle.cross_layer.predict(layer, hidden))
     assert all(torch.equal(loaded.frequency[layer], bundle.frequency[layer]) for layer in bundle.frequency)
-    with pytest.raises(KeyError, match="no predictor for layer 7"):
-        predictors.predict(7, hidden)
+    with pytest.raises(KeyError, match="no predictor for layer 0"):  # the dense layer
+        predictors.predict(0, hidden)
 
 
 def test_predictor_for_another_model_is_rejected(predictor_file):
@@ -220,17 +234,17 @@ def test_same_architecture_other_weights_is_rejected(predictor_file):
 
 
 def test_same_checkpoint_in_bf16_is_accepted(predictor_file):
-    assert load_predictors(predictor_file, load_model(dtype=torch.bfloat16)).layers == [0, 1, 2, 3]
+    assert load_predictors(predictor_file, load_model(dtype=torch.bfloat16)).layers == MOE_LAYERS
 
 
 def test_load_for_router_weights_without_the_module(model, predictor_file):
-    routers = {i: layer.mlp.gate.weight for i, layer in enumerate(model.model.layers)}  # what a graph pass holds
-    assert load_predictors_for_routers(predictor_file, routers).layers == [0, 1, 2, 3]
-    with pytest.raises(PredictorFileError, match=r"graph's routers are in layers \[0, 1\]"):
-        load_predictors_for_routers(predictor_file, {0: routers[0], 1: routers[1]})
-    other = zoo.build("qwen3_moe", num_layers=4)
-    with pytest.raises(PredictorFileError, match=r"router weights differ in layer\(s\) 0, 1, 2, 3"):
-        load_predictors_for_routers(predictor_file, {i: l.mlp.gate.weight for i, l in enumerate(other.model.layers)})
+    routers = {moe.index: moe.router.weight for moe in moe_layers(model)}  # what a graph pass holds
+    assert load_predictors_for_routers(predictor_file, routers).layers == MOE_LAYERS
+    with pytest.raises(PredictorFileError, match=r"graph's routers are in layers \[1, 2\]"):
+        load_predictors_for_routers(predictor_file, {1: routers[1], 2: routers[2]})
+    other = zoo.build("qwen3_moe", num_layers=10)
+    with pytest.raises(PredictorFileError, match=r"router weights differ in layer\(s\) 1, 2, 3, 4, 5, 6, 7, 8, 9"):
+        load_predictors_for_routers(predictor_file, {i: other.model.layers[i].mlp.gate.weight for i in MOE_LAYERS})
 
 
 @pytest.mark.parametrize("damage", ["truncated", "flipped", "garbage", "foreign", "missing"])
@@ -279,10 +293,10 @@ def test_cli_train_then_eval_prints_table(tmp_path, capsys):
     assert "saved to" in capsys.readouterr().out and out.is_file()
     assert _run(["eval-predictor", "--predictor", str(out), "--max-tokens", "2048", "--quiet"]) == 0
     table = capsys.readouterr().out
-    for heading in ("pre-attention", "cross-layer", "router", "frequency", "exact", "recall", "mean 1-3"):
+    for heading in ("pre-attention", "cross-layer", "router", "frequency", "exact", "recall", "mean 2-9"):
         assert heading in table
-    rows = [line.split()[0] for line in table.splitlines()[2:6]]
-    assert rows == ["0", "1", "2", "3"]
+    rows = [line.split()[0] for line in table.splitlines()[2:11]]
+    assert rows == [str(layer) for layer in MOE_LAYERS]
 
 
 def test_cli_eval_with_foreign_predictor_exits_with_message(tmp_path):
@@ -301,4 +315,4 @@ def test_cli_rejects_a_model_without_moe_layers(tmp_path):
 def test_format_table_shows_na_for_first_layer_cross_layer(model, bundle, heldout_chunks):
     table = format_table(evaluate(model, bundle, heldout_chunks[:2], progress=False))
     first = table.splitlines()[2].split()
-    assert first[0] == "0" and first[3:5] == ["n/a", "n/a"]
+    assert first[0] == "1" and first[3:5] == ["n/a", "n/a"]

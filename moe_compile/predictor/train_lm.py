@@ -128,7 +128,7 @@ def train(args: argparse.Namespace) -> dict:
     print(f"corpus: {len(train_files)} train files ({train_stream.numel() / 1e6:.1f} MB), "
           f"{len(heldout_files)} held-out files; Python {platform.python_version()}")  # fmt: skip
 
-    config = tiny_moe_config()
+    config = tiny_moe_config(args.layers, args.dense_first)
     model = transformers.Qwen3MoeForCausalLM(config).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.01)
     print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; "
@@ -169,6 +169,8 @@ def train(args: argparse.Namespace) -> dict:
         "lr": args.lr,
         "aux_coef": args.aux_coef,
         "seed": args.seed,
+        "layers": args.layers,
+        "dense_first": args.dense_first,
         "threads": args.threads,
         "train_files": len(train_files),
         "heldout_files": len(heldout_files),
@@ -198,6 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=40, help="warm-up steps")
     parser.add_argument("--aux-coef", type=float, default=0.01, help="weight of the per-layer load-balancing loss")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--layers", type=int, default=10, help="decoder layers")
+    parser.add_argument("--dense-first", type=int, default=1, help="how many first layers are a dense MLP, not MoE")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1, see module doc)")
     train(parser.parse_args(argv))
     return 0
