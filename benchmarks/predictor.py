@@ -115,6 +115,28 @@ def first_layer_ceiling(model: torch.nn.Module, chunks: torch.Tensor) -> float:
     return best_per_token.sum().item() / data.num_tokens
 
 
+def _timed_prefills(compiled, prompt: torch.Tensor, repeats: int, distributed: bool = False):
+    """Compile and warm up, zero the offload counts, then time ``repeats`` prefills: (report, seconds each).
+
+    ``distributed``: the ranks start each prefill together and it lasts until the slowest rank ends.
+    """
+    with collect_reports() as report:
+        compiled(prompt)  # compile and warm up
+    for store in report.offload:
+        store.reset_stats()
+    times = []
+    for _ in range(repeats):
+        if distributed:
+            dist.barrier()
+        started = time.perf_counter()
+        compiled(prompt)
+        elapsed = torch.tensor([time.perf_counter() - started])
+        if distributed:
+            dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)  # the step ends with the slowest rank
+        times.append(elapsed.item())
+    return report, times
+
+
 @torch.no_grad()
 def offload_table(model: torch.nn.Module, predictor: Path, lengths: list[int], repeats: int) -> str:
     """Per prompt length and mode: MiB copied ahead (used) / on demand per prefill, share ahead, median prefill ms."""
@@ -124,15 +146,7 @@ def offload_table(model: torch.nn.Module, predictor: Path, lengths: list[int], r
         for mode, options in OFFLOAD_MODES.items():
             torch._dynamo.reset()
             compiled = torch.compile(model, backend="moe_prefill", options={"inductor": False, **options(predictor)})
-            with collect_reports() as report:
-                compiled(prompt)  # compile and warm up
-            for store in report.offload:
-                store.reset_stats()
-            times = []
-            for _ in range(repeats):
-                started = time.perf_counter()
-                compiled(prompt)
-                times.append(time.perf_counter() - started)
+            report, times = _timed_prefills(compiled, prompt, repeats)
             stats = [s for store in report.offload for s in store.stats()]
             ahead, used, demand, needed = (
                 sum(getattr(s, f) for s in stats) / repeats / 2**20
@@ -193,18 +207,7 @@ def _aep_rank(rank, ranks, port, model_dir, predictor, lengths, repeats, out) ->
                 model = load_model(model_dir)  # a fresh copy: AEP releases the full expert weights it compiled
                 options = {"inductor": False, **make_options(predictor)}
                 compiled = torch.compile(model, backend="moe_prefill", options=options)
-                with collect_reports() as report:
-                    compiled(prompt)  # compile and warm up
-                for store in report.offload:
-                    store.reset_stats()
-                times = []
-                for _ in range(repeats):
-                    dist.barrier()
-                    started = time.perf_counter()
-                    compiled(prompt)
-                    elapsed = torch.tensor([time.perf_counter() - started])
-                    dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)  # the step ends with the slowest rank
-                    times.append(elapsed.item())
+                report, times = _timed_prefills(compiled, prompt, repeats, distributed=True)
                 stats = [s for store in report.offload for s in store.stats()]
                 sums = {f: sum(getattr(s, f) for s in stats) / repeats for f in
                         ("bytes_ahead", "bytes_ahead_used", "bytes_on_demand", "bytes_padding")}  # fmt: skip
