@@ -119,7 +119,8 @@ def _make_expert_parallel_traceable(model: nn.Module) -> None:
             continue
         parent_name, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent_name), attr, result)
-        _prepare_log.append((name, "expert-parallel (HF AllToAllEP) -> reference EP module with functional collectives"))
+        what = "expert-parallel (HF AllToAllEP) -> reference EP module with functional collectives"
+        _prepare_log.append((name, what))
 
 
 def prepare_report() -> list[tuple[str, str]]:

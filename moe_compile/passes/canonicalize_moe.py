@@ -61,7 +61,9 @@ def _cut_region(m: MoEMatch, ctx: PassContext) -> tuple[_Region, list[fx.Node]] 
 
     stop = {m.hidden, m.topk_ids, m.topk_weights, m.w_up, m.w_down}
     # sizes computed in the graph (data-dependent ones, e.g. an AllToAll's split sizes) are region inputs
-    computed_sizes = {n for n in m.out.graph.nodes if n.op == "call_function" and isinstance(n.meta.get("val"), torch.SymInt)}
+    computed_sizes = {
+        n for n in m.out.graph.nodes if n.op == "call_function" and isinstance(n.meta.get("val"), torch.SymInt)
+    }
     nodes = set(backward_region([m.out], stop | computed_sizes))
     biases, syms, foreign = [], [], []
     for node in nodes:

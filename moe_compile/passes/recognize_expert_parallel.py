@@ -152,7 +152,8 @@ def _match(local: fx.Node, world: rdist.World) -> EPBlock:
         raise _Miss(f"the AllToAlls run on group {group!r} of {W} ranks, not the default group of {world.size}")
 
     # combine: the local output goes back with the dispatch's splits swapped
-    combine = _expect(_only_user(_single_user_chain(local, VIEWS), "combine"), A2A, "no combine after the local experts")
+    after_local = _only_user(_single_user_chain(local, VIEWS), "combine")
+    combine = _expect(after_local, A2A, "no combine after the local experts")
     if list(combine.args[1]) != list(send) or list(combine.args[2]) != list(recv) or combine.args[3] != group:
         raise _Miss("the combine's split sizes are not the dispatch's swapped")
     y_S = _single_user_chain(combine, VIEWS | {WAIT})
@@ -165,7 +166,8 @@ def _match(local: fx.Node, world: rdist.World) -> EPBlock:
     order = unsort.args[2]
 
     # dispatch input: this rank's rows, sorted by expert with the same order
-    rows = _expect(_through(dispatch.args[0], VIEWS), "aten::index", "the dispatched rows are not gathered by the sort order")
+    rows = _through(dispatch.args[0], VIEWS)
+    rows = _expect(rows, "aten::index", "the dispatched rows are not gathered by the sort order")
     x_T, (pair_to_token,) = rows.args
     token_of = _expect(pair_to_token, "aten::div", "dispatched rows: row index")
     if token_of.args[0] is not order or token_of.kwargs.get("rounding_mode") != "floor":
@@ -232,7 +234,8 @@ def _check_counts(send: list, recv: list, owner: fx.Node, W: int, group: str) ->
         raise _Miss("the split sizes are not the send counts followed by the received counts")
     send_W, recv_W = cat.args[0]
     add = _expect(send_W, "aten::index_add", "the send counts")
-    if add.args[1] != 0 or add.args[2] is not owner or not _is_ones(add.args[3]) or op_name(add.args[0]) != "aten::zeros":
+    counts_owners = add.args[1] == 0 and add.args[2] is owner and _is_ones(add.args[3])
+    if not counts_owners or op_name(add.args[0]) != "aten::zeros":
         raise _Miss("the send counts are not the number of pairs per owner rank")
     exchange = _collective(recv_W, "the received counts")
     if exchange.args[0] is not send_W or list(exchange.args[1]) != [1] * W or exchange.args[3] != group:
@@ -253,10 +256,8 @@ def _remove_old_chain(gm: fx.GraphModule, block: EPBlock) -> None:
             continue
         seen.add(node)
         stack.extend(node.users)
-    removable = {
-        n for n in seen
-        if op_name(n) in (WAIT, "aten::_assert_scalar", "aten::sym_constrain_range", "aten::sym_constrain_range_for_size")
-    }  # fmt: skip
+    impure = (WAIT, "aten::_assert_scalar", "aten::sym_constrain_range", "aten::sym_constrain_range_for_size")
+    removable = {n for n in seen if op_name(n) in impure}
     gm.graph.eliminate_dead_code(is_impure_node=lambda n: n not in removable and n.is_impure())
 
 
@@ -287,7 +288,10 @@ class RecognizeExpertParallel(GraphPass):
                     blocks.remove((local, report))
                 continue
             path = report.path.rpartition(".")[0] if report.path.endswith(".experts") else report.path
-            what = f"expert-parallel block (AllToAll dispatch/combine over {ep.world_size} ranks, {report.num_experts} local experts)"
+            what = (
+                f"expert-parallel block (AllToAll dispatch/combine over {ep.world_size} ranks, "
+                f"{report.num_experts} local experts)"
+            )
             if mode != "aep":
                 ctx.report.notes.append(f"{path}: recognised an {what}; left as written (parallel={mode!r})")
                 if mode is not None:  # no parallel pass may shard these experts again

@@ -240,7 +240,8 @@ def _already_sharded(
 ) -> ShardedBlock | None:
     """A block whose expert arguments already are this rank's shards ``[E/W, ...]`` (nothing to shard or release)."""
     if world_size != world.size:
-        ctx.report.skipped.append(Skipped(report.path, f"parallel={mode}: sharded over {world_size} ranks, not {world.size}"))
+        why = f"parallel={mode}: sharded over {world_size} ranks, not {world.size}"
+        ctx.report.skipped.append(Skipped(report.path, why))
         return None
     if resident:
         ctx.report.notes.append(

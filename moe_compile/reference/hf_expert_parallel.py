@@ -95,7 +95,8 @@ def make_traceable(module: nn.Module, implementation) -> ExpertParallelExperts |
     gen = torch.Generator().manual_seed(0)
     for act in ACTIVATIONS:
         for layout in ("concat", "interleaved"):
-            spec = ExpertSpec(activation=act, gate_layout=layout, transposed=transposed, **_swiglu_constants(module, act))
+            constants = _swiglu_constants(module, act)
+            spec = ExpertSpec(activation=act, gate_layout=layout, transposed=transposed, **constants)
             candidate = ExpertParallelExperts(
                 local["gate_up_proj"], local["down_proj"], local["gate_up_proj_bias"], local["down_proj_bias"],
                 spec, group=dist.group.WORLD,
@@ -111,7 +112,10 @@ def make_traceable(module: nn.Module, implementation) -> ExpertParallelExperts |
 def _swiglu_constants(module: nn.Module, act: str) -> dict:
     if act != "swiglu_oai":
         return {}
-    return {"alpha": float(getattr(module, "alpha", ExpertSpec.alpha)), "limit": float(getattr(module, "limit", ExpertSpec.limit))}
+    return {
+        "alpha": float(getattr(module, "alpha", ExpertSpec.alpha)),
+        "limit": float(getattr(module, "limit", ExpertSpec.limit)),
+    }
 
 
 def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -132,7 +136,8 @@ def _same_local_experts(module: nn.Module, implementation, candidate: ExpertPara
     weights = torch.rand(R, 1, generator=gen).to(w.device, w.dtype)
     with _use_local_dtensor_params(module):
         expected = implementation.experts_forward(x, ids, weights)
-    got = batched_experts(x, ids, weights, candidate.w_up, candidate.w_down, candidate.b_up, candidate.b_down, candidate.spec)
+    c = candidate
+    got = batched_experts(x, ids, weights, c.w_up, c.w_down, c.b_up, c.b_down, c.spec)
     return _close(got, expected)
 
 
