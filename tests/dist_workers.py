@@ -15,9 +15,11 @@ capturing pass appended to the pipeline (:class:`GraphFacts`).
 from __future__ import annotations
 
 import datetime
+import faulthandler
 import os
 import queue as queue_module
 import socket
+import sys
 import time
 import traceback
 from typing import Any
@@ -36,6 +38,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+class RanksHung(AssertionError):
+    """Some ranks reported nothing within the spawn's timeout."""
+
+
 def spawn(
     fn,
     world_size: int,
@@ -48,13 +54,29 @@ def spawn(
 
     The ranks join a gloo group whose collectives time out after ``group_timeout_s``
     (``None``: the worker initialises the group itself).
+
+    A run whose ranks do not all report within ``timeout_s`` is started once more, on a new port,
+    after printing what is known (the hung ranks print their Python stacks to stderr, and the
+    ranks that finished are listed with their errors). Seen once (2026-11-30, the second of two
+    full-suite runs in a fresh clone): the 4-rank hot-experts test's rank 0 reported nothing for
+    600 s; five runs of that test alone passed in 25 s each; run right after the never-joins test
+    it hung again and its retry passed. The cause is not known yet. A second hang fails the test.
     """
+    try:
+        return _spawn_once(fn, world_size, args, timeout_s, procs, group_timeout_s)
+    except RanksHung as hung:
+        print(f"spawn: {hung}; running the ranks once more", file=sys.stderr)
+        return _spawn_once(fn, world_size, args, timeout_s, procs, group_timeout_s)
+
+
+def _spawn_once(fn, world_size: int, args: tuple, timeout_s: float, procs: int | None, group_timeout_s) -> list:
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = free_port()
     procs = world_size if procs is None else procs
     workers = [
-        ctx.Process(target=_entry, args=(fn, r, world_size, port, group_timeout_s, queue, args)) for r in range(procs)
+        ctx.Process(target=_entry, args=(fn, r, world_size, port, group_timeout_s, queue, args, timeout_s))
+        for r in range(procs)
     ]
     for w in workers:
         w.start()
@@ -64,8 +86,10 @@ def spawn(
         while len(results) < procs:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise AssertionError(
-                    f"ranks {sorted(set(range(procs)) - set(results))} did not finish in {timeout_s} s"
+                finished = "; ".join(f"rank {r}: {st}: {str(p)[-300:]}" for r, (st, p) in sorted(results.items()))
+                raise RanksHung(
+                    f"ranks {sorted(set(range(procs)) - set(results))} did not finish in {timeout_s} s "
+                    f"(finished: {finished or 'none'})"
                 )
             try:
                 rank, status, payload = queue.get(timeout=min(remaining, 5.0))
@@ -85,8 +109,12 @@ def spawn(
     return [results[r][1] for r in range(procs)]
 
 
-def _entry(fn, rank: int, world_size: int, port: int, group_timeout_s: float | None, queue, args: tuple) -> None:
+def _entry(
+    fn, rank: int, world_size: int, port: int, group_timeout_s: float | None, queue, args: tuple, timeout_s: float
+) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size))
+    # a rank still running after the parent gave up prints where it is (the parent kills it 30 s later)
+    faulthandler.dump_traceback_later(timeout_s + 5, exit=False)
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # W ranks share two cores
     torch.set_num_threads(1)
     try:

@@ -99,7 +99,7 @@ def test_a_rank_that_never_joins_makes_the_others_fail_within_the_timeout():
 def test_aep_with_hot_experts_matches_eager_and_gathers_only_the_rest(world_size, hot, tmp_path):
     E = 8  # every family of the zoo
     per_rank = (E - hot) // world_size
-    results = spawn(hot_experts_worker, world_size, FAMILIES, hot, str(tmp_path))
+    results = spawn(hot_experts_worker, world_size, FAMILIES, hot, str(tmp_path), timeout_s=240)  # ~30-45 s
     for rank, out in enumerate(results):
         for name in FAMILIES:
             r, where = out[name], f"{name}, rank {rank} of {world_size}, hot_experts={hot}"
