@@ -45,7 +45,21 @@ _collector: contextvars.ContextVar[list[Report] | None] = contextvars.ContextVar
 
 def moe_prefill_backend(gm: fx.GraphModule, example_inputs: list[Any], **kwargs: Any) -> Callable:
     """A torch.compile backend (``backend="moe_prefill"``)."""
-    options = Options.from_user(kwargs.get("options"))
+    return compile_graph(gm, example_inputs, kwargs.get("options"))
+
+
+def compile_graph(
+    gm: fx.GraphModule,
+    example_inputs: list[Any],
+    user_options: dict[str, Any] | None = None,
+    pipeline: Callable[[Options], list[Callable[[fx.GraphModule, PassContext], Any]]] = build_pipeline,
+) -> Callable:
+    """What the backend does, with the passes that ``pipeline(options)`` returns (default: :func:`build_pipeline`).
+
+    :class:`moe_compile.testing.pass_harness.PassHarness` passes its own ``pipeline``: chosen passes,
+    each graph kept before and after each pass.
+    """
+    options = Options.from_user(user_options)
     graph_name = f"graph_{next(_graph_ids)}"
     report = Report(graphs=1)
     tensors = [t for t in example_inputs if isinstance(t, torch.Tensor)]
@@ -59,7 +73,7 @@ def moe_prefill_backend(gm: fx.GraphModule, example_inputs: list[Any], **kwargs:
         training=torch.is_grad_enabled() and any(t.requires_grad for t in tensors),
         dumper=GraphDumper(options.debug_dir, graph_name) if options.debug else None,
     )
-    pipeline = build_pipeline(options)
+    passes = pipeline(options)
 
     def run_passes(aten_gm: fx.GraphModule) -> None:
         if ctx.real_inputs is not None and len(aten_gm.graph.find_nodes(op="placeholder")) != len(ctx.real_inputs):
@@ -67,7 +81,7 @@ def moe_prefill_backend(gm: fx.GraphModule, example_inputs: list[Any], **kwargs:
         if ctx.training:
             report.skipped.append(Skipped(graph_name, TRAINING_REASON))
         else:
-            for graph_pass in pipeline:
+            for graph_pass in passes:
                 graph_pass(aten_gm, ctx)
         if ctx.dumper is not None:
             ctx.dumper.summary(aten_gm, report)
@@ -91,10 +105,10 @@ def moe_prefill_backend(gm: fx.GraphModule, example_inputs: list[Any], **kwargs:
 
 
 def _wrapped(compiled: Callable, ctx: PassContext) -> Callable:
-    """``compiled`` as the passes asked: wrapped (``ctx.state["wrap_compiled"]``; parallel: world-size check),
-    and holding what must live as long as it (``ctx.state["keep_alive"]``; the expert stores of offload)."""
-    wrap = ctx.state.get("wrap_compiled")
-    keep = ctx.state.get("keep_alive")
+    """``compiled`` as the passes asked: wrapped (``ctx.wrap_compiled``; parallel: world-size check),
+    and holding what must live as long as it (``ctx.stores``: the expert stores of offload and AEP with a predictor)."""
+    wrap = ctx.wrap_compiled
+    keep = list(ctx.stores)
     if keep:
         inner = compiled
 

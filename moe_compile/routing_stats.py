@@ -15,7 +15,7 @@ called with (the first 2D integer tensor among its inputs) and counts them per e
 MoE block is the experts module's parent (its path is the block path of the compile report);
 its router is the one 2D ``[E, H]`` parameter of the block outside the experts.
 
-File layout (safetensors, written and checked by :mod:`moe_compile.predictor.checkpoint`)::
+File layout (safetensors, written and checked by :mod:`moe_compile.file_format`)::
 
     counts.<block path>   [E] int64     (e.g. counts.model.layers.1.mlp)
 
@@ -42,7 +42,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .predictor.checkpoint import FileFormat, read_file, write_file
+from .file_format import FileFormat, read_file, write_file
 from .predictor.model_info import fingerprint, router_hash
 
 _MAKE = (

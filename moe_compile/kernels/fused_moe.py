@@ -7,9 +7,9 @@ What it computes is ``moe_compile::moe`` (:mod:`moe_compile.ops`)::
 
     out[t] = sum_k  topk_weights[t, k] * down_e(act(up_e(hidden[t]))),   e = topk_ids[t, k]
 
-:func:`fused_moe` is the Python entry point; ``moe_compile::moe_triton`` is the same
-function as a custom op with exactly the schema of ``moe_compile::moe``, so a graph
-pass can swap one for the other by target alone. Nothing on the launch path syncs
+:func:`fused_moe` is the Python entry point; ``moe_compile::moe_triton`` (registered in
+:mod:`moe_compile.ops.moe`) is the same function as a custom op with exactly the schema of
+``moe_compile::moe``, so a graph pass can swap one for the other by target alone. Nothing on the launch path syncs
 with the host (grids come from shapes, valid block counts stay on the device), so
 the layer can be captured in a CUDA graph; the opt-in autotune
 (``MOE_COMPILE_AUTOTUNE=1``) is the exception and runs once per shape beforehand.
@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 import triton
 
-from ..ops import check_inputs, moe_fake
+from ..ops.moe import check_inputs, moe_triton  # moe_triton: re-exported
 from ..spec import ExpertSpec
 from .align import align
 from .configs import KernelConfig, select_config
@@ -59,21 +59,3 @@ def fused_moe(
     y_SH = down_projection(act_SI, alignment, topk_weights_TK, w_down, b_down_EH, spec, config)  # [S, H]
     block_h = min(triton.next_power_of_2(max(H, 1)), _MAX_REDUCE_BLOCK)
     return reduce_topk(y_SH, K, hidden_TH.dtype, block_h)  # [T, H]
-
-
-@torch.library.custom_op("moe_compile::moe_triton", mutates_args=())
-def moe_triton(
-    hidden: torch.Tensor,
-    topk_ids: torch.Tensor,
-    topk_weights: torch.Tensor,
-    w_up: torch.Tensor,
-    w_down: torch.Tensor,
-    b_up: torch.Tensor | None,
-    b_down: torch.Tensor | None,
-    spec: str,
-) -> torch.Tensor:
-    """``moe_compile::moe`` on the Triton kernels (same schema, same semantics)."""
-    return fused_moe(hidden, topk_ids, topk_weights, w_up, w_down, b_up, b_down, ExpertSpec.decode(spec))
-
-
-moe_triton.register_fake(moe_fake)

@@ -25,8 +25,16 @@ Each pass is one module; its docstring says what it matches and what it emits.
    :mod:`.expert_parallel` (``"ep"``) — shard the experts, AllToAll the tokens;
    nothing here when step 2b ran.
 
+Passes hand results to each other in typed fields of :class:`~.base.PassContext`; each
+pass declares the fields it ``requires``, ``uses`` and ``provides``, and
+:func:`build_pipeline` checks the order (:func:`~.base.check_order`). Passes read and write
+the MoE calls by argument name (:class:`~.moe_call.MoECall`) and walk the graph with the op
+sets of :mod:`.vocabulary`.
+
 To add a pass: subclass :class:`~.base.GraphPass` in a new module, say in its
-docstring what it matches and emits, and insert it in :func:`build_pipeline`.
+docstring what it matches and emits, declare what it requires and provides, insert it
+in :func:`build_pipeline`, and give it a test module in ``tests/passes/``
+(:mod:`moe_compile.testing.pass_harness` runs chosen passes and keeps each graph).
 """
 
 from __future__ import annotations
@@ -35,7 +43,7 @@ import torch
 
 from ..options import Options
 from .async_expert_parallel import AsyncExpertParallel
-from .base import GraphPass, PassContext
+from .base import GraphPass, PassContext, PipelineOrderError, check_order
 from .canonicalize_moe import CanonicalizeMoE
 from .detect_moe import DetectMoE, MoEMatch
 from .expert_parallel import ExpertParallel
@@ -46,7 +54,7 @@ from .predicted_gather import PredictedGather
 from .recognize_expert_parallel import RecognizeExpertParallel
 from .released_weights import HideReleasedWeights
 
-__all__ = ["GraphPass", "PassContext", "MoEMatch", "build_pipeline"]
+__all__ = ["GraphPass", "MoEMatch", "PassContext", "PipelineOrderError", "build_pipeline", "check_order"]
 
 _PARALLEL = {"aep": AsyncExpertParallel, "ep": ExpertParallel}
 
@@ -68,4 +76,5 @@ def build_pipeline(options: Options) -> list[GraphPass]:
         passes = [HideReleasedWeights(), *passes]
         if not predicted_gather:
             passes.append(_PARALLEL[options.parallel]())
+    check_order(passes)
     return passes

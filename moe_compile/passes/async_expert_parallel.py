@@ -8,7 +8,7 @@ all-gathers a layer's experts before the layer runs. No activation leaves a rank
 Contract
 --------
 Matches: the canonical calls ``moe_compile.moe(x, ids, weights, w_up, w_down, b_up, b_down, spec)``
-(or ``moe_triton``) of ``ctx.state["moe_blocks"]``, whose expert tensors are graph
+(or ``moe_triton``) of ``ctx.moe_blocks``, whose expert tensors are graph
 inputs with known values.
 
 Requires: torch.distributed initialised (a clear error otherwise); ``E`` divisible
@@ -87,12 +87,12 @@ from .. import planner
 from ..graph import hint, op_name, tensor_val, to_networkx
 from ..runtime.dist import World
 from .base import PassContext, set_fake_val
-from .sharded_experts import ROLES, ShardedBlock, ShardedExpertsPass
+from .moe_call import MoECall, is_moe_call
+from .sharded_experts import ShardedBlock, ShardedExpertsPass
+from .vocabulary import FLOP_MATMULS
 
 _c10d = torch.ops._c10d_functional
 aten = torch.ops.aten
-#: ops whose FLOPs the window counts: 2 * (output elements) * (contracted size)
-_MATMULS = {"aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm", "aten::_grouped_mm"}
 
 
 @dataclasses.dataclass
@@ -145,7 +145,7 @@ class AsyncExpertParallel(ShardedExpertsPass):
                 gather_bytes=[b.gather_bytes for b in blocks],
                 window_flops=lambda i, d: deps.window(i, d)[1],
                 num_layers=len(blocks),
-                dtype=tensor_val(blocks[0].node.args[ROLES["w_up"]]).dtype,
+                dtype=tensor_val(MoECall.from_node(blocks[0].node).w_up).dtype,
             )
         else:
             depth, why = requested, "requested"
@@ -181,21 +181,22 @@ class AsyncExpertParallel(ShardedExpertsPass):
                 last = graph.call_function(operator.getitem, (gather, j))
             set_fake_val(last)
             parts.append(last)
-        args = list(block.node.args)
+        call = MoECall.from_node(block.node)
+        changes: dict[str, fx.Node] = {}
         with graph.inserting_before(block.node):
             for role, part in zip(roles, parts):
                 wait = graph.call_function(_c10d.wait_tensor.default, (part,))  # [E-R, ...]
                 set_fake_val(wait)
-                args[ROLES[role]] = wait
+                changes[role] = wait
             if block.resident:  # the full layer in the order resident + gathered, ids remapped to it
                 for role in roles:
-                    layer = graph.call_function(aten.cat.default, ([block.resident[role], args[ROLES[role]]],))
+                    layer = graph.call_function(aten.cat.default, ([block.resident[role], changes[role]],))
                     set_fake_val(layer)  # [E, ...]: a copy of the layer (see docs/parallel.md)
-                    args[ROLES[role]] = layer
-                ids = graph.call_function(aten.index.Tensor, (block.position, [args[1]]))
+                    changes[role] = layer
+                ids = graph.call_function(aten.index.Tensor, (block.position, [call.topk_ids]))
                 set_fake_val(ids)  # [T, K]: ids' = position[ids]
-                args[1] = ids
-        block.node.args = tuple(args)
+                changes["topk_ids"] = ids
+        call.replace(**changes)
         return last
 
 
@@ -229,11 +230,14 @@ def _flops(node: fx.Node) -> int:
         return 0
     name = op_name(node)
     out = tensor_val(node)
-    if name.startswith("moe_compile::moe"):
-        x, ids, w_up, w_down = (tensor_val(node.args[i]) for i in (0, 1, 3, 4))
+    if is_moe_call(node):
+        call = MoECall.from_node(node)
+        x, ids, w_up, w_down = (tensor_val(n) for n in (call.hidden, call.topk_ids, call.w_up, call.w_down))
+        if x is None or w_up is None or w_down is None:
+            return 0
         per_row = (w_up.numel() + w_down.numel()) // w_up.shape[0]  # one expert's up + down weights
-        return 2 * hint(ids.shape[0]) * hint(ids.shape[1]) * hint(per_row) if x is not None else 0
-    if name in _MATMULS and out is not None:
+        return 2 * hint(ids.shape[0]) * hint(ids.shape[1]) * hint(per_row)
+    if name in FLOP_MATMULS and out is not None:
         a = tensor_val(node.args[1] if name in ("aten::addmm", "aten::baddbmm") else node.args[0])
         return 2 * hint(out.numel()) * hint(a.shape[-1]) if a is not None else 0
     if "scaled_dot_product" in name:
@@ -244,10 +248,7 @@ def _flops(node: fx.Node) -> int:
 
 def _use_resident(block: ShardedBlock) -> None:
     """A block whose experts are all resident reads its ``[E, ...]`` constants (in expert order) directly."""
-    args = list(block.node.args)
-    for role, node in block.resident.items():
-        args[ROLES[role]] = node
-    block.node.args = tuple(args)
+    MoECall.from_node(block.node).replace(**block.resident)
     block.report.schedule = {"resident_experts": list(block.resident_ids), "gather_bytes": 0,
                              "gather_bytes_without_resident": block.full_bytes}  # fmt: skip
     block.report.rewrites.append(f"aep: all {len(block.resident_ids)} experts resident, no gather")

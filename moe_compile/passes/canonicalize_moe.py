@@ -1,7 +1,9 @@
 """Rewrite each detected MoE block into one call of the canonical op.
 
-Matches: the :class:`~.detect_moe.MoEMatch` objects left by :mod:`.detect_moe`
-(and reports the canonical calls already in the graph, from ``moe_compile.prepare``).
+Matches: the :class:`~.detect_moe.MoEMatch` objects in ``ctx.detected`` (provided by
+:mod:`.detect_moe`), and reports the canonical calls already in the graph (from
+``moe_compile.prepare``). Provides ``ctx.moe_blocks``: every canonical call with its
+report line, which the later passes read.
 
 Emits, per block (``x`` of any shape ``[..., H]``, output cast back if needed)::
 
@@ -23,16 +25,21 @@ Requires, or the block is left untouched with the reason in the report:
 
 from __future__ import annotations
 
+import dataclasses
+from typing import NamedTuple
+
 import torch
 import torch.fx as fx
+from torch._subclasses.fake_tensor import unset_fake_temporarily
 
-from .. import ops  # noqa: F401  (registers moe_compile::moe)
-from ..graph import backward_region, hint, op_name, same, same_shape, tensor_val
+from ..graph import backward_region, hint, op_name, same, tensor_val
+from ..ops import moe_torch
 from ..report import BlockReport, Skipped
 from ..spec import ExpertSpec
-from .base import GraphPass, PassContext, set_fake_val
-from torch._subclasses.fake_tensor import unset_fake_temporarily
-from .detect_moe import MATMULS, CanonicalCall, MoEMatch
+from .base import GraphPass, MoEBlock, PassContext, reshape_like, set_fake_val
+from .detect_moe import CanonicalCall, MoEMatch
+from .moe_call import MoECall
+from .vocabulary import MATMULS
 
 aten = torch.ops.aten
 
@@ -40,10 +47,29 @@ aten = torch.ops.aten
 TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-9, torch.float16: 2e-2, torch.bfloat16: 3e-2}
 
 
-class _Region:
-    """The block's old subgraph, cut out as a standalone graph module."""
+class _NotCanonical(Exception):
+    """The block cannot be rewritten: the message says why (it goes to ``report.skipped``)."""
 
-    def __init__(self, gm: fx.GraphModule, inputs: list[fx.Node], out: fx.Node, nodes: set[fx.Node]):
+
+class _BiasRoles(NamedTuple):
+    b_up: fx.Node | None
+    b_down: fx.Node | None
+
+
+@dataclasses.dataclass
+class _Choice:
+    """The spec that reproduces the block, and how that was checked."""
+
+    spec: ExpertSpec
+    verified: str
+
+
+class _Region:
+    """The block's old subgraph, cut out as a standalone graph module, and the bias placeholders it reads."""
+
+    def __init__(
+        self, gm: fx.GraphModule, inputs: list[fx.Node], out: fx.Node, nodes: set[fx.Node], biases: list[fx.Node]
+    ):
         graph = fx.Graph()
         env: dict[fx.Node, fx.Node] = {}
         for i, node in enumerate(inputs):
@@ -54,11 +80,11 @@ class _Region:
         graph.output(env[out])
         self.module = fx.GraphModule(gm, graph)
         self.inputs = inputs
+        self.biases = biases
 
 
-def _cut_region(m: MoEMatch, ctx: PassContext) -> tuple[_Region, list[fx.Node]] | str:
-    """The nodes computing ``m.out`` from the block's inputs, and the bias placeholders found."""
-
+def _cut_region(m: MoEMatch, ctx: PassContext) -> _Region:
+    """The nodes computing ``m.out`` from the block's inputs (and the bias placeholders found)."""
     stop = {m.hidden, m.topk_ids, m.topk_weights, m.w_up, m.w_down}
     # sizes computed in the graph (data-dependent ones, e.g. an AllToAll's split sizes) are region inputs
     computed_sizes = {
@@ -81,11 +107,11 @@ def _cut_region(m: MoEMatch, ctx: PassContext) -> tuple[_Region, list[fx.Node]] 
         else:
             foreign.append(ctx.param_name(node))
     if foreign:
-        return f"the block also reads {', '.join(sorted(foreign))} (e.g. a post-expert norm); not canonical"
+        raise _NotCanonical(f"the block also reads {', '.join(sorted(foreign))} (e.g. a post-expert norm); not canonical")
     if len(biases) > 2:
-        return f"{len(biases)} per-expert vectors feed the block; expected at most two biases"
+        raise _NotCanonical(f"{len(biases)} per-expert vectors feed the block; expected at most two biases")
     inputs = [m.hidden, m.topk_ids, m.topk_weights, m.w_up, m.w_down, *biases, *syms]
-    return _Region(m.out.graph.owning_module, inputs, m.out, nodes), biases
+    return _Region(m.out.graph.owning_module, inputs, m.out, nodes, biases)
 
 
 def _added(node: fx.Node) -> bool:
@@ -93,7 +119,7 @@ def _added(node: fx.Node) -> bool:
     return not any(op_name(u) in MATMULS or op_name(u) in ("aten::t", "aten::permute") for u in node.users)
 
 
-def _bias_roles(m: MoEMatch, biases: list[fx.Node]) -> tuple[fx.Node | None, fx.Node | None] | str:
+def _bias_roles(m: MoEMatch, biases: list[fx.Node]) -> _BiasRoles:
     b_up = b_down = None
     for b in biases:
         # an up bias is added before the down matmul, so the down matmul depends on it
@@ -103,8 +129,8 @@ def _bias_roles(m: MoEMatch, biases: list[fx.Node]) -> tuple[fx.Node | None, fx.
         elif not feeds_down and b_down is None:
             b_down = b
         else:
-            return "could not tell the up bias from the down bias"
-    return b_up, b_down
+            raise _NotCanonical("could not tell the up bias from the down bias")
+    return _BiasRoles(b_up, b_down)
 
 
 def _depends_on(node: fx.Node, source: fx.Node) -> bool:
@@ -124,7 +150,7 @@ def _probe_inputs(m: MoEMatch, region: _Region, ctx: PassContext, seed: int = 0)
     """Random hidden states, routing and weights, real expert weights (None when on meta)."""
     gen = torch.Generator().manual_seed(seed)
     values = []
-    for i, node in enumerate(region.inputs):
+    for node in region.inputs:
         v = node.meta["val"]
         if isinstance(v, torch.SymInt):
             values.append(hint(v))
@@ -136,10 +162,10 @@ def _probe_inputs(m: MoEMatch, region: _Region, ctx: PassContext, seed: int = 0)
                 return None
             values.append(real)
         else:
-            if i == 1:  # topk_ids: k distinct experts per token
+            if node is m.topk_ids:  # k distinct experts per token
                 T, K = shape
                 value = torch.rand(T, m.num_experts, generator=gen).argsort(-1)[:, :K]
-            elif i == 2:  # topk_weights: positive, like a router's
+            elif node is m.topk_weights:  # positive, like a router's
                 value = torch.rand(shape, generator=gen)
             else:
                 value = torch.randn(shape, generator=gen)
@@ -152,35 +178,36 @@ def _probe_inputs(m: MoEMatch, region: _Region, ctx: PassContext, seed: int = 0)
     return [x.to(device) if device is not None and isinstance(x, torch.Tensor) else x for x in values]
 
 
-def _choose_spec(m: MoEMatch, region: _Region, bias_roles, ctx: PassContext) -> tuple[ExpertSpec | None, str]:
+def _choose_spec(m: MoEMatch, region: _Region, roles: _BiasRoles, ctx: PassContext) -> _Choice:
+    """The first candidate spec that reproduces the block on probe inputs; :class:`_NotCanonical` if none does."""
     if not ctx.options.verify:
-        return m.candidates[0], "not verified (verify=False)"
+        return _Choice(m.candidates[0], "not verified (verify=False)")
     # the compiler may run under a fake-tensor mode: the probe computes for real
     with unset_fake_temporarily(), torch.no_grad():
-        return _verify(m, region, bias_roles, ctx)
+        return _verify(m, region, roles, ctx)
 
 
-def _verify(m: MoEMatch, region: _Region, bias_roles, ctx: PassContext) -> tuple[ExpertSpec | None, str]:
+def _verify(m: MoEMatch, region: _Region, roles: _BiasRoles, ctx: PassContext) -> _Choice:
     probe = _probe_inputs(m, region, ctx)
     if probe is None:
-        return m.candidates[0], "not verified (meta tensors)"
-    if True:
-        expected = region.module(*probe)
-        x, ids, weights, w_up, w_down = probe[:5]
-        b_up, b_down = (probe[region.inputs.index(b)] if b is not None else None for b in bias_roles)
-        # the tolerance of the least precise dtype involved (bf16 experts may sum in fp32)
-        tol = max(TOLERANCE.get(t.dtype, 1e-4) for t in (expected, x, w_up))
-        best = float("inf")
-        for spec in m.candidates:
-            try:
-                got = ops.moe_torch(x.reshape(-1, m.hidden_size), ids, weights, w_up, w_down, b_up, b_down, spec)
-            except RuntimeError:
-                continue
-            err = _rel_err(got.reshape(expected.shape).to(expected.dtype), expected)
-            best = min(best, err)
-            if err <= tol:
-                return spec, f"probe rel err {err:.1e}"
-    return None, f"no canonical form reproduces the block on probe inputs (best rel err {best:.2g})"
+        return _Choice(m.candidates[0], "not verified (meta tensors)")
+    value = dict(zip(region.inputs, probe))
+    expected = region.module(*probe)
+    x, ids, weights, w_up, w_down = (value[n] for n in (m.hidden, m.topk_ids, m.topk_weights, m.w_up, m.w_down))
+    b_up, b_down = (value[b] if b is not None else None for b in roles)
+    # the tolerance of the least precise dtype involved (bf16 experts may sum in fp32)
+    tol = max(TOLERANCE.get(t.dtype, 1e-4) for t in (expected, x, w_up))
+    best = float("inf")
+    for spec in m.candidates:
+        try:
+            got = moe_torch(x.reshape(-1, m.hidden_size), ids, weights, w_up, w_down, b_up, b_down, spec)
+        except RuntimeError:
+            continue
+        err = _rel_err(got.reshape(expected.shape).to(expected.dtype), expected)
+        best = min(best, err)
+        if err <= tol:
+            return _Choice(spec, f"probe rel err {err:.1e}")
+    raise _NotCanonical(f"no canonical form reproduces the block on probe inputs (best rel err {best:.2g})")
 
 
 def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -195,45 +222,23 @@ def _layout(m: MoEMatch, spec: ExpertSpec, has_bias: bool) -> str:
     return f"fused 3D {shapes}" + "".join(f", {e}" for e in extra) + f"; {source}"
 
 
-def _reshape_like(graph: fx.Graph, node: fx.Node, like: fx.Node, hidden: fx.Node) -> fx.Node:
-    """``node`` reshaped to ``like``'s shape, sizes taken from ``hidden`` where symbolic."""
-    target = tensor_val(like).shape
-    if same_shape(tensor_val(node).shape, target):
-        return node
-    hv = tensor_val(hidden).shape
-    sizes = []
-    for s in target:
-        if isinstance(s, int):
-            sizes.append(s)
-            continue
-        d = next((i for i, h in enumerate(hv) if same(h, s)), None)
-        if d is None:
-            sizes.append(-1)
-            continue
-        size = graph.call_function(aten.sym_size.int, (hidden, d))
-        size.meta["val"] = hv[d]
-        sizes.append(size)
-    out = graph.call_function(aten.reshape.default, (node, sizes))
-    set_fake_val(out)
-    return out
-
-
-def _report_existing(call: CanonicalCall) -> BlockReport:
-    x, ids, _weights, w_up, w_down, b_up, b_down, spec_text = call.node.args
-    spec = ExpertSpec.decode(spec_text)
-    up, down = tensor_val(w_up), tensor_val(w_down)
+def _report_existing(existing: CanonicalCall) -> BlockReport:
+    call = MoECall.from_node(existing.node)
+    spec = ExpertSpec.decode(call.spec)
+    up, down = tensor_val(call.w_up), tensor_val(call.w_down)
     I = down.shape[1] if spec.transposed else down.shape[2]  # noqa: E741
     n = "2I" if spec.gated else "I"
     return BlockReport(
-        path=call.path,
+        path=existing.path,
         num_experts=up.shape[0],
-        top_k=tensor_val(ids).shape[1],
-        hidden_size=tensor_val(x).shape[-1],
+        top_k=tensor_val(call.topk_ids).shape[1],
+        hidden_size=tensor_val(call.hidden).shape[-1],
         intermediate_size=int(I),
         activation=spec.describe(),
-        layout=f"per-expert nn.Linear, stacked by prepare() into [E,{n},H]/[E,H,I]" + (", biases" if b_up is not None else ""),
-        router=call.router,
-        shared_experts=call.shared_experts,
+        layout=f"per-expert nn.Linear, stacked by prepare() into [E,{n},H]/[E,H,I]"
+        + (", biases" if call.b_up is not None else ""),
+        router=existing.router,
+        shared_experts=existing.shared_experts,
         verified="checked by moe_compile.prepare on random inputs",
         rewrites=["canonical moe op (from prepare)"],
     )
@@ -241,55 +246,64 @@ def _report_existing(call: CanonicalCall) -> BlockReport:
 
 class CanonicalizeMoE(GraphPass):
     name = "canonicalize_moe"
+    requires = ("detected",)
+    uses = ("released_inputs",)  # the weights an earlier parallel compile released are hidden first
+    provides = ("moe_blocks",)
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> bool:
-        matches: list[MoEMatch] = ctx.state.get("moe_matches", [])
-        blocks: list[tuple[fx.Node, BlockReport]] = []
-        ctx.state["moe_blocks"] = blocks
-        for call in ctx.state.get("moe_canonical", []):
-            blocks.append((call.node, _report_existing(call)))
-            ctx.report.blocks.append(blocks[-1][1])
-        for m in matches:
-            cut = _cut_region(m, ctx)
-            roles = _bias_roles(m, cut[1]) if not isinstance(cut, str) else cut
-            if isinstance(roles, str):
-                ctx.report.skipped.append(Skipped(m.path, roles))
+        blocks: list[MoEBlock] = []
+        ctx.moe_blocks = blocks
+        for existing in ctx.detected.canonical:
+            blocks.append(MoEBlock(existing.node, _report_existing(existing)))
+            ctx.report.blocks.append(blocks[-1].report)
+        for m in ctx.detected.matches:
+            try:
+                region = _cut_region(m, ctx)
+                roles = _bias_roles(m, region.biases)
+                choice = _choose_spec(m, region, roles, ctx)
+            except _NotCanonical as why:
+                ctx.report.skipped.append(Skipped(m.path, str(why)))
                 continue
-            region, _ = cut
-            spec, verified = _choose_spec(m, region, roles, ctx)
-            if spec is None:
-                ctx.report.skipped.append(Skipped(m.path, verified))
-                continue
-            node = self._rewrite(gm, m, spec, roles)
-            names = {"w_up": m.w_up, "w_down": m.w_down, "b_up": roles[0], "b_down": roles[1]}
+            node = self._rewrite(gm, m, choice.spec, roles)
+            names = {"w_up": m.w_up, "w_down": m.w_down, "b_up": roles.b_up, "b_down": roles.b_down}
             report = BlockReport(
                 path=m.path,
                 num_experts=m.num_experts,
                 top_k=m.top_k,
                 hidden_size=m.hidden_size,
                 intermediate_size=m.intermediate_size,
-                activation=spec.describe(),
-                layout=_layout(m, spec, roles[0] is not None or roles[1] is not None),
+                activation=choice.spec.describe(),
+                layout=_layout(m, choice.spec, roles.b_up is not None or roles.b_down is not None),
                 router=m.router,
                 shared_experts=m.shared_experts,
-                verified=verified,
+                verified=choice.verified,
                 rewrites=["canonical moe op"],
                 weights={k: ctx.param_name(v) for k, v in names.items() if v is not None},
             )
             ctx.report.blocks.append(report)
-            blocks.append((node, report))
+            blocks.append(MoEBlock(node, report))
         return bool(blocks)
 
-    def _rewrite(self, gm: fx.GraphModule, m: MoEMatch, spec: ExpertSpec, roles) -> fx.Node:
+    def _rewrite(self, gm: fx.GraphModule, m: MoEMatch, spec: ExpertSpec, roles: _BiasRoles) -> fx.Node:
         graph = gm.graph
         with graph.inserting_before(m.out):
             x = graph.call_function(aten.reshape.default, (m.hidden, [-1, m.hidden_size]))
             set_fake_val(x)
-            args = (x, m.topk_ids, m.topk_weights, m.w_up, m.w_down, roles[0], roles[1], spec.encode())
-            moe = graph.call_function(torch.ops.moe_compile.moe.default, args)
+            moe = MoECall.insert(
+                graph,
+                torch.ops.moe_compile.moe.default,
+                hidden=x,
+                topk_ids=m.topk_ids,
+                topk_weights=m.topk_weights,
+                w_up=m.w_up,
+                w_down=m.w_down,
+                b_up=roles.b_up,
+                b_down=roles.b_down,
+                spec=spec.encode(),
+            )
             set_fake_val(moe)
             moe.meta["moe_block"] = m.path
-            result = _reshape_like(graph, moe, m.out, m.hidden)
+            result = reshape_like(graph, moe, m.out, m.hidden)
             if tensor_val(result).dtype != tensor_val(m.out).dtype:
                 result = graph.call_function(aten._to_copy.default, (result,), {"dtype": tensor_val(m.out).dtype})
                 set_fake_val(result)

@@ -16,20 +16,21 @@ Found by structure, never by class name:
 2. an up matmul is paired with the first expert matmul that depends on it (down);
 3. ``x`` is found by walking back from the up matmul's other operand through
    views and row gathers; ``T`` and ``H`` follow from its shape;
-4. ``topk_ids`` is the latest integer ``[T, K]`` tensor that the up matmul
-   depends on; the routing weights are the ``[T, K]`` float tensor that
+4. ``topk_ids`` is the latest integer ``[T, K]`` tensor that the up or the down
+   matmul depends on (looked for among the ancestors of both, from ``x`` on:
+   the ids may reach the block only through the down matmul's grouping); the routing weights are the ``[T, K]`` float tensor that
    multiplies the down matmul's output (walking back through views, casts and
    the sort permutation);
 5. the block's output is the first node, on the down matmul's post-dominator
    chain, holding ``T*H`` elements (for ``K = 1``: on the chain after the
    multiplication by the routing weights).
 
-Emits: nothing in the graph. Each match (:class:`MoEMatch`) goes to
-``ctx.state["moe_matches"]``; a near miss goes to ``ctx.report.skipped`` with
-its reason. :mod:`.canonicalize_moe` verifies and rewrites the matches.
-``moe_compile::moe`` calls already in the graph (modules that
-``moe_compile.prepare`` stacked) are recorded as :class:`CanonicalCall` in
-``ctx.state["moe_canonical"]``, so that they are reported and lowered too.
+Emits: nothing in the graph. Provides ``ctx.detected``
+(:class:`~.base.DetectedMoE`): each match (:class:`MoEMatch`) in ``matches``; a
+near miss goes to ``ctx.report.skipped`` with its reason. :mod:`.canonicalize_moe`
+verifies and rewrites the matches. ``moe_compile::moe`` calls already in the graph
+(modules that ``moe_compile.prepare`` stacked) are recorded as :class:`CanonicalCall`
+in ``canonical``, so that they are reported and lowered too.
 """
 
 from __future__ import annotations
@@ -55,20 +56,9 @@ from ..graph import (
 )
 from ..report import Skipped
 from ..spec import ExpertSpec
-from .base import GraphPass, PassContext
-
-GROUPED_MATMULS = {"aten::_grouped_mm", "transformers::grouped_mm_fallback"}
-MATMULS = {"aten::mm", "aten::bmm", "aten::matmul", "aten::addmm", "aten::baddbmm"} | GROUPED_MATMULS
-#: ops that only re-shape, re-type or re-order values (walked through to find a block's inputs)
-VIEWS = {
-    "aten::view", "aten::_unsafe_view", "aten::reshape", "aten::unsqueeze", "aten::squeeze",
-    "aten::expand", "aten::clone", "aten::alias", "aten::t", "aten::transpose", "aten::permute",
-    "aten::contiguous", "aten::_to_copy", "aten::to",
-}  # fmt: skip
-#: row gathers: ``index(x, [rows])`` and friends keep x's values, reordered or repeated;
-#: ``masked_fill`` zeroes expert-parallel sentinel rows (ids >= E, never true for a local model)
-GATHERS = {"aten::index", "aten::index_select", "aten::repeat_interleave", "aten::gather", "aten::masked_fill"}
-ACTIVATION_OPS = {"aten::silu": "silu", "aten::gelu": "gelu", "aten::relu": "relu", "aten::tanh": "gelu_tanh"}
+from .base import DetectedMoE, GraphPass, PassContext
+from .moe_call import MoECall
+from .vocabulary import ACTIVATION_OPS, GATHERS, MATMULS, VIEWS
 
 
 @dataclasses.dataclass
@@ -292,24 +282,25 @@ class CanonicalCall:
 
 class DetectMoE(GraphPass):
     name = "detect_moe"
+    provides = ("detected",)
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> bool:
-        matches: list[MoEMatch] = []
-        ctx.state["moe_matches"] = matches
+        detected = ctx.detected = DetectedMoE()
+        matches = detected.matches
         canonical = gm.graph.find_nodes(op="call_function", target=torch.ops.moe_compile.moe.default)
         uses = _expert_weight_uses(gm)
         if not uses and not canonical:
             return False
         order = {n: i for i, n in enumerate(gm.graph.nodes)}
         ipdom = post_dominators(to_networkx(gm.graph), gm.graph)
-        ctx.state["moe_canonical"] = []
         for node in canonical:
-            *_, block_input = walk_back(node.args[0], VIEWS)  # before the router's reshapes
-            ctx.state["moe_canonical"].append(
+            call = MoECall.from_node(node)
+            *_, block_input = walk_back(call.hidden, VIEWS)  # before the router's reshapes
+            detected.canonical.append(
                 CanonicalCall(
                     node=node,
                     path=module_path(node).rpartition(".")[0] or node.name,  # the experts module's parent
-                    router=describe_router(node.args[1], node.args[2], block_input, order),
+                    router=describe_router(call.topk_ids, call.topk_weights, block_input, order),
                     shared_experts=_has_shared_experts(node, block_input, order),
                 )
             )

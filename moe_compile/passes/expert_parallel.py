@@ -7,7 +7,7 @@ to the experts (dispatch AllToAll), outputs travel back (combine AllToAll).
 
 Contract
 --------
-Matches: the canonical calls of ``ctx.state["moe_blocks"]`` whose expert tensors
+Matches: the canonical calls of ``ctx.moe_blocks`` whose expert tensors
 are graph inputs with known values.
 
 Requires: what :mod:`.sharded_experts` requires (torch.distributed initialised,
@@ -27,7 +27,7 @@ Emits, per block (shown for ``W = 2``)::
     ...
     moe_3: "f32[s0, 32]" = moe_compile.moe_ep(x_3, ids_3, wts_3, view_7, view_9, None, None, spec, "0", 2, "torch")
 
-``moe_compile::moe_ep`` (:mod:`moe_compile.runtime.ep`) exchanges counts (a host
+``moe_compile::moe_ep`` (:mod:`moe_compile.ops.ep`, run by :mod:`moe_compile.runtime.ep`) exchanges counts (a host
 sync), dispatches, runs the local experts and combines, per call; the full expert
 tensors are then released.
 """
@@ -37,10 +37,10 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from ..runtime import ep  # noqa: F401  (registers moe_compile::moe_ep)
 from ..runtime.dist import World
 from .base import PassContext, set_fake_val
-from .sharded_experts import ROLES, ShardedBlock, ShardedExpertsPass
+from .moe_call import MoECall
+from .sharded_experts import ShardedBlock, ShardedExpertsPass
 
 
 class ExpertParallel(ShardedExpertsPass):
@@ -51,12 +51,12 @@ class ExpertParallel(ShardedExpertsPass):
         self, gm: fx.GraphModule, ctx: PassContext, blocks: list[ShardedBlock], world: World, start: fx.Node
     ) -> None:
         for block in blocks:
-            args = list(block.node.args)
-            for role, pos in ROLES.items():
-                if role in block.shards:
-                    args[pos] = block.shards[role]
-            impl = block.report.implementation
-            block.node.target = torch.ops.moe_compile.moe_ep.default
-            block.node.args = (*args, world.group_name, world.size, impl)
+            MoECall.from_node(block.node).replace(
+                torch.ops.moe_compile.moe_ep.default,
+                **block.shards,
+                group_name=world.group_name,
+                world_size=world.size,
+                impl=block.report.implementation,
+            )
             set_fake_val(block.node)
             block.report.rewrites.append(f"ep: all_to_all dispatch/combine over {world.size} ranks")

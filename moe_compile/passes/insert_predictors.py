@@ -2,7 +2,7 @@
 
 Contract
 --------
-Matches: the calls of ``ctx.state["moe_blocks"]`` that :mod:`.offload_experts` (``offload="cpu"``)
+Matches: the calls of ``ctx.moe_blocks`` that :mod:`.offload_experts` (``offload="cpu"``)
 or :mod:`.predicted_gather` (``parallel="aep"``) retargeted to ``moe_compile.moe_offload`` (the
 consumers of predictions), with ``predictor=PATH``. The prefetch is the same op for both: the call's
 store decides whether experts come from host memory or from the other ranks.
@@ -60,9 +60,9 @@ from torch._subclasses.fake_tensor import FakeTensor, unset_fake_temporarily
 from ..graph import ancestors_since, module_path, numel, same, tensor_val, walk_back
 from ..predictor import PredictorWeights, load_predictors_for_routers
 from ..report import BlockReport, Skipped
-from ..runtime import offload, predict  # noqa: F401  (registers the ops)
 from .base import GraphPass, PassContext, add_constant, set_fake_val
-from .detect_moe import VIEWS
+from .moe_call import MoECall
+from .vocabulary import VIEWS
 
 aten = torch.ops.aten
 _LAYER = re.compile(r"^(.*\.(\d+))\.[^.]+.*$")  # a proper prefix ending in an index: (layer path, index)
@@ -83,15 +83,17 @@ class _Site:
 
 class InsertPredictors(GraphPass):
     name = "insert_predictors"
+    requires = ("moe_blocks",)
+    uses = ("stores",)  # the calls it drives are those the expert stores serve
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> bool:
-        blocks = ctx.state.get("moe_blocks", [])
+        blocks = ctx.moe_blocks
         if not blocks:
             return False
         order = {n: i for i, n in enumerate(gm.graph.nodes)}
         paths = {n: module_path(n) for n in gm.graph.nodes}
         sites = []
-        for node, report in sorted(blocks, key=lambda b: order[b[0]]):
+        for node, report in sorted(blocks, key=lambda b: order[b.node]):
             site = _site(node, report, ctx, order, paths)
             if isinstance(site, str):
                 ctx.report.skipped.append(Skipped(report.path, f"predictor: {site}"))
@@ -129,18 +131,19 @@ class InsertPredictors(GraphPass):
                 torch.ops.moe_compile.predict_experts.default, (hidden, *weights, w.top_k, w.eps)
             )
             set_fake_val(pred)  # int64 [T, K]
-            _, _, _, _, store, layer, _ = site.node.args
-            token = graph.call_function(torch.ops.moe_compile.offload_prefetch.default, (pred, store, layer))
+            call = MoECall.from_node(site.node)
+            token = graph.call_function(
+                torch.ops.moe_compile.offload_prefetch.default, (pred, call.store, call.layer)
+            )
             set_fake_val(token)  # int64 [1]
-        args = list(site.node.args)
-        args[3] = token
-        site.node.args = tuple(args)
+        call.replace(token=token)
         site.report.predictor = f"{site.where}: {pred.name}({site.activation.name})"
         site.report.rewrites.append("predictor prefetch")
 
 
 def _site(node: fx.Node, report: BlockReport, ctx: PassContext, order: dict, paths: dict) -> _Site | str:
-    x, ids = node.args[0], node.args[1]
+    call = MoECall.from_node(node)
+    x, ids = call.hidden, call.topk_ids
     *_, block_input = walk_back(x, VIEWS)  # the router's input, before the block's reshapes
     T = tensor_val(x).shape[0]
     H = report.hidden_size

@@ -1,6 +1,6 @@
 """Choose the implementation of each canonical MoE call: Triton kernels or torch.
 
-Matches: ``moe_compile.moe(...)`` calls made by :mod:`.canonicalize_moe`.
+Matches: the ``moe_compile.moe(...)`` calls of ``ctx.moe_blocks`` (made by :mod:`.canonicalize_moe`).
 
 Emits: with ``kernels="triton"`` (or ``"auto"`` on a GPU), the same call retargeted
 to ``moe_compile.moe_triton(...)`` — same arguments, same result — whose
@@ -21,21 +21,21 @@ import torch.fx as fx
 
 from ..graph import tensor_val
 from .base import GraphPass, PassContext
+from .moe_call import MoECall
 
 
 class LowerToTriton(GraphPass):
     name = "lower_triton"
+    requires = ("moe_blocks",)
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> bool:
         changed = False
-        for node, report in ctx.state.get("moe_blocks", []):
-            on_cuda = tensor_val(node.args[0]).device.type == "cuda"
+        for node, report in ctx.moe_blocks:
+            on_cuda = tensor_val(MoECall.from_node(node).hidden).device.type == "cuda"
             # calls retargeted before (moe_offload) keep their implementation
             if node.target is not torch.ops.moe_compile.moe.default or ctx.options.kernel_impl(on_cuda) != "triton":
                 continue
-            from ..kernels import fused_moe  # noqa: F401  (registers moe_compile::moe_triton)
-
-            node.target = torch.ops.moe_compile.moe_triton.default
+            node.target = torch.ops.moe_compile.moe_triton.default  # the same schema
             report.implementation = "triton"
             report.rewrites.append("triton grouped GEMM")
             changed = True

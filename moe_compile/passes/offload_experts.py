@@ -2,10 +2,10 @@
 
 Contract
 --------
-Matches: the canonical calls of ``ctx.state["moe_blocks"]`` (``moe_compile.moe``), in graph order,
+Matches: the canonical calls of ``ctx.moe_blocks`` (``moe_compile.moe``), in graph order,
 whose expert tensors are graph inputs with known values.
 
-Emits: one :class:`~moe_compile.runtime.offload.OffloadStore` for the graph, which takes the
+Emits: one :class:`~moe_compile.runtime.expert_store.ExpertStore` for the graph, which takes the
 expert tensors of each block (host memory: pinned copies on CUDA, the parameters themselves on
 CPU) and holds two device buffers, one per layer parity. Each call is retargeted to
 ``moe_compile.moe_offload``, which fetches the routed experts into the buffer and computes there;
@@ -25,7 +25,7 @@ implementation of the canonical op (no Triton lowering in this mode).
 Requires: no ``parallel`` option (checked by :class:`~moe_compile.options.Options`). A block whose
 expert tensors are unknown (meta device, placeholders not lining up) stays resident, with the
 reason in ``report.skipped``. The store goes to ``ctx.report.offload`` (live copy counts, a weak
-reference) and to ``ctx.state["keep_alive"]``: the backend's compiled callable holds it, so the store
+reference) and to ``ctx.stores``: the backend's compiled callable holds it, so the store
 lives exactly as long as the compiled graph.
 """
 
@@ -37,24 +37,24 @@ from torch._subclasses.fake_tensor import FakeTensor, unset_fake_temporarily
 
 from ..graph import tensor_val
 from ..report import BlockReport, Skipped
-from ..runtime import offload
+from ..runtime import expert_store
 from .base import GraphPass, PassContext, set_fake_val
-
-#: the canonical op's expert tensors, by argument position
-ROLES = {"w_up": 3, "w_down": 4, "b_up": 5, "b_down": 6}
+from .moe_call import MoECall
 
 
 class OffloadExperts(GraphPass):
     name = "offload_experts"
+    requires = ("moe_blocks",)
+    provides = ("stores",)
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> bool:
-        blocks = ctx.state.get("moe_blocks", [])
+        blocks = ctx.moe_blocks
         if not blocks:
             return False
         order = {n: i for i, n in enumerate(gm.graph.nodes)}
-        store = offload.new_store(tensor_val(blocks[0][0].args[0]).device)
-        for node, report in sorted(blocks, key=lambda b: order[b[0]]):
-            tensors = {role: _real(ctx, node.args[pos]) for role, pos in ROLES.items() if node.args[pos] is not None}
+        store = expert_store.new_store(tensor_val(MoECall.from_node(blocks[0].node).hidden).device)
+        for node, report in sorted(blocks, key=lambda b: order[b.node]):
+            tensors = {role: _real(ctx, arg) for role, arg in MoECall.from_node(node).experts().items()}
             unknown = [role for role, t in tensors.items() if t is None]
             if unknown:
                 reason = f"offload: {', '.join(unknown)} not a graph input with a known value; experts stay resident"
@@ -72,22 +72,25 @@ class OffloadExperts(GraphPass):
         return True
 
 
-def to_store_call(node: fx.Node, report: BlockReport, store: offload.OffloadStore, tensors: dict, what: str) -> None:
+def to_store_call(
+    node: fx.Node, report: BlockReport, store: expert_store.ExpertStore, tensors: dict, what: str
+) -> None:
     """Hand a canonical call's expert tensors to ``store`` as its next layer; retarget it to ``moe_offload``."""
     layer = len(store.layers)
     with unset_fake_temporarily():
         store.add_layer(layer, report.path, tensors)
-    x, ids, weights, *_, spec = node.args
-    node.target = torch.ops.moe_compile.moe_offload.default
-    node.args = (x, ids, weights, None, store.handle, layer, spec)  # None: no prefetch (insert_predictors adds it)
+    # token None: no prefetch (insert_predictors adds it)
+    MoECall.from_node(node).replace(
+        torch.ops.moe_compile.moe_offload.default, token=None, store=store.handle, layer=layer
+    )
     set_fake_val(node)
     report.implementation = f"{store.source.name} (torch)"
     report.rewrites.append(f"{what} (ring slot {layer % 2})")
 
 
-def keep_store(ctx: PassContext, store: offload.OffloadStore) -> None:
-    """The compiled graph keeps ``store`` alive (``ctx.state["keep_alive"]``); the report sees it while it lives."""
-    ctx.state.setdefault("keep_alive", []).append(store)
+def keep_store(ctx: PassContext, store: expert_store.ExpertStore) -> None:
+    """The compiled graph keeps ``store`` alive (``ctx.stores``); the report sees it while it lives."""
+    ctx.stores.append(store)
     ctx.report.offload.append(store)
 
 

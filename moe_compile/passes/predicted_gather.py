@@ -9,7 +9,7 @@ and the routed experts no rank predicted follow on demand. Outputs do not depend
 Contract
 --------
 Matches: the canonical calls ``moe_compile.moe(x, ids, weights, w_up, w_down, b_up, b_down, spec)``
-of ``ctx.state["moe_blocks"]`` whose expert tensors are graph inputs with known values.
+of ``ctx.moe_blocks`` whose expert tensors are graph inputs with known values.
 
 Requires: what :mod:`.sharded_experts` requires (torch.distributed initialised, ``E`` divisible by
 ``W``, the same graph and the same number of calls on every rank); ``memory_budget``, when set,
@@ -18,8 +18,8 @@ refused by :class:`~moe_compile.options.Options` (the prefetch goes at the start
 uses it, before attention: one layer of window, the predictor's input decides when).
 
 Emits: this rank's shards (:mod:`.sharded_experts`), one
-:class:`~moe_compile.runtime.offload.OffloadStore` for the graph whose source is a
-:class:`~moe_compile.runtime.predicted_gather.RanksSource` (fetches are all-gathers over the ranks),
+:class:`~moe_compile.runtime.expert_store.ExpertStore` for the graph whose source is a
+:class:`~moe_compile.runtime.expert_store.RanksSource` (fetches are all-gathers over the ranks),
 and each call retargeted to ``moe_compile.moe_offload`` exactly as :mod:`.offload_experts` does;
 then the full expert tensors are released (shown for layer 1, ``W = 2``)::
 
@@ -51,24 +51,25 @@ import torch.fx as fx
 from torch._subclasses.fake_tensor import FakeTensor
 
 from ..graph import tensor_val, walk_back
-from ..runtime import offload
 from ..runtime.dist import World
-from ..runtime.predicted_gather import RanksSource
+from ..runtime.expert_store import RanksSource, new_store
 from .base import PassContext
-from .detect_moe import VIEWS
+from .moe_call import MoECall
 from .offload_experts import keep_store, to_store_call
 from .sharded_experts import ShardedBlock, ShardedExpertsPass
+from .vocabulary import VIEWS
 
 
 class PredictedGather(ShardedExpertsPass):
     name = "predicted_gather"
     mode = "aep"
+    provides = ("wrap_compiled", "stores")
 
     def rewrite(
         self, gm: fx.GraphModule, ctx: PassContext, blocks: list[ShardedBlock], world: World, start: fx.Node
     ) -> None:
-        device = tensor_val(blocks[0].node.args[0]).device
-        store = offload.new_store(device, RanksSource(world, device))
+        device = tensor_val(MoECall.from_node(blocks[0].node).hidden).device
+        store = new_store(device, RanksSource(world, device))
         for block in blocks:
             shards = {role: _shard_tensor(gm, ctx, node) for role, node in block.shards.items()}  # [E/W, ...]
             to_store_call(block.node, block.report, store, shards, "aep: predicted experts ahead, the rest on demand")

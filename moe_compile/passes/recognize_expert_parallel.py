@@ -35,14 +35,14 @@ Emits, with ``parallel="aep"`` (``W = 2``, ``E = 8``)::
     # before: the dispatch -> local experts -> combine chain above (4 all_to_all_single)
     # after
     moe = moe_compile.moe(x_TH, topk_ids_TK, weights_TK, w_up_l, w_down_l, None, None, spec)   # global ids
-    # w_up_l: "f32[4, 32, 32]" placeholder; the call is recorded in ctx.state["moe_presharded"]
+    # w_up_l: "f32[4, 32, 32]" placeholder; the call is recorded in ctx.presharded
     # (node -> W), so :mod:`.async_expert_parallel` gathers the shards into [E, ...] ahead of
     # use and waits right before this call, as for any AEP block: no all_to_all remains
 
 The old chain is erased, with its waits and the runtime asserts on its split sizes
 (both impure to FX's dead-code elimination). With ``parallel="ep"`` or none, the block is left as written (it is the
 baseline) and the report notes that an EP block was recognised; its local call is
-taken out of ``ctx.state["moe_blocks"]`` under ``parallel="ep"`` so that no pass
+taken out of ``ctx.moe_blocks`` under ``parallel="ep"`` so that no pass
 shards the already-sharded experts again.
 """
 
@@ -57,13 +57,12 @@ import torch.fx as fx
 from ..graph import op_name, tensor_val, walk_back
 from ..report import BlockReport, Skipped
 from ..runtime import dist as rdist
-from .base import GraphPass, PassContext, set_fake_val
-from .canonicalize_moe import _reshape_like
-from .detect_moe import VIEWS
+from .base import GraphPass, MoEBlock, PassContext, reshape_like, set_fake_val
+from .moe_call import MoECall
+from .vocabulary import ALL_TO_ALL as A2A
+from .vocabulary import VIEWS, WAIT
 
 aten = torch.ops.aten
-A2A = "_c10d_functional::all_to_all_single"
-WAIT = "_c10d_functional::wait_tensor"
 
 
 class _Miss(Exception):
@@ -137,8 +136,9 @@ def _is_ones(node: fx.Node) -> bool:
 
 
 def _match(local: fx.Node, world: rdist.World) -> EPBlock:
-    x_R, ids_R1, ones_R1, w_up = local.args[:4]
-    E_r = tensor_val(w_up).shape[0]
+    call = MoECall.from_node(local)
+    x_R, ids_R1, ones_R1 = call.hidden, call.topk_ids, call.topk_weights
+    E_r = tensor_val(call.w_up).shape[0]
     if tensor_val(ids_R1).shape[1] != 1 or not _is_ones(ones_R1):
         raise _Miss("the local experts do not run one expert per row with weight 1")
     dispatch = _collective(x_R, "the local experts' input is not an all_to_all_single's output (no dispatch)")
@@ -263,9 +263,11 @@ def _remove_old_chain(gm: fx.GraphModule, block: EPBlock) -> None:
 
 class RecognizeExpertParallel(GraphPass):
     name = "recognize_expert_parallel"
+    requires = ("moe_blocks",)
+    provides = ("moe_blocks", "presharded")  # EP blocks replaced by their rewrite, or taken out
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> bool:
-        blocks: list[tuple[fx.Node, BlockReport]] = ctx.state.get("moe_blocks", [])
+        blocks = ctx.moe_blocks
         if not blocks or not torch.distributed.is_available() or not torch.distributed.is_initialized():
             return False
         if not any(op_name(n) == A2A for n in gm.graph.nodes):
@@ -279,7 +281,7 @@ class RecognizeExpertParallel(GraphPass):
             try:
                 ep = _match(local, world)
             except _Miss as miss:
-                if op_name(_through(local.args[0], VIEWS | {WAIT})) != A2A:
+                if op_name(_through(MoECall.from_node(local).hidden, VIEWS | {WAIT})) != A2A:
                     continue  # not fed by an AllToAll: an ordinary block
                 # it looks like an EP block's local experts: left exactly as written, never sharded again
                 why = f"expert-parallel block not recognised, left as written: {miss}"
@@ -298,9 +300,9 @@ class RecognizeExpertParallel(GraphPass):
                     blocks.remove((local, report))
                 continue
             node, new_report = self._rewrite(gm, ep), self._report(report, ep, path, what)
-            blocks[blocks.index((local, report))] = (node, new_report)
+            blocks[blocks.index((local, report))] = MoEBlock(node, new_report)
             ctx.report.blocks[ctx.report.blocks.index(report)] = new_report
-            ctx.state.setdefault("moe_presharded", {})[node] = ep.world_size
+            ctx.presharded[node] = ep.world_size
             changed = True
         return changed
 
@@ -322,11 +324,12 @@ class RecognizeExpertParallel(GraphPass):
         with graph.inserting_before(ep.out):
             x = graph.call_function(aten.reshape.default, (ep.x, [-1, H]))
             set_fake_val(x)
-            args = (x, ep.topk_ids, ep.topk_weights, *ep.local.args[3:])
-            moe = graph.call_function(torch.ops.moe_compile.moe.default, args)
+            local = MoECall.from_node(ep.local)  # global ids and routing weights, this rank's expert shards
+            changes = {"hidden": x, "topk_ids": ep.topk_ids, "topk_weights": ep.topk_weights}
+            moe = MoECall.insert(graph, torch.ops.moe_compile.moe.default, **{**local.named(), **changes})
             set_fake_val(moe)
             moe.meta["moe_block"] = ep.local.meta.get("moe_block")
-            result = _reshape_like(graph, moe, ep.out, ep.x)
+            result = reshape_like(graph, moe, ep.out, ep.x)
         ep.out.replace_all_uses_with(result)
         _remove_old_chain(gm, ep)
         return moe

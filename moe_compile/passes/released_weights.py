@@ -10,7 +10,7 @@ recompile (a new input shape, say) sees them again.
 Emits: nothing in the graph. In ``ctx.real_inputs`` their values become unknown
 (``None``), so :mod:`.canonicalize_moe` verifies its rewrites with random weights
 of the same shapes instead of the freed ones; the tensors themselves go to
-``ctx.state["released_inputs"]`` (placeholder index -> tensor), where the parallel
+``ctx.released_inputs`` (placeholder index -> tensor), where the parallel
 passes find them and, through them, the shards cached at the first compile
 (:mod:`moe_compile.runtime.shards`).
 """
@@ -26,6 +26,7 @@ from .base import GraphPass, PassContext
 
 class HideReleasedWeights(GraphPass):
     name = "released_weights"
+    provides = ("released_inputs",)
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> bool:
         if ctx.real_inputs is None:
@@ -41,7 +42,7 @@ class HideReleasedWeights(GraphPass):
         for i in released:
             ctx.real_inputs[i] = None
         if released:
-            ctx.state["released_inputs"] = released
+            ctx.released_inputs = released
             ctx.report.notes.append(
                 f"{len(released)} expert tensor(s) were released by an earlier parallel compile: "
                 "rewrites verified with random weights, shards reused"

@@ -1,7 +1,7 @@
 """What the two parallel passes share: shard every canonical MoE call's experts (not a pass itself).
 
 :class:`ShardedExpertsPass` is the base of :mod:`.async_expert_parallel` (AEP) and
-:mod:`.expert_parallel` (EP). For the canonical calls in ``ctx.state["moe_blocks"]``,
+:mod:`.expert_parallel` (EP). For the canonical calls in ``ctx.moe_blocks``,
 in graph order, it:
 
 1. reads torch.distributed's default group (a clear error when it is not
@@ -25,9 +25,9 @@ in graph order, it:
 6. releases the storage of every full expert tensor that no node reads any more
    (the eager model cannot run afterwards) and asks the backend to check the
    world size before every call of the compiled graph
-   (``ctx.state["wrap_compiled"]``, :func:`moe_compile.runtime.dist.guard_compiled`).
+   (``ctx.wrap_compiled``, :func:`moe_compile.runtime.dist.guard_compiled`).
 
-A call in ``ctx.state["moe_presharded"]`` (a recognised expert-parallel block,
+A call in ``ctx.presharded`` (a recognised expert-parallel block,
 :mod:`.recognize_expert_parallel`) already takes this rank's shards: they are used as
 they are, and nothing is released.
 
@@ -50,11 +50,10 @@ from ..report import BlockReport, Skipped
 from ..routing_stats import RoutingStats
 from ..runtime import dist as rdist
 from ..runtime import shards
-from .base import GraphPass, PassContext, add_constant
+from .base import GraphPass, MoEBlock, PassContext, add_constant
+from .moe_call import ROLES, MoECall
 
 aten = torch.ops.aten
-#: the canonical op's expert tensors, by argument position
-ROLES = {"w_up": 3, "w_down": 4, "b_up": 5, "b_down": 6}
 
 
 @dataclasses.dataclass
@@ -76,6 +75,9 @@ class ShardedBlock:
 
 class ShardedExpertsPass(GraphPass):
     mode: str = ""  # the value of the `parallel` option the subclass implements
+    requires = ("moe_blocks",)
+    uses = ("presharded", "released_inputs")
+    provides = ("wrap_compiled",)
 
     def rewrite(
         self, gm: fx.GraphModule, ctx: PassContext, blocks: list[ShardedBlock], world: rdist.World, start: fx.Node
@@ -84,7 +86,7 @@ class ShardedExpertsPass(GraphPass):
         raise NotImplementedError
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> bool:
-        calls = ctx.state.get("moe_blocks", [])
+        calls = ctx.moe_blocks
         if not calls:
             return False
         world = rdist.current_world(self.mode)
@@ -101,7 +103,7 @@ class ShardedExpertsPass(GraphPass):
             return False
         self.rewrite(gm, ctx, blocks, world, start=first.prev)
         released = self._release(ctx, blocks)
-        ctx.state["wrap_compiled"] = functools.partial(rdist.guard_compiled, mode=self.mode, world=world)
+        ctx.wrap_compiled = functools.partial(rdist.guard_compiled, mode=self.mode, world=world)
         shard_mb = sum(b.shard_bytes for b in blocks) / 2**20
         ctx.report.notes.append(
             f"parallel={self.mode}: rank {world.rank} of {world.size}, {len(blocks)} MoE block(s) sharded, "
@@ -112,7 +114,7 @@ class ShardedExpertsPass(GraphPass):
         return True
 
     def _hot_experts(
-        self, ctx: PassContext, calls: list[tuple[fx.Node, BlockReport]], world: rdist.World
+        self, ctx: PassContext, calls: list[MoEBlock], world: rdist.World
     ) -> dict[str, tuple[int, ...]]:
         """Block path -> its resident experts (``hot_experts``), checked against the graph and across ranks."""
         r = ctx.options.hot_experts
@@ -150,7 +152,7 @@ class ShardedExpertsPass(GraphPass):
         index: int,
         resident: tuple[int, ...],
     ) -> ShardedBlock | None:
-        presharded = ctx.state.get("moe_presharded", {}).get(node)
+        presharded = ctx.presharded.get(node)
         if presharded is not None:  # a recognised expert-parallel block: its weights are this rank's shards
             return _already_sharded(node, report, presharded, world, self.mode, ctx, resident)
         E, R, W = report.num_experts, len(resident), world.size
@@ -166,10 +168,11 @@ class ShardedExpertsPass(GraphPass):
                 f"the E - R = {E - R} not resident do not divide evenly over world size W={W}; "
                 f"use hot_experts in {valid} (R >= E keeps every expert resident)"
             )
+        call = MoECall.from_node(node)
         full: dict[str, fx.Node] = {}
         tensors: dict[str, torch.Tensor] = {}
-        for role, pos in ROLES.items():
-            arg = node.args[pos]
+        for role in ROLES:
+            arg = getattr(call, role)
             if arg is None:
                 continue
             tensor = _full_tensor(ctx, arg) if isinstance(arg, fx.Node) else None
@@ -192,7 +195,7 @@ class ShardedExpertsPass(GraphPass):
                     resident_nodes[role] = add_constant(gm, f"moe_resident{index}_{role}", kept, fake_mode)
         position = None
         if 0 < R < E:
-            ids = tensor_val(node.args[1])
+            ids = tensor_val(call.topk_ids)
             order = [*resident, *shards.sharded_experts(E, resident)]  # expert ids in the cat's order
             with unset_fake_temporarily():
                 pos = torch.empty(E, dtype=ids.dtype)  # [E]: expert id -> its row in cat([resident, gathered])
@@ -247,7 +250,7 @@ def _already_sharded(
         ctx.report.notes.append(
             f"{report.path}: already expert-parallel; hot_experts does not apply (its experts stay sharded as written)"
         )
-    shard_nodes = {role: node.args[pos] for role, pos in ROLES.items() if isinstance(node.args[pos], fx.Node)}
+    shard_nodes = MoECall.from_node(node).experts()
     shard_bytes = sum(v.numel() * v.element_size() for v in (n.meta["val"] for n in shard_nodes.values()))
     full_bytes = shard_bytes * world_size
     return ShardedBlock(node, report, {}, shard_nodes, full_bytes, shard_bytes, gather_bytes=full_bytes)
@@ -258,7 +261,7 @@ def _full_tensor(ctx: PassContext, placeholder: fx.Node) -> torch.Tensor | None:
     value = ctx.real_value(placeholder)
     if value is None:
         index = ctx.placeholder_index(placeholder)
-        value = ctx.state.get("released_inputs", {}).get(index)
+        value = ctx.released_inputs.get(index)
     if isinstance(value, torch.Tensor) and not isinstance(value, torch._subclasses.FakeTensor):
         return value
     return None

@@ -28,18 +28,14 @@ mismatch lists what differs); the tensor names and shapes. Each failure raises
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import nn
 
+from ..file_format import FileFormat, read_file, write_file
 from .model_info import fingerprint, identity_differences, model_identity, router_hash
 from .net import NORM_EPS, ExpertPredictor, ExpertPredictors
 from .train import PredictorBundle
@@ -53,15 +49,6 @@ _RETRAIN = "re-create it with `moe-compile train-predictor`"
 
 class PredictorFileError(ValueError):
     """A predictor file that cannot be used: missing, unreadable, corrupted, or made for another model."""
-
-
-def _checksum(tensors: dict[str, torch.Tensor]) -> str:
-    digest = hashlib.sha256()
-    for name in sorted(tensors):
-        tensor = tensors[name].contiguous()
-        digest.update(f"{name}|{tensor.dtype}|{list(tensor.shape)}|".encode())
-        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
-    return digest.hexdigest()
 
 
 def save_bundle(bundle: PredictorBundle, path: str | Path) -> None:
@@ -93,19 +80,6 @@ def save_bundle(bundle: PredictorBundle, path: str | Path) -> None:
     write_file(tensors, path, PREDICTOR_FORMAT, metadata)
 
 
-@dataclasses.dataclass(frozen=True)
-class FileFormat:
-    """A kind of moe_compile safetensors file: its ``format`` tag, version, required metadata, how to remake one."""
-
-    name: str  # the metadata "format" value
-    version: int
-    what: str  # in messages: "predictor", "routing statistics"
-    required: tuple[str, ...]  # metadata keys besides format, format_version and checksum
-    json_fields: tuple[str, ...]  # metadata values stored as JSON
-    remake: str  # what to do about a bad file
-    error: type[ValueError]
-
-
 PREDICTOR_FORMAT = FileFormat(
     FORMAT,
     FORMAT_VERSION,
@@ -117,53 +91,9 @@ PREDICTOR_FORMAT = FileFormat(
 )
 
 
-def write_file(tensors: dict[str, torch.Tensor], path: str | Path, fmt: FileFormat, metadata: dict[str, Any]) -> None:
-    """Write ``tensors`` with ``metadata`` (JSON fields encoded here), the format tag and a checksum."""
-    encoded = {k: json.dumps(v, sort_keys=True) if k in fmt.json_fields else v for k, v in metadata.items()}
-    encoded |= {"format": fmt.name, "format_version": str(fmt.version), "checksum": _checksum(tensors)}
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path), metadata=encoded)
-
-
-def read_file(
-    path: str | Path, fmt: FileFormat = PREDICTOR_FORMAT
-) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """The tensors and metadata (JSON fields decoded) of the ``fmt`` file at ``path``, checked for integrity."""
-    path, error, remake = Path(path), fmt.error, fmt.remake
-    if not path.is_file():
-        raise error(f"{path}: no such {fmt.what} file")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-            names = f.keys()
-            tensors = {name: f.get_tensor(name) for name in names}
-    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
-        raise error(f"{path}: not a readable safetensors file, corrupted or truncated ({err}); {remake}")
-    if metadata.get("format") != fmt.name:
-        raise error(
-            f"{path}: not a moe_compile {fmt.what} file (metadata format is {metadata.get('format')!r}, "
-            f"expected {fmt.name!r})"
-        )
-    if metadata.get("format_version") != str(fmt.version):
-        raise error(
-            f"{path}: {fmt.what} format version {metadata.get('format_version')!r}; this moe_compile reads "
-            f"version {fmt.version}; {remake}"
-        )
-    missing = [key for key in (*fmt.required, "checksum") if key not in metadata]
-    if missing:
-        raise error(f"{path}: metadata lacks {', '.join(missing)}; {remake}")
-    if _checksum(tensors) != metadata["checksum"]:
-        raise error(f"{path}: tensor data does not match its checksum: the file is corrupted; {remake}")
-    try:
-        decoded = {key: json.loads(value) if key in fmt.json_fields else value for key, value in metadata.items()}
-    except json.JSONDecodeError as err:
-        raise error(f"{path}: corrupted metadata ({err}); {remake}") from None
-    return tensors, decoded
-
-
 def read_metadata(path: str | Path) -> dict[str, Any]:
     """The metadata of the predictor file at ``path``, JSON fields decoded (no model needed)."""
-    return read_file(path)[1]
+    return read_file(path, PREDICTOR_FORMAT)[1]
 
 
 def _check_model(path: Path, metadata: dict[str, Any], model: nn.Module) -> dict[str, Any]:

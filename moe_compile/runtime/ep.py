@@ -1,4 +1,4 @@
-"""Expert parallelism with AllToAll, the baseline AEP is measured against: ``moe_compile::moe_ep``.
+"""Expert parallelism with AllToAll, the baseline AEP is measured against: what ``moe_compile::moe_ep`` runs.
 
 Shape legend: ``T`` tokens on this rank, ``K`` experts per token, ``H`` hidden
 size, ``W`` ranks, ``E`` experts in all, ``E_r = E/W`` experts on this rank,
@@ -20,16 +20,14 @@ rank's tokens, in four steps, one function each:
 The routing weights never travel. All ranks must call the op the same number of
 times in the same order (it is collective). Arguments are the canonical op's,
 with this rank's shards for the weights, plus the group's name, its size, and
-the implementation of the local experts (``"torch"`` or ``"triton"``).
+the implementation of the local experts (``"torch"`` or ``"triton"``). The op, its schema and
+its fake are in :mod:`moe_compile.ops.ep`; :func:`expert_parallel_moe` is its implementation.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-
-from ..ops import check_inputs
-from ..spec import ExpertSpec
 
 _c10d = torch.ops._c10d_functional
 
@@ -74,17 +72,11 @@ def _local_experts(
     if x_RH.shape[0] == 0:
         return x_RH.new_empty(x_RH.shape)
     ones_R1 = torch.ones(x_RH.shape[0], 1, dtype=x_RH.dtype, device=x_RH.device)
-    if impl == "triton":
-        from ..kernels import fused_moe  # noqa: F401  (registers moe_compile::moe_triton)
-
-        op = torch.ops.moe_compile.moe_triton
-    else:
-        op = torch.ops.moe_compile.moe
+    op = torch.ops.moe_compile.moe_triton if impl == "triton" else torch.ops.moe_compile.moe
     return op(x_RH, ids_R.unsqueeze(1), ones_R1, w_up, w_down, b_up, b_down, spec)
 
 
-@torch.library.custom_op("moe_compile::moe_ep", mutates_args=())
-def moe_ep(
+def expert_parallel_moe(
     hidden: torch.Tensor,
     topk_ids: torch.Tensor,
     topk_weights: torch.Tensor,
@@ -98,7 +90,6 @@ def moe_ep(
     impl: str,
 ) -> torch.Tensor:
     """The canonical op for this rank's tokens, with experts spread over ``world_size`` ranks."""
-    check_inputs(hidden, topk_ids, topk_weights, w_up, w_down, b_up, b_down, ExpertSpec.decode(spec))
     group_size = dist.get_world_size(dist.distributed_c10d._resolve_process_group(group_name))
     torch._check(
         group_size == world_size,
@@ -121,9 +112,3 @@ def moe_ep(
     weighted_SH = y_SH.to(w_up.dtype) * topk_weights.reshape(-1)[order_S].unsqueeze(-1)
     unsorted_SH = torch.empty_like(weighted_SH).index_copy_(0, order_S, weighted_SH)
     return unsorted_SH.view(T, K, hidden.shape[1]).sum(dim=1).to(hidden.dtype)
-
-
-@moe_ep.register_fake
-def _moe_ep_fake(hidden, topk_ids, topk_weights, w_up, w_down, b_up, b_down, spec, group_name, world_size, impl):
-    check_inputs(hidden, topk_ids, topk_weights, w_up, w_down, b_up, b_down, ExpertSpec.decode(spec))
-    return hidden.new_empty(hidden.shape)

@@ -1,8 +1,8 @@
-"""The expert-predictor op that :mod:`moe_compile.passes.insert_predictors` puts in graphs.
+"""``moe_compile::predict_experts``: the expert predictor :mod:`moe_compile.passes.insert_predictors` puts in graphs.
 
-``moe_compile::predict_experts(hidden [T, H], w1 [D, H], b1 [D], w2 [E, D], b2 [E], top_k, eps)``
-returns the predicted expert ids ``int64 [T, K]``, best first: :func:`moe_compile.predictor.predict_topk`
-as one opaque node, so the report and the debug graphs show one readable predictor call per layer.
+Schema: ``predict_experts(hidden [T, H], w1 [D, H], b1 [D], w2 [E, D], b2 [E], top_k, eps)`` -> the
+predicted expert ids ``int64 [T, K]``, best first: :func:`moe_compile.predictor.net.predict_topk` as
+one opaque node, so the report and the debug graphs show one readable predictor call per layer.
 """
 
 from __future__ import annotations
@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 
 from ..predictor.net import predict_topk
+
+__all__ = ["predict_experts"]
 
 
 @torch.library.custom_op("moe_compile::predict_experts", mutates_args=())

@@ -1,4 +1,4 @@
-"""The canonical MoE operation, ``moe_compile::moe``, and its torch implementations.
+"""The canonical MoE operation, ``moe_compile::moe``, its torch implementations, and ``moe_compile::moe_triton``.
 
 Shape legend: ``T`` tokens, ``K`` experts per token, ``E`` experts, ``H`` hidden
 size, ``I`` intermediate size, ``N`` up-projection width (``2I`` gated, else ``I``),
@@ -20,6 +20,10 @@ Two implementations live here, side by side:
   expert and each expert's rows run as one matmul (``grouped_mm`` on CUDA
   when the dtype and alignment allow, else a loop with one host sync).
 - :func:`moe_reference`: an obviously correct per-pair loop, for tests only.
+
+``moe_compile::moe_triton`` has exactly this op's schema and fake; its implementation is
+:func:`moe_compile.kernels.fused_moe.fused_moe` (imported on first call: registering the op
+does not import Triton).
 """
 
 from __future__ import annotations
@@ -27,9 +31,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .spec import ExpertSpec
+from ..spec import ExpertSpec
 
-__all__ = ["moe", "moe_torch", "moe_reference", "activate"]
+__all__ = ["activate", "check_inputs", "moe", "moe_reference", "moe_torch", "moe_triton"]
 
 
 def activate(up_SN: torch.Tensor, spec: ExpertSpec) -> torch.Tensor:
@@ -208,3 +212,23 @@ def moe_fake(hidden, topk_ids, topk_weights, w_up, w_down, b_up, b_down, spec):
     """Shapes of the canonical op; every op with its schema (``moe_triton``…) registers this one."""
     check_inputs(hidden, topk_ids, topk_weights, w_up, w_down, b_up, b_down, ExpertSpec.decode(spec))
     return hidden.new_empty(hidden.shape)
+
+
+@torch.library.custom_op("moe_compile::moe_triton", mutates_args=())
+def moe_triton(
+    hidden: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    w_up: torch.Tensor,
+    w_down: torch.Tensor,
+    b_up: torch.Tensor | None,
+    b_down: torch.Tensor | None,
+    spec: str,
+) -> torch.Tensor:
+    """``moe_compile::moe`` on the Triton kernels (same schema, same semantics)."""
+    from ..kernels.fused_moe import fused_moe
+
+    return fused_moe(hidden, topk_ids, topk_weights, w_up, w_down, b_up, b_down, ExpertSpec.decode(spec))
+
+
+moe_triton.register_fake(moe_fake)

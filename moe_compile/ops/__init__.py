@@ -1,0 +1,28 @@
+"""Every custom op of moe_compile: its name, schema and fake, one module per op family.
+
+Importing this package (``import moe_compile`` does) registers all of them:
+
+=============================== ==================== ===================================================
+op                              module               what it computes / where its implementation lives
+=============================== ==================== ===================================================
+``moe_compile::moe``            :mod:`.moe`          the canonical MoE op; torch implementation here
+``moe_compile::moe_triton``     :mod:`.moe`          the same on the Triton kernels
+                                                     (:func:`moe_compile.kernels.fused_moe.fused_moe`)
+``moe_compile::moe_ep``         :mod:`.ep`           AllToAll expert parallelism (:mod:`moe_compile.runtime.ep`)
+``moe_compile::offload_prefetch`` :mod:`.expert_store` start a prefetch into an expert store's ring
+``moe_compile::moe_offload``    :mod:`.expert_store` the canonical op on a store's experts
+                                                     (:mod:`moe_compile.runtime.expert_store`)
+``moe_compile::predict_experts`` :mod:`.predict`     an expert predictor (:mod:`moe_compile.predictor.net`)
+=============================== ==================== ===================================================
+
+The graph passes read and write the MoE calls by argument name through
+:class:`moe_compile.passes.moe_call.MoECall`. The names below are re-exported for
+``from moe_compile.ops import moe_torch`` and friends.
+"""
+
+from __future__ import annotations
+
+from . import ep, expert_store, predict  # noqa: F401  (registers the ops)
+from .moe import activate, check_inputs, moe, moe_fake, moe_reference, moe_torch, moe_triton
+
+__all__ = ["activate", "check_inputs", "moe", "moe_fake", "moe_reference", "moe_torch", "moe_triton"]
