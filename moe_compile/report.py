@@ -63,10 +63,10 @@ class Report:
     skipped: list[Skipped] = dataclasses.field(default_factory=list)
     graphs: int = 0
     notes: list[str] = dataclasses.field(default_factory=list)
-    #: per pass: (name, seconds, changed) in pipeline order, summed over graphs
+    #: pass name -> seconds spent in it, in pipeline order, summed over graphs (and over merged reports)
     pass_times: dict[str, float] = dataclasses.field(default_factory=dict)
     #: offload="cpu", or parallel="aep" with a predictor: the expert stores
-    #: (moe_compile.runtime.offload.OffloadStore), copy counts per layer; weakly held: only the live ones
+    #: (moe_compile.runtime.expert_store.ExpertStore), copy counts per layer; weakly held: only the live ones
     offload: WeakList = dataclasses.field(default_factory=lambda: WeakList())
 
     def merge(self, other: Report) -> None:

@@ -67,11 +67,10 @@ def recognize_worker(rank: int, world_size: int, cases: tuple[tuple[str, str | N
     from moe_compile.reference.expert_parallel import traceable
 
     facts = GraphFacts()
-    facts.install()
     out = {}
     for name, mode in cases:
         torch._dynamo.reset()
-        facts.graphs.clear()
+        facts.clear()
         options = {"parallel": mode, "inductor": False}
         if mode == "aep+predictor":  # AEP's predicted gather (passes/predicted_gather.py) on the recognised blocks
             options.update(parallel="aep", predictor=os.path.join(tempfile.mkdtemp(), "predictors.safetensors"))
@@ -82,7 +81,7 @@ def recognize_worker(rank: int, world_size: int, cases: tuple[tuple[str, str | N
             model, batch, expected, layers, run = _hf(rank, name, options.get("predictor"))
             prepared = prepare_report()
         with torch.no_grad(), traceable():
-            compiled = torch.compile(model, backend="moe_prefill", options=options)
+            compiled = torch.compile(model, backend=facts, options=options)
             with moe_compile.backend.collect_reports() as report:
                 got = run(compiled, batch)
         out[(name, mode)] = {

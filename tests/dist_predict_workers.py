@@ -24,25 +24,25 @@ COUNTS = ("bytes_ahead", "bytes_ahead_used", "bytes_on_demand", "bytes_on_demand
 
 
 class OpCounts(GraphFacts):
-    """Records each final graph's op counts (``collections.Counter`` of op names)."""
+    """The whole pipeline as a test backend; ``graphs``: each final graph's op counts (a ``Counter`` of op names)."""
 
-    def __call__(self, gm, ctx) -> bool:
+    @property
+    def graphs(self) -> list[collections.Counter]:
         from moe_compile.graph import op_name
 
-        self.graphs.append(collections.Counter(op_name(n) for n in gm.graph.nodes))
-        return False
+        return [collections.Counter(op_name(n) for n in gm.graph.nodes) for gm in self.final_graphs()]
 
 
 def predicted_gather_worker(rank: int, world_size: int, families: tuple[str, ...], tmpdir: str) -> dict:
-    import moe_compile
-    from moe_compile.predictor import model_identity
-    from moe_compile.runtime.offload import OffloadStore
-    from moe_compile.testing import zoo
     from predictor_helpers import constant_predictors, nan_filling, routed_experts
 
+    import moe_compile
+    from moe_compile.predictor import model_identity
+    from moe_compile.runtime.expert_store import ExpertStore
+    from moe_compile.testing import zoo
+
     counts = OpCounts()
-    counts.install()
-    OffloadStore._claim = nan_filling(OffloadStore._claim)  # in this spawned process only
+    ExpertStore._claim = nan_filling(ExpertStore._claim)  # in this spawned process only
     out = {}
     for name in families:
         reference = zoo.build(name, seed=0)  # never compiled: eager logits and routing
@@ -64,14 +64,14 @@ def predicted_gather_worker(rank: int, world_size: int, families: tuple[str, ...
         }
         for kind in KINDS:
             torch._dynamo.reset()
-            counts.graphs.clear()
+            counts.clear()
             options = {"parallel": "aep", "inductor": False}
             if kind != "none":
                 path = os.path.join(tmpdir, f"{name}_{kind}_rank{rank}.safetensors")
                 constant_predictors(reference, path, chosen[kind])
                 options["predictor"] = path
             model = zoo.build(name, seed=0)  # the compile releases its full expert weights
-            compiled = torch.compile(model, backend="moe_prefill", options=options)
+            compiled = torch.compile(model, backend=counts, options=options)
             errors, bytes_per_call, all_experts = [], [], []
             with torch.no_grad():
                 for batch, want in zip(batches, expected):

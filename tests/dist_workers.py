@@ -9,7 +9,8 @@ Each parity worker builds the same zoo model with the same seed as every other
 rank, computes the single-process eager logits for *its own* batch first (the
 parallel compile releases the full expert weights), then compiles with
 ``parallel=...`` and compares. The structure of every compiled graph is read by a
-capturing pass appended to the pipeline (:class:`GraphFacts`).
+test backend that runs the whole pipeline and keeps the final graphs (:class:`GraphFacts`,
+a :class:`moe_compile.testing.pass_harness.PassHarness`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ import torch
 import torch.distributed as dist
 import torch.fx as fx
 import torch.multiprocessing as mp
+
+from moe_compile.testing.pass_harness import PassHarness
 
 FAMILIES = ("qwen3_moe", "mixtral", "deepseek_v3", "gpt_oss")
 
@@ -135,23 +138,15 @@ def _entry(
 # ---------------------------------------------------------------------------------------------
 
 
-class GraphFacts:
-    """A pass appended to the pipeline (in the worker only) that records each final graph's structure."""
+class GraphFacts(PassHarness):
+    """The whole pipeline as a test backend (``backend=facts``) that records each final graph's structure."""
 
-    name = "capture"
+    @property
+    def graphs(self) -> list[dict[str, Any]]:
+        return [graph_facts(gm) for gm in self.final_graphs()]
 
-    def __init__(self):
-        self.graphs: list[dict[str, Any]] = []
-
-    def __call__(self, gm: fx.GraphModule, ctx) -> bool:
-        self.graphs.append(graph_facts(gm))
-        return False
-
-    def install(self) -> None:
-        import moe_compile.backend as backend
-        from moe_compile.passes import build_pipeline
-
-        backend.build_pipeline = lambda options: [*build_pipeline(options), self]
+    def clear(self) -> None:
+        self.records.clear()
 
 
 def graph_facts(gm: fx.GraphModule) -> dict[str, Any]:
@@ -216,12 +211,11 @@ def parity_worker(
     from moe_compile.testing import zoo
 
     facts = GraphFacts()
-    facts.install()
     out = {}
     for name in families:
         for mode in modes:
             torch._dynamo.reset()
-            facts.graphs.clear()
+            facts.clear()
             model = zoo.build(name, seed=0)  # the same weights on every rank
             # this rank's own requests: different tokens and lengths on each rank
             batches = [zoo.make_inputs(model, batch=2, seq=5 + rank, seed=100 + rank)]
@@ -230,7 +224,7 @@ def parity_worker(
             params = dict(model.named_parameters())
             with torch.no_grad():
                 expected = [model(b).logits for b in batches]
-                compiled = torch.compile(model, backend="moe_prefill", options={"parallel": mode, "inductor": False})
+                compiled = torch.compile(model, backend=facts, options={"parallel": mode, "inductor": False})
                 with moe_compile.backend.collect_reports() as report:
                     got = [compiled(b).logits for b in batches]
             out[(name, mode)] = {
@@ -373,7 +367,7 @@ def hot_experts_worker(rank: int, world_size: int, families: tuple[str, ...], ho
 
     def run(name: str, options: dict) -> dict:
         torch._dynamo.reset()
-        graphs.clear()
+        harness.records.clear()
         model = zoo.build(name, seed=0)
         path = stats_file(model, f"{name}-{options.get('tag', 'hot')}", options.pop("edit", None))
         options.pop("tag", None)
@@ -382,7 +376,7 @@ def hot_experts_worker(rank: int, world_size: int, families: tuple[str, ...], ho
             expected = model(batch).logits
             compiled = torch.compile(
                 model,
-                backend="moe_prefill",
+                backend=harness,
                 options={"parallel": "aep", "inductor": False, "routing_stats": path, **options},
             )
             with moe_compile.backend.collect_reports() as report:
@@ -393,17 +387,12 @@ def hot_experts_worker(rank: int, world_size: int, families: tuple[str, ...], ho
         return {
             "error": None,
             "rel_err": rel_err(got, expected),
-            "graphs": list(graphs),
+            "graphs": [hot_graph_facts(gm) for gm in harness.final_graphs()],
             "schedules": [b.schedule for b in report.blocks],
             "moe_layers": len(zoo.moe_layer_indices(name, model.config)),
         }
 
-    import moe_compile.backend as backend
-    from moe_compile.passes import build_pipeline
-
-    graphs: list[dict] = []  # every final graph of the current run, captured by a pass appended to the pipeline
-    capture = lambda gm, ctx: graphs.append(hot_graph_facts(gm))  # noqa: E731
-    backend.build_pipeline = lambda options: [*build_pipeline(options), capture]
+    harness = PassHarness()  # the whole pipeline; keeps every final graph of the current run
     out = {name: run(name, {"hot_experts": hot}) for name in families}
     first = families[0]
     out["all_resident"] = run(first, {"hot_experts": 8, "tag": "all"})

@@ -35,7 +35,7 @@ def routed_experts(model, input_ids) -> dict[int, set[int]]:
 
 
 def nan_filling(claim):
-    """``OffloadStore._claim`` that fills the claimed ring buffer with NaN: reading a row not brought in shows."""
+    """``ExpertStore._claim`` that fills the claimed ring buffer with NaN: reading a row not brought in shows."""
 
     def claim_nan(self, layer, seq):
         buffer = claim(self, layer, seq)

@@ -27,21 +27,16 @@ def one_rank():
 
 
 @pytest.fixture
-def facts(monkeypatch):
-    """The structure of every graph compiled in the test (after all passes)."""
-    capture = GraphFacts()
-    import moe_compile.backend as backend
-    from moe_compile.passes import build_pipeline
-
-    monkeypatch.setattr(backend, "build_pipeline", lambda options: [*build_pipeline(options), capture])
-    return capture.graphs
+def facts():
+    """A test backend running the whole pipeline; ``facts.graphs``: the structure of every final graph."""
+    return GraphFacts()
 
 
-def _run(model, inputs, options):
+def _run(model, inputs, options, backend="moe_prefill"):
     """Eager outputs first (the compile releases the experts), then the compiled ones, and the report."""
     with torch.no_grad():
         expected = [model(x) for x in inputs]
-        compiled = torch.compile(model, backend="moe_prefill", options={"inductor": False, **options})
+        compiled = torch.compile(model, backend=backend, options={"inductor": False, **options})
         with moe_compile.backend.collect_reports() as report:
             got = [compiled(x) for x in inputs]
     for g, e in zip(got, expected):
@@ -87,8 +82,8 @@ def test_parallel_without_torch_distributed_is_a_clear_error():
 def test_gathers_are_issued_depth_layers_ahead(one_rank, facts, depth):
     torch.manual_seed(0)
     model = TinyLM(layers=4).eval()
-    report = _run(model, [torch.randint(0, 64, (2, 5))], {"parallel": "aep", "prefetch_depth": depth})
-    (graph,) = facts
+    report = _run(model, [torch.randint(0, 64, (2, 5))], {"parallel": "aep", "prefetch_depth": depth}, facts)
+    (graph,) = facts.graphs
     assert graph["gathers"] == 4 and graph["all_to_all"] == 0 and graph["placeholder_weights"] == 0
     effective = min(depth, 3)  # never more than the layers after the first
     assert graph["peak_gathered_layers"] == effective + 1
@@ -109,9 +104,12 @@ def test_memory_budget_lowers_the_depth(one_rank, facts):
     model = TinyLM(layers=4).eval()
     budget = LAYER_BYTES * 2 + LAYER_BYTES // 2  # room for two gathered layers, not three
     report = _run(
-        model, [torch.randint(0, 64, (2, 5))], {"parallel": "aep", "prefetch_depth": 3, "memory_budget": budget}
+        model,
+        [torch.randint(0, 64, (2, 5))],
+        {"parallel": "aep", "prefetch_depth": 3, "memory_budget": budget},
+        facts,
     )
-    assert facts[0]["peak_gathered_layers"] == 2
+    assert facts.graphs[0]["peak_gathered_layers"] == 2
     assert f"prefetch depth 1 (requested, lowered from 3 to fit memory_budget={budget} bytes)" in str(report)
 
 
@@ -130,16 +128,17 @@ def test_full_experts_are_released_and_a_recompile_reuses_the_shards(one_rank, f
     model = zoo.build("gpt_oss")  # weights and biases
     inputs = [zoo.make_inputs(model, seq=5, seed=1), zoo.make_inputs(model, batch=1, seq=9, seed=2)]
     experts = {n: p for n, p in model.named_parameters() if ".experts." in n}
-    report = _run(model, inputs, {"parallel": mode})
-    assert len(facts) == 2 and len(report.blocks) == 4, report  # the second shape recompiled
+    report = _run(model, inputs, {"parallel": mode}, facts)
+    graphs = facts.graphs
+    assert len(graphs) == 2 and len(report.blocks) == 4, report  # the second shape recompiled
     assert all(p.untyped_storage().nbytes() == 0 and p.shape[0] == 8 for p in experts.values())
     assert {w for b in report.blocks for w in b.weights.values()} == set(experts)
     assert "released by an earlier parallel compile: rewrites verified with random weights" in str(report)
     assert all(b.verified.startswith("probe rel err") for b in report.blocks)
     if mode == "ep":
-        assert all(g["moe_calls"] == ["moe_compile::moe_ep"] * 2 and g["gathers"] == 0 for g in facts)
+        assert all(g["moe_calls"] == ["moe_compile::moe_ep"] * 2 and g["gathers"] == 0 for g in graphs)
     else:
-        assert all(g["gathers"] == 2 and g["layers"][0]["gather_shapes"][2] == [8, 64] for g in facts)
+        assert all(g["gathers"] == 2 and g["layers"][0]["gather_shapes"][2] == [8, 64] for g in graphs)
 
 
 @pytest.mark.parametrize("kwargs", [{"post_norm": True}, None])
@@ -148,8 +147,9 @@ def test_near_misses_leave_the_graph_without_collectives(one_rank, facts, kwargs
     torch.manual_seed(0)
     model = TinyLM(**kwargs).eval() if kwargs is not None else zoo.build_dense()
     x = torch.randint(0, 64, (2, 5))
-    report = _run(model, [x], {"parallel": "aep"})
-    assert report.blocks == [] and facts[0]["gathers"] == 0 and facts[0]["moe_calls"] == []
+    report = _run(model, [x], {"parallel": "aep"}, facts)
+    (graph,) = facts.graphs
+    assert report.blocks == [] and graph["gathers"] == 0 and graph["moe_calls"] == []
     assert not any("parallel=aep" in n for n in report.notes)
 
 

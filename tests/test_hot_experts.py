@@ -13,6 +13,7 @@ import moe_compile
 from moe_compile import Options, RoutingStats, RoutingStatsError, collect_routing_stats
 from moe_compile.runtime import shards
 from moe_compile.testing import zoo
+from moe_compile.testing.pass_harness import PassHarness
 
 
 @pytest.fixture
@@ -119,21 +120,14 @@ def test_shards_without_the_resident_experts():
 
 def _compile(model, options, *batches):
     """(the largest relative error to eager over ``batches``, the final graphs, the report)."""
-    graphs = []
-    import moe_compile.backend as backend
-    from moe_compile.passes import build_pipeline
-
-    original = backend.build_pipeline
-    backend.build_pipeline = lambda o: [*build_pipeline(o), lambda gm, ctx: graphs.append(hot_graph_facts(gm))]
-    try:
-        with torch.no_grad():
-            expected = [model(b).logits for b in batches]
-            options = {"parallel": "aep", "inductor": False, **options}
-            compiled = torch.compile(model, backend="moe_prefill", options=options)
-            with moe_compile.backend.collect_reports() as report:
-                got = [compiled(b).logits for b in batches]
-    finally:
-        backend.build_pipeline = original
+    harness = PassHarness()  # the whole pipeline; keeps the final graphs
+    with torch.no_grad():
+        expected = [model(b).logits for b in batches]
+        options = {"parallel": "aep", "inductor": False, **options}
+        compiled = torch.compile(model, backend=harness, options=options)
+        with moe_compile.backend.collect_reports() as report:
+            got = [compiled(b).logits for b in batches]
+    graphs = [hot_graph_facts(gm) for gm in harness.final_graphs()]
     return max(rel_err(g, e) for g, e in zip(got, expected)), graphs, report
 
 

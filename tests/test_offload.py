@@ -17,7 +17,6 @@ from predictor_helpers import constant_predictors, nan_filling, routed_experts
 
 import moe_compile
 from moe_compile.graph import op_name
-from moe_compile.passes import GraphPass
 from moe_compile.predictor import (
     TrainConfig,
     load_model,
@@ -25,8 +24,9 @@ from moe_compile.predictor import (
     text_chunks,
     train_predictors,
 )
-from moe_compile.runtime import offload
+from moe_compile.runtime import expert_store
 from moe_compile.testing import zoo
+from moe_compile.testing.pass_harness import PassHarness
 
 PREDICT, PREFETCH, OFFLOAD = "moe_compile::predict_experts", "moe_compile::offload_prefetch", "moe_compile::moe_offload"
 
@@ -52,32 +52,15 @@ def heldout():
     return text_chunks(None, "heldout", 32, 2 * 32)  # [2, 32]
 
 
-class _Capture(GraphPass):
-    """Keeps every graph after all passes."""
-
-    name = "capture"
-
-    def __init__(self):
-        self.graphs = []
-
-    def run(self, gm, ctx):
-        self.graphs.append(gm)
-        return False
-
-
 @pytest.fixture
-def graphs(monkeypatch):
-    from moe_compile import backend
-    from moe_compile.passes import build_pipeline
-
-    capture = _Capture()
-    monkeypatch.setattr(backend, "build_pipeline", lambda options: [*build_pipeline(options), capture])
-    return capture.graphs
+def harness():
+    """A test backend running the whole pipeline and keeping every graph (use with ``_compile_and_compare``)."""
+    return PassHarness()
 
 
-def _compile_and_compare(model, input_ids, options):
+def _compile_and_compare(model, input_ids, options, backend="moe_prefill"):
     """Compiled logits vs eager's (fp32 rel err < 1e-5); the merged report."""
-    compiled = torch.compile(model, backend="moe_prefill", options={"inductor": False, **options})
+    compiled = torch.compile(model, backend=backend, options={"inductor": False, **options})
     with torch.no_grad(), moe_compile.backend.collect_reports() as report:
         got = compiled(input_ids).logits
     with torch.no_grad():
@@ -118,9 +101,9 @@ def test_bad_options_name_the_problem(options, message):
 # --- the shipped model, trained predictor ----------------------------------------------------------
 
 
-def test_trained_predictor_drives_prefetch_exactly(tiny, trained_file, heldout, graphs):
-    report = _compile_and_compare(tiny, heldout, {"offload": "cpu", "predictor": str(trained_file)})
-    (gm,) = graphs
+def test_trained_predictor_drives_prefetch_exactly(tiny, trained_file, heldout, harness):
+    report = _compile_and_compare(tiny, heldout, {"offload": "cpu", "predictor": str(trained_file)}, harness)
+    (gm,) = harness.final_graphs()
     ops = _ops(gm)
     assert (ops[PREDICT], ops[PREFETCH], ops[OFFLOAD], ops["moe_compile::moe"]) == (9, 9, 9, 0), ops
     # one predictor per MoE layer (1-9; layer 0 is dense), on the residual entering the layer: the
@@ -145,18 +128,18 @@ def test_trained_predictor_drives_prefetch_exactly(tiny, trained_file, heldout, 
     assert used > 0.5 * needed, report  # most bytes move ahead
 
 
-def test_no_predictor_fetches_everything_on_demand(tiny, heldout, graphs):
-    report = _compile_and_compare(tiny, heldout, {"offload": "cpu"})
-    ops = _ops(graphs[0])
+def test_no_predictor_fetches_everything_on_demand(tiny, heldout, harness):
+    report = _compile_and_compare(tiny, heldout, {"offload": "cpu"}, harness)
+    ops = _ops(harness.final_graphs()[0])
     assert (ops[PREDICT], ops[PREFETCH], ops[OFFLOAD]) == (0, 0, 9), ops
     ahead, used, on_demand, needed = _totals(report)
     assert ahead == used == 0 and on_demand == needed > 0
     assert all(b.predictor == "-" for b in report.blocks)
 
 
-def test_predictor_without_offload_is_checked_but_inserts_nothing(tiny, trained_file, heldout, graphs):
-    report = _compile_and_compare(tiny, heldout, {"predictor": str(trained_file)})
-    ops = _ops(graphs[0])
+def test_predictor_without_offload_is_checked_but_inserts_nothing(tiny, trained_file, heldout, harness):
+    report = _compile_and_compare(tiny, heldout, {"predictor": str(trained_file)}, harness)
+    ops = _ops(harness.final_graphs()[0])
     assert (ops[PREDICT], ops["moe_compile::moe"]) == (0, 9), ops
     assert any("nothing consumes predictions without offload='cpu'" in n for n in report.notes), report
 
@@ -181,7 +164,7 @@ def test_always_wrong_predictor_on_the_shipped_model(tiny, heldout, tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["right", "wrong", "none"])
-def test_zoo_model_exact_with_right_wrong_or_no_predictor(kind, tmp_path, graphs):
+def test_zoo_model_exact_with_right_wrong_or_no_predictor(kind, tmp_path, harness):
     model = zoo.build("qwen3_moe", num_layers=3)
     ids = zoo.make_inputs(model, batch=1, seq=1)  # one token: a constant predictor can be exactly right
     routed = routed_experts(model, ids)
@@ -190,8 +173,8 @@ def test_zoo_model_exact_with_right_wrong_or_no_predictor(kind, tmp_path, graphs
         chosen = {layer: sorted(r) if kind == "right" else sorted(set(range(8)) - r)[:2] for layer, r in routed.items()}
         constant_predictors(model, tmp_path / "p.safetensors", chosen)
         options["predictor"] = str(tmp_path / "p.safetensors")
-    report = _compile_and_compare(model, ids, options)
-    ops = _ops(graphs[0])
+    report = _compile_and_compare(model, ids, options, harness)
+    ops = _ops(harness.final_graphs()[0])
     assert ops[OFFLOAD] == 3 and ops[PREDICT] == ops[PREFETCH] == (0 if kind == "none" else 3), ops
     _, used, on_demand, needed = _totals(report)
     expected = {"right": (needed, 0), "wrong": (0, needed), "none": (0, needed)}[kind]
@@ -200,7 +183,7 @@ def test_zoo_model_exact_with_right_wrong_or_no_predictor(kind, tmp_path, graphs
 
 def test_rows_of_experts_not_brought_in_are_never_read(tmp_path, monkeypatch):
     """Ring buffers filled with NaN when claimed: only the rows brought in may reach the output."""
-    monkeypatch.setattr(offload.OffloadStore, "_claim", nan_filling(offload.OffloadStore._claim))
+    monkeypatch.setattr(expert_store.ExpertStore, "_claim", nan_filling(expert_store.ExpertStore._claim))
     model = zoo.build("qwen3_moe", num_layers=3)
     ids = zoo.make_inputs(model, batch=1, seq=2)
     wrong = {layer: sorted(set(range(8)) - r)[:2] for layer, r in routed_experts(model, ids).items()}
@@ -215,7 +198,7 @@ def test_counts_accumulate_and_reset(tiny, heldout):
         compiled(heldout)
         compiled(heldout)
     (store,) = report.offload
-    assert store in offload.stores() and all(s.calls == 2 for s in store.stats())
+    assert store in expert_store.stores() and all(s.calls == 2 for s in store.stats())
     store.reset_stats()
     assert all(s.calls == 0 and s.bytes_needed == 0 for s in store.stats())
 
@@ -233,13 +216,13 @@ def test_store_lives_as_long_as_the_compiled_graph():
         del store
         gc.collect()
         compiled(zoo.make_inputs(model, seq=3))  # the graph still owns its store: it runs
-    assert alive() is not None and alive() in offload.stores()
+    assert alive() is not None and alive() in expert_store.stores()
     del compiled, model
     torch._dynamo.reset()
     gc.collect()
     assert alive() is None and len(moe_compile.last_report().offload) == 0  # the report held it weakly
     with pytest.raises(RuntimeError, match=f"expert store {handle} is gone: the compiled graph that owned it was freed"):
-        offload.get_store(handle)
+        expert_store.get_store(handle)
 
 
 def test_predict_experts_op_matches_predict_topk():

@@ -17,8 +17,9 @@ is preserved exactly. Expert weights are passed as they are stored (see
 Two implementations live here, side by side:
 
 - :func:`moe_torch`: the default implementation of the op. Pairs are sorted by
-  expert and each expert's rows run as one matmul (``grouped_mm`` on CUDA
-  when the dtype and alignment allow, else a loop with one host sync).
+  expert and each expert's rows run as one matmul (``grouped_mm`` when the build,
+  dtype and alignment allow: fp32 or bf16 on CPU, bf16 on CUDA sm90 or newer;
+  else a loop with one host sync).
 - :func:`moe_reference`: an obviously correct per-pair loop, for tests only.
 
 ``moe_compile::moe_triton`` has exactly this op's schema and fake; its implementation is

@@ -127,7 +127,7 @@ def _build(path: Path, tensors: dict[str, torch.Tensor], kind: str, layers: list
 def load_bundle(path: str | Path, model: nn.Module) -> PredictorBundle:
     """The predictors and baselines in the file at ``path``, checked to be made for ``model``."""
     path = Path(path)
-    tensors, metadata = read_file(path)
+    tensors, metadata = read_file(path, PREDICTOR_FORMAT)
     identity = _check_model(path, metadata, model)
     sizes, layers = metadata["predictor"], metadata["layers"]
     kinds = {kind: _build(path, tensors, kind, layers[kind], sizes) for kind in KINDS}
@@ -157,7 +157,7 @@ def load_predictors_for_routers(path: str | Path, router_weights: Mapping[int, t
     made for exactly these routers (same layers, same weights up to bf16 rounding).
     """
     path = Path(path)
-    tensors, metadata = read_file(path)
+    tensors, metadata = read_file(path, PREDICTOR_FORMAT)
     recorded = metadata["model_identity"]["routers"]
     actual = {str(layer): router_hash(weight) for layer, weight in router_weights.items()}
     if set(recorded) != set(actual):

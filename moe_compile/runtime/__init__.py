@@ -6,16 +6,17 @@ For ``parallel="aep"`` or ``"ep"``, on every rank:
   with context when a rank dies or hangs, :func:`init_distributed`;
 - :mod:`.shards`: each rank's slice of the expert weights, and the release of the
   full weights;
-- :mod:`.ep`: the AllToAll expert-parallel op ``moe_compile::moe_ep`` (the baseline).
+- :mod:`.ep`: what the AllToAll expert-parallel op ``moe_compile::moe_ep`` runs (the baseline).
 
-For one device: :mod:`.offload` (``offload="cpu"``) and :mod:`.predict` (the
-expert-predictor op); see their docstrings.
+:mod:`.expert_store`: experts kept off the device (``offload="cpu"``, host memory) or
+sharded over the ranks (AEP with a predictor), brought into a ring of two device buffers
+ahead or on demand. The ops themselves (schemas and fakes) are in :mod:`moe_compile.ops`.
 
 AEP itself needs no op of its own: its graphs call PyTorch's functional
 collectives (``_c10d_functional.all_gather_into_tensor_coalesced`` and
 ``wait_tensor``) and the canonical ``moe_compile::moe``. See docs/parallel.md.
-AEP with a predictor uses the offload ops on a store whose source is
-:mod:`.predicted_gather` (the union over ranks of the wanted experts, all-gathered).
+AEP with a predictor uses the expert-store ops on a store whose source is
+:class:`.expert_store.RanksSource` (the union over ranks of the wanted experts, all-gathered).
 """
 
 from __future__ import annotations

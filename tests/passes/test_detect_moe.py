@@ -1,0 +1,36 @@
+"""detect_moe: finds MoE blocks by data flow (analysis only: the graph is not changed)."""
+
+import torch
+from custom_moe import TinyLM
+
+from moe_compile.passes.detect_moe import DetectMoE
+from moe_compile.testing import zoo
+from moe_compile.testing.pass_harness import PassHarness, op_counts
+
+from .pass_testing import run
+
+
+def test_finds_each_block_and_its_parts():
+    torch.manual_seed(0)
+    harness = run(PassHarness(DetectMoE()), TinyLM(layers=2).eval(), torch.randint(0, 64, (2, 5)))
+    record = harness.record
+    matches = record.ctx.detected.matches
+    assert [(m.num_experts, m.top_k, m.hidden_size, m.intermediate_size) for m in matches] == [(4, 2, 32, 16)] * 2
+    assert [m.path for m in matches] == ["blocks.0", "blocks.1"]
+    assert all(m.source == "batched" and m.candidates[0].activation == "silu" for m in matches)
+    assert record.changed == {"detect_moe": False} and op_counts(record.after) == op_counts(record.before)
+
+
+def test_near_miss_input_scaled_by_routing_weights_is_reported_not_matched():
+    """Llama 4 style: the routing weights scale the experts' input, so the block is another function."""
+    torch.manual_seed(0)
+    harness = run(PassHarness(DetectMoE()), TinyLM(weight_input=True).eval(), torch.randint(0, 64, (2, 5)))
+    assert harness.record.ctx.detected.matches == []
+    assert [s.where for s in harness.report.skipped] == ["blocks.0", "blocks.1"]
+    assert all("input is scaled before the experts" in s.reason for s in harness.report.skipped)
+
+
+def test_dense_model_has_nothing_to_find():
+    model = zoo.build_dense()
+    harness = run(PassHarness(DetectMoE()), model, zoo.make_inputs(model, seq=4))
+    assert harness.record.ctx.detected.matches == [] and harness.report.skipped == []
