@@ -96,7 +96,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def cmd_routing_stats(args: argparse.Namespace) -> int:
     import torch
 
-    from .predictor.cli import _chunks
+    from .predictor.cli import chunks_or_exit
     from .predictor.tiny_moe import load_model
     from .routing_stats import collect_routing_stats
 
@@ -105,7 +105,7 @@ def cmd_routing_stats(args: argparse.Namespace) -> int:
         model = load_model(args.model)
     except (FileNotFoundError, OSError, ValueError) as err:
         raise SystemExit(f"moe-compile: cannot load the model at {args.model}: {err}")
-    chunks = _chunks(args.texts, "train", args.max_tokens, args.seq_len)  # [B, S] byte tokens
+    chunks = chunks_or_exit(args.texts, "train", args.max_tokens, args.seq_len)  # [B, S] byte tokens
     try:
         stats = collect_routing_stats(model, chunks.split(args.batch_size))
     except ValueError as err:

@@ -95,3 +95,32 @@ def recognize_worker(rank: int, world_size: int, cases: tuple[tuple[str, str | N
             "offload": [(s.bytes_ahead, s.calls) for store in report.offload for s in store.stats()],
         }
     return out
+
+
+def recognize_pass_worker(rank: int, world_size: int) -> dict:
+    """detect, canonicalize, recognize_expert_parallel (a PassHarness) on the reference EP model, then AEP.
+
+    The recognised call takes global ids and this rank's shards: async_expert_parallel gathers them (the
+    graph cannot run without it); the graph after recognize_expert_parallel is returned too.
+    """
+    from moe_compile.passes.async_expert_parallel import AsyncExpertParallel
+    from moe_compile.passes.canonicalize_moe import CanonicalizeMoE
+    from moe_compile.passes.detect_moe import DetectMoE
+    from moe_compile.passes.recognize_expert_parallel import RecognizeExpertParallel
+    from moe_compile.reference.expert_parallel import traceable
+    from moe_compile.testing.pass_harness import PassHarness, op_counts
+
+    model, batch, expected, layers, run = _reference(rank, near_miss=False)
+    harness = PassHarness(DetectMoE(), CanonicalizeMoE(), RecognizeExpertParallel(), AsyncExpertParallel())
+    with torch.no_grad(), traceable():
+        got = run(torch.compile(model, backend=harness, options={"parallel": "aep", "inductor": False}), batch)
+    ctx = harness.record.ctx
+    return {
+        "error": rel_err(got, expected),
+        "layers": layers,
+        "before": dict(op_counts(harness.graph("canonicalize_moe"))),
+        "after": dict(op_counts(harness.graph("recognize_expert_parallel"))),
+        "gathers": op_counts(harness.record.after)["_c10d_functional::all_gather_into_tensor_coalesced"],
+        "presharded": sorted(ctx.presharded.values()),
+        "blocks": [b.node in ctx.presharded for b in ctx.moe_blocks],
+    }

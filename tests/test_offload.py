@@ -221,7 +221,8 @@ def test_store_lives_as_long_as_the_compiled_graph():
     torch._dynamo.reset()
     gc.collect()
     assert alive() is None and len(moe_compile.last_report().offload) == 0  # the report held it weakly
-    with pytest.raises(RuntimeError, match=f"expert store {handle} is gone: the compiled graph that owned it was freed"):
+    gone = f"expert store {handle} is gone: the compiled graph that owned it was freed"
+    with pytest.raises(RuntimeError, match=gone):
         expert_store.get_store(handle)
 
 

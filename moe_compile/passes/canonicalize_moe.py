@@ -107,7 +107,8 @@ def _cut_region(m: MoEMatch, ctx: PassContext) -> _Region:
         else:
             foreign.append(ctx.param_name(node))
     if foreign:
-        raise _NotCanonical(f"the block also reads {', '.join(sorted(foreign))} (e.g. a post-expert norm); not canonical")
+        reads = ", ".join(sorted(foreign))
+        raise _NotCanonical(f"the block also reads {reads} (e.g. a post-expert norm); not canonical")
     if len(biases) > 2:
         raise _NotCanonical(f"{len(biases)} per-expert vectors feed the block; expected at most two biases")
     inputs = [m.hidden, m.topk_ids, m.topk_weights, m.w_up, m.w_down, *biases, *syms]

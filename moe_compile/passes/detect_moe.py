@@ -18,7 +18,8 @@ Found by structure, never by class name:
    views and row gathers; ``T`` and ``H`` follow from its shape;
 4. ``topk_ids`` is the latest integer ``[T, K]`` tensor that the up or the down
    matmul depends on (looked for among the ancestors of both, from ``x`` on:
-   the ids may reach the block only through the down matmul's grouping); the routing weights are the ``[T, K]`` float tensor that
+   the ids may reach the block only through the down matmul's grouping); the
+   routing weights are the ``[T, K]`` float tensor that
    multiplies the down matmul's output (walking back through views, casts and
    the sort permutation);
 5. the block's output is the first node, on the down matmul's post-dominator

@@ -43,7 +43,8 @@ def _load_model(path: str):
     return model
 
 
-def _chunks(texts: list[str] | None, split: str, max_tokens: int, seq_len: int):
+def chunks_or_exit(texts: list[str] | None, split: str, max_tokens: int, seq_len: int):
+    """:func:`~.corpus.text_chunks` for a command line: a missing or bad text file exits with the reason."""
     from .corpus import text_chunks
 
     try:
@@ -61,7 +62,7 @@ def cmd_train_predictor(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(args.threads)
     model = _load_model(args.model)
-    chunks = _chunks(args.texts, "train", args.max_tokens, args.seq_len)
+    chunks = chunks_or_exit(args.texts, "train", args.max_tokens, args.seq_len)
     config = TrainConfig(epochs=args.epochs, width=args.width, seed=args.seed)
     bundle = train_predictors(model, chunks, config, progress=not args.quiet)
     save_bundle(bundle, args.out)
@@ -85,7 +86,7 @@ def cmd_eval_predictor(args: argparse.Namespace) -> int:
         bundle = load_bundle(args.predictor, model)
     except PredictorFileError as err:
         raise SystemExit(f"moe-compile: {err}")
-    chunks = _chunks(args.texts, "heldout", args.max_tokens, args.seq_len)
+    chunks = chunks_or_exit(args.texts, "heldout", args.max_tokens, args.seq_len)
     print(format_table(evaluate(model, bundle, chunks, progress=not args.quiet)))
     return 0
 

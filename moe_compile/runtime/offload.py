@@ -10,5 +10,13 @@ from .expert_store import ExpertSource, ExpertStore, Fetch, HostSource, LayerSta
 OffloadStore = ExpertStore
 
 __all__ = [
-    "ExpertSource", "ExpertStore", "Fetch", "HostSource", "LayerStats", "OffloadStore", "get_store", "new_store", "stores"
-]  # fmt: skip
+    "ExpertSource",
+    "ExpertStore",
+    "Fetch",
+    "HostSource",
+    "LayerStats",
+    "OffloadStore",
+    "get_store",
+    "new_store",
+    "stores",
+]

@@ -22,7 +22,8 @@ def test_calls_read_their_experts_from_one_store():
     harness = run(_harness(), model, torch.randint(0, 64, (2, 5)), options={"offload": "cpu"})
     harness.check_after_ops({"moe_compile::moe": 0, "moe_compile::moe_offload": 2})
     (store,) = harness.record.ctx.stores
-    calls = [MoECall.from_node(n) for n in harness.record.after.nodes if n.target is torch.ops.moe_compile.moe_offload.default]
+    offload = torch.ops.moe_compile.moe_offload.default
+    calls = [MoECall.from_node(n) for n in harness.record.after.nodes if n.target is offload]
     assert [(c.store, c.layer, c.token) for c in calls] == [(store.handle, 0, None), (store.handle, 1, None)]
     assert [s.calls for s in store.stats()] == [1, 1] and store.host_bytes == sum(
         b.w_up.numel() * 4 + b.w_down.numel() * 4 for b in model.blocks

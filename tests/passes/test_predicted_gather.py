@@ -17,6 +17,7 @@ from . import pass_testing
 from .pass_testing import run
 
 OFFLOAD = "moe_compile::moe_offload"
+GATHER = "_c10d_functional::all_gather_into_tensor_coalesced"
 
 
 @pytest.fixture
@@ -28,11 +29,12 @@ def one_rank():
 def test_calls_read_a_store_of_shards_gathered_by_prediction(one_rank, tmp_path):
     model = zoo.build("qwen3_moe", num_layers=2)
     ids = zoo.make_inputs(model, batch=1, seq=1)
-    constant_predictors(model, tmp_path / "p.safetensors", {k: sorted(r) for k, r in routed_experts(model, ids).items()})
+    right = {layer: sorted(r) for layer, r in routed_experts(model, ids).items()}
+    constant_predictors(model, tmp_path / "p.safetensors", right)
     harness = PassHarness(DetectMoE(), CanonicalizeMoE(), PredictedGather(), InsertPredictors())
     run(harness, model, ids, options={"parallel": "aep", "predictor": str(tmp_path / "p.safetensors")})
     harness.check_after_ops({"moe_compile::moe": 0, OFFLOAD: 2}, stage="predicted_gather")
-    harness.check_after_ops({"moe_compile::offload_prefetch": 2, "_c10d_functional::all_gather_into_tensor_coalesced": 0})
+    harness.check_after_ops({"moe_compile::offload_prefetch": 2, GATHER: 0})
     (store,) = harness.record.ctx.stores
     assert isinstance(store.source, RanksSource) and harness.record.ctx.wrap_compiled is not None
     assert all(s.bytes_on_demand_used == 0 for s in store.stats())  # right predictions: everything ahead

@@ -2,8 +2,9 @@
 
 Legend: ``T`` tokens, ``K`` experts per token, ``E`` experts, ``H`` hidden size, ``W`` ranks.
 
-Each compiled graph that offloads its experts, or gathers them by prediction, gets one :class:`ExpertStore`. Per MoE layer (the ``i``-th call in graph
-order) it keeps, per layer parity, one device buffer shaped like a whole layer::
+Each compiled graph that offloads its experts, or gathers them by prediction, gets one
+:class:`ExpertStore`. Per MoE layer (the ``i``-th call in graph order) it keeps, per layer
+parity, one device buffer shaped like a whole layer::
 
     ring[layer % 2][role]  [E, ...]   device; rows of the experts resident for its current layer
 
