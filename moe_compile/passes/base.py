@@ -149,7 +149,7 @@ def _producers(field: str) -> list[str]:
     while stack:
         cls = stack.pop()
         stack.extend(cls.__subclasses__())
-        if field in cls.provides and cls.name not in found:
+        if field in cls.provides and cls.name != GraphPass.name and cls.name not in found:  # not a base
             found.append(cls.name)
     return sorted(found)
 
