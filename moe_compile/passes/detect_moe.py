@@ -62,6 +62,10 @@ from .moe_call import MoECall
 from .vocabulary import ACTIVATION_OPS, GATHERS, MATMULS, VIEWS
 
 
+class _NotMoE(Exception):
+    """Two expert matmuls that do not form a block the canonical op computes: the message says why."""
+
+
 @dataclasses.dataclass
 class MoEMatch:
     """One detected MoE block: the nodes the canonical op takes, and what it is."""
@@ -317,46 +321,50 @@ class DetectMoE(GraphPass):
             w_up, up_pos, gathered = uses[up_mm]
             w_down, _, _ = uses[down_mm]
             where = common_module_path([up_mm, down_mm]) or up_mm.name
-            miss = self._match(ipdom, order, up_mm, down_mm, w_up, up_pos, w_down, gathered, where)
             paired.update({up_mm, down_mm})  # matched or not, these two matmuls are one block's
-            if isinstance(miss, str):
-                ctx.report.skipped.append(Skipped(where, miss))
-            else:
-                matches.append(miss)
+            try:
+                matches.append(self._match(ipdom, order, up_mm, down_mm, w_up, up_pos, w_down, gathered, where))
+            except _NotMoE as miss:
+                ctx.report.skipped.append(Skipped(where, str(miss)))
         return False
 
-    def _match(self, ipdom, order, up_mm, down_mm, w_up, up_pos, w_down, gathered, where):
+    def _match(self, ipdom, order, up_mm, down_mm, w_up, up_pos, w_down, gathered, where) -> MoEMatch:
+        """The block these two matmuls belong to; :class:`_NotMoE` saying which piece is missing."""
         up_v, down_v = tensor_val(w_up), tensor_val(w_down)
         E = up_v.shape[0]
         if down_v.shape[0] != E:
-            return f"up and down expert weights disagree on the number of experts ({E} vs {down_v.shape[0]})"
+            raise _NotMoE(f"up and down expert weights disagree on the number of experts ({E} vs {down_v.shape[0]})")
         hidden = _find_hidden(up_mm, up_pos)
         hv = tensor_val(hidden)
         if hv is None or not hv.is_floating_point():
-            return "could not find the hidden states that enter the experts"
+            raise _NotMoE("could not find the hidden states that enter the experts")
         H = hv.shape[-1]
         transposed = [t for t, ok in ((False, same(up_v.shape[2], H)), (True, same(up_v.shape[1], H))) if ok]
         if not transposed:
-            return f"expert weight {tuple(up_v.shape)} does not contract the hidden size {H}"
+            raise _NotMoE(f"expert weight {tuple(up_v.shape)} does not contract the hidden size {H}")
         T = numel(hv.shape[:-1])
         ids = _find_ids(ancestors_since([up_mm, down_mm], order[hidden], order), T, E, order)
         if ids is None and op_name(hidden) in ("aten::mul", "aten::div"):
-            return "the experts' input is scaled before the experts (e.g. by the routing weights, as in Llama 4)"
+            raise _NotMoE(
+                "the experts' input is scaled before the experts (e.g. by the routing weights, as in Llama 4)"
+            )
         if ids is None:
-            return "no integer [tokens, k] expert-index tensor feeds the experts (routing not top-k style)"
+            raise _NotMoE("no integer [tokens, k] expert-index tensor feeds the experts (routing not top-k style)")
         K = tensor_val(ids).shape[1]
         found = _find_routing_weights(down_mm, T, K, order)
         if found is None:
-            return "routing weights are not applied to the experts' outputs (e.g. they scale the input instead)"
+            raise _NotMoE("routing weights are not applied to the experts' outputs (e.g. they scale the input instead)")
         weights, weighting = found
         # with one expert per token the down matmul's output already has T*H elements: start after the weighting
         out = _find_output(weighting if K == 1 else down_mm, ipdom, T, H)
         if out is None:
-            return "the experts' outputs do not merge into one [tokens, hidden] tensor (something else uses them)"
+            raise _NotMoE(
+                "the experts' outputs do not merge into one [tokens, hidden] tensor (something else uses them)"
+            )
         I = down_v.shape[1] if transposed[0] else down_v.shape[2]  # noqa: E741
         N = up_v.shape[2] if transposed[0] else up_v.shape[1]
         if not isinstance(I, int) or not isinstance(N, int) or N not in (I, 2 * I):
-            return f"expert weight shapes {tuple(up_v.shape)} / {tuple(down_v.shape)} are not an up/down pair"
+            raise _NotMoE(f"expert weight shapes {tuple(up_v.shape)} / {tuple(down_v.shape)} are not an up/down pair")
         between = descendants_until(up_mm, order[down_mm], order) & ancestors_since([down_mm], order[up_mm], order)
         between -= {up_mm, down_mm}
         return MoEMatch(
