@@ -21,7 +21,7 @@ import functools
 import itertools
 import logging
 import os
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import triton
@@ -29,7 +29,7 @@ from triton.runtime.errors import OutOfResources
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["KernelConfig", "select_config", "heuristic", "candidates", "interpreting", "autotune_enabled"]
+__all__ = ["KernelConfig", "autotune_enabled", "candidates", "heuristic", "interpreting", "select_config"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,7 +103,7 @@ def _tuned(device_name: str, key: tuple[int, int, int], num_tokens: int) -> Kern
     return None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _log_fallback(device_name: str, key: tuple[int, int, int], dtype: torch.dtype) -> None:
     logger.info("moe kernels: no tuned config for %s (E, N, H)=%s %s; using the heuristic", device_name, key, dtype)
 
