@@ -29,6 +29,7 @@ from .grouped_gemm import down_projection, reduce_topk, up_projection
 
 __all__ = ["fused_moe", "moe_triton"]
 
+
 def fused_moe(
     hidden_TH: torch.Tensor,
     topk_ids_TK: torch.Tensor,

@@ -13,7 +13,9 @@ What the three kernels compute (``e`` the expert of a pair, fp32 accumulation)::
 The up kernel never writes the unactivated ``[S, N]`` tensor: a program owns
 ``BLOCK_N`` output columns ``i`` of ``act`` and accumulates both the gate column
 (``i``, or ``2i`` interleaved) and the matching up column (``I + i``, or ``2i + 1``),
-then writes ``act(gate) * up``. Programs walk blocks of ``BLOCK_M`` rows of one
+then writes ``act(gate) * up``. Interleaved gate/up columns are read as one contiguous
+``[BLOCK_K, 2*BLOCK_N]`` tile, one dot per step, and split into gate and up after the loop, so the
+GPT-OSS layout pipelines like the standard one. Programs walk blocks of ``BLOCK_M`` rows of one
 expert (pairs gathered through ``pair_ids_P``); blocks at or past ``num_blocks``
 return at once, so grids are sized by the static bound and nothing syncs with the
 host. Weights are read through their strides, so both layouts of
@@ -24,6 +26,10 @@ Operands are cast to ``DOT_DTYPE`` right after loading: the weight dtype on a GP
 (bf16/fp16 tensor cores; fp32 uses ``ieee`` precision, not tf32), always fp32
 under ``TRITON_INTERPRET=1``, whose bf16 arithmetic is wrong. ``act_SI`` and
 ``y_SH`` are stored in the weight dtype, ``out_TH`` in the hidden dtype.
+
+Each launcher (``up_projection``...) checks its inputs and runs a :class:`Launch` built by
+``up_launch``/``down_launch``/``reduce_launch``; :mod:`.compile_gate` compiles the same launches for
+sm_80 and sm_90 without a GPU.
 
 :func:`up_reference` and :func:`down_reference` are the same maths in torch.
 """
