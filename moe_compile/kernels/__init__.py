@@ -5,6 +5,8 @@
   routing weight, deterministic top-k reduction.
 - :mod:`.fused_moe`: the whole layer (:func:`fused_moe`) and the custom op.
 - :mod:`.configs`: block sizes per device and shape, opt-in autotune.
+- :mod:`.compile_gate`: every launch compiled for sm_80/sm_90 without a GPU, checked for spills,
+  shared memory and wgmma (``python -m moe_compile.kernels.compile_gate``).
 
 Set ``TRITON_INTERPRET=1`` before importing to run on CPU tensors.
 """

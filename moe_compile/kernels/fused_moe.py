@@ -29,8 +29,6 @@ from .grouped_gemm import down_projection, reduce_topk, up_projection
 
 __all__ = ["fused_moe", "moe_triton"]
 
-_MAX_REDUCE_BLOCK = 1024
-
 
 def fused_moe(
     hidden_TH: torch.Tensor,
@@ -57,5 +55,4 @@ def fused_moe(
     alignment = align(topk_ids_TK, w_up.shape[0], config.block_m)  # [P], [B], [1]
     act_SI = up_projection(hidden_TH, alignment, w_up, b_up_EN, spec, K, config)  # [S, I]
     y_SH = down_projection(act_SI, alignment, topk_weights_TK, w_down, b_down_EH, spec, config)  # [S, H]
-    block_h = min(triton.next_power_of_2(max(H, 1)), _MAX_REDUCE_BLOCK)
-    return reduce_topk(y_SH, K, hidden_TH.dtype, block_h)  # [T, H]
+    return reduce_topk(y_SH, K, hidden_TH.dtype)  # [T, H]
