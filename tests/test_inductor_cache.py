@@ -1,0 +1,90 @@
+"""Inductor's caches serve the moe_prefill passes across processes; the report survives a cache hit."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import moe_compile
+from moe_compile import inductor_cache
+
+SCRIPT = """
+import json, sys, torch
+import moe_compile
+from moe_compile.testing import zoo
+from torch._dynamo.utils import counters
+
+options = json.loads(sys.argv[1])
+torch.manual_seed(0)
+model = zoo.build("qwen3_moe", num_layers=2)
+ids = zoo.make_inputs(model, seq=5)
+compiled = torch.compile(model, backend="moe_prefill", options={"inductor": True, **options})
+with torch.no_grad(), moe_compile.backend.collect_reports() as report:
+    got = compiled(ids).logits
+    expected = model(ids).logits
+print(json.dumps({
+    "err": float((got - expected).abs().max() / expected.abs().max()),
+    "blocks": [[b.path, b.implementation, b.rewrites, b.activation] for b in report.blocks],
+    "notes": report.notes,
+    "fx_hit": counters["inductor"]["fxgraph_cache_hit"],
+    "fx_miss": counters["inductor"]["fxgraph_cache_miss"],
+    "aot_hit": counters["aot_autograd"]["autograd_cache_hit"],
+}))
+"""
+
+
+def _run(cache_dir, options):
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache_dir), "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(
+        [sys.executable, "-c", SCRIPT, json.dumps(options)], capture_output=True, text=True, timeout=600, env=env
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow  # three processes, two Inductor compiles
+def test_second_process_hits_the_cache_and_reports_the_same_blocks(tmp_path):
+    first = _run(tmp_path, {})
+    assert first["err"] < 1e-5 and len(first["blocks"]) == 2
+    assert first["fx_hit"] == first["aot_hit"] == 0 and first["fx_miss"] >= 1
+    second = _run(tmp_path, {})
+    assert second["err"] < 1e-5
+    assert second["fx_hit"] + second["aot_hit"] >= 1 and second["fx_miss"] == 0, second
+    assert second["blocks"] == first["blocks"]  # the report, rebuilt from the file beside the cache entry
+    assert any("served by Inductor's cache" in n for n in second["notes"]), second["notes"]
+    other = _run(tmp_path, {"kernels": "torch"})  # an option that changes the passes' identity: a miss
+    assert other["fx_hit"] == other["aot_hit"] == 0 and other["fx_miss"] >= 1, other
+    assert other["err"] < 1e-5 and other["blocks"] == first["blocks"]
+
+
+def test_pass_identity_follows_the_options_and_the_sources(monkeypatch):
+    base = moe_compile.Options.from_user({})
+    uuid = inductor_cache.pass_uuid(base)
+    assert uuid is not None and uuid == inductor_cache.pass_uuid(moe_compile.Options.from_user({}))  # stable
+    assert inductor_cache.pass_uuid(moe_compile.Options.from_user({"kernels": "torch"})) != uuid
+    assert inductor_cache.pass_uuid(moe_compile.Options.from_user({"debug_dir": "elsewhere"})) == uuid
+    for state in ({"offload": "cpu"}, {"parallel": "aep"}, {"debug": True}):  # runtime state: never cached
+        assert inductor_cache.pass_uuid(moe_compile.Options.from_user(state)) is None
+    monkeypatch.setattr(inductor_cache, "source_hash", lambda: "another source")
+    assert inductor_cache.pass_uuid(base) != uuid
+
+
+def test_report_round_trips_beside_the_cache_entry(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    report = moe_compile.Report(
+        blocks=[
+            moe_compile.BlockReport("model.layers.0.mlp", 8, 2, 32, 16, "SiLU-gated", "fused", "softmax", False)
+        ],
+        skipped=[moe_compile.Skipped("model.layers.1.mlp", "why")],
+        notes=["a note"],
+    )
+    inductor_cache.save_report("k", report)
+    back = inductor_cache.load_report("k", "graph_7")
+    assert back.blocks == report.blocks and back.skipped == report.skipped and back.notes[0] == "a note"
+    assert "graph_7: served by Inductor's cache" in back.notes[-1]
+    missing = inductor_cache.load_report("other", "graph_8")
+    assert missing.blocks == [] and "report was not found" in missing.notes[0]
