@@ -83,8 +83,11 @@ class OffloadExperts(GraphPass):
         ctx.report.notes.append(
             f"offload={ctx.options.offload}: {len(store.layers)} MoE layer(s), {store.host_bytes / 2**20:.2f} MiB of "
             f"experts kept as {where}; device ring of 2 layer buffers, {store.buffer_bytes / 2**20:.2f} MiB; "
-            f"{released / 2**20:.2f} MiB of the model's expert tensors released"
-            + (" (the eager model can no longer run)" if released else "")
+            + (
+                f"{released / 2**20:.2f} MiB of the model's expert tensors released (the eager model can no longer run)"
+                if released or not ctx.released_inputs
+                else "the model's expert tensors were released by an earlier compile"
+            )
         )
         return True
 
