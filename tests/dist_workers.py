@@ -38,7 +38,7 @@ def spawn(
     fn,
     world_size: int,
     *args: Any,
-    timeout_s: float = 600,
+    timeout_s: float = 240,  # under pytest-timeout's 300 s, so that the ranks' own stacks come first
     procs: int | None = None,
     group_timeout_s: float | None = 120,
 ) -> list:
