@@ -4,11 +4,12 @@ import itertools
 
 import pytest
 import torch
-from .kernel_testing import DEVICE, TOLERANCE, make_experts, rel_err, route
 
 from moe_compile import ops
 from moe_compile.kernels import fused_moe
 from moe_compile.spec import ExpertSpec
+
+from .kernel_testing import DEVICE, TOLERANCE, make_experts, rel_err, route
 
 GATED_ACTS = ["silu", "gelu", "gelu_tanh", "relu", "swiglu_oai"]
 PLAIN_ACTS = ["silu", "gelu", "gelu_tanh", "relu"]
