@@ -22,7 +22,7 @@ The default is one torch thread (``--threads``): these ops are tiny, and with tw
 One warm-up compile per backend runs first, so that one-time costs (imports, Inductor's compile worker
 pool, the first call of the canonical op) are not charged to whichever model comes first.
 
-    python benchmarks/compile_overhead.py                           # default: 4 families + 2/8/32 layers (3.5-5.5 min, 2 cores)
+    python benchmarks/compile_overhead.py   # default: 4 families + 2/8/32 layers (3.5-5.5 min, 2 cores)
     python benchmarks/compile_overhead.py --families mixtral --layers 2 8
     python benchmarks/compile_overhead.py --no-inductor --layers 2 8 32 64
     python benchmarks/compile_overhead.py --repeat 3 --json out.json   # min of 3 compiles each

@@ -17,9 +17,9 @@ is preserved exactly. Expert weights are passed as they are stored (see
 Two implementations live here, side by side:
 
 - :func:`moe_torch`: the default implementation of the op. Pairs are sorted by
-  expert and each expert's rows run as one matmul (``grouped_mm`` when the build,
-  dtype and alignment allow: fp32 or bf16 on CPU, bf16 on CUDA sm90 or newer;
-  else a loop with one host sync).
+  expert and each expert's rows run as one matmul (``grouped_mm`` when the
+  device, dtype and alignment allow, see :func:`use_grouped_mm`; else a loop
+  with one host sync).
 - :func:`moe_reference`: an obviously correct per-pair loop, for tests only.
 
 ``moe_compile::moe_triton`` has exactly this op's schema and fake; its implementation is
@@ -68,8 +68,10 @@ def _expert_linear(x: torch.Tensor, w: torch.Tensor, transposed: bool) -> torch.
 
 
 _grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
-#: set to False the first time the CPU grouped matmul refuses inputs it was expected to take
-_grouped_mm_cpu_works = True
+#: this torch build has a CPU kernel for grouped_mm (a composite one: any dtype and alignment below)
+_GROUPED_MM_ON_CPU = _grouped_mm is not None and torch._C._dispatch_has_computed_kernel_for_dispatch_key(
+    "aten::_grouped_mm", "CPU"
+)
 
 
 def _aligned(t: torch.Tensor) -> bool:
@@ -78,27 +80,26 @@ def _aligned(t: torch.Tensor) -> bool:
     return t.data_ptr() % 16 == 0 and all((st * size) % 16 == 0 for st in t.stride() if st != 1)
 
 
-def _use_grouped_mm(x: torch.Tensor, w_EDO: torch.Tensor) -> bool:
+def use_grouped_mm(x: torch.Tensor, w_EDO: torch.Tensor) -> bool:
+    """Whether ``_grouped_linear`` runs ``grouped_mm`` on these operands (else its per-expert loop).
+
+    CUDA: bf16 on sm90 or newer. CPU: fp32 or bf16, when this torch build has the kernel. Both:
+    equal dtypes, 16-byte aligned data and strides (grouped_mm raises otherwise).
+    """
     if _grouped_mm is None or x.dtype != w_EDO.dtype or not (_aligned(x) and _aligned(w_EDO)):
         return False
     if x.is_cuda:
         return x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (9, 0)
-    return x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and _grouped_mm_cpu_works
+    return x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and _GROUPED_MM_ON_CPU
 
 
 def _grouped_linear(
     x_SD: torch.Tensor, w: torch.Tensor, counts_E: torch.Tensor, offs_E: torch.Tensor, transposed: bool
 ) -> torch.Tensor:
     """Rows of ``x_SD`` are sorted by expert; ``counts_E[e]`` rows go to expert ``e``."""
-    global _grouped_mm_cpu_works
     w_EDO = w if transposed else w.transpose(-2, -1)  # [E, in, out]
-    if x_SD.shape[0] and _use_grouped_mm(x_SD, w_EDO):
-        try:
-            return _grouped_mm(x_SD, w_EDO, offs=offs_E)
-        except RuntimeError:
-            if x_SD.is_cuda:
-                raise
-            _grouped_mm_cpu_works = False  # this torch build has no CPU kernel for it: loop instead
+    if x_SD.shape[0] and use_grouped_mm(x_SD, w_EDO):
+        return _grouped_mm(x_SD, w_EDO, offs=offs_E)
     out_SO = x_SD.new_empty(x_SD.shape[0], w_EDO.shape[-1])
     start = 0
     # NOTE: one host sync for the per-expert row counts.

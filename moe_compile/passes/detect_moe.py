@@ -220,7 +220,7 @@ def describe_router(ids: fx.Node, weights: fx.Node, hidden: fx.Node, order: dict
     names = {op_name(n) for n in region}
     if "aten::sigmoid" in names:
         parts.append("sigmoid")
-    elif any(op_name(n) == "aten::_softmax" for n in before):
+    elif any(_is_softmax(n) for n in before):
         parts.append("softmax")
     if any(op_name(n) == "aten::add" and any(a.op == "placeholder" for a in n.all_input_nodes) for n in before):
         parts[-1:] = [(parts[-1] if parts else "logits") + " + bias correction"]
@@ -231,7 +231,7 @@ def describe_router(ids: fx.Node, weights: fx.Node, hidden: fx.Node, order: dict
     else:
         picks = sorted(n.split("::")[-1] for n in names if "max" in n)
         parts.append(f"custom selection ({', '.join(picks)}; e.g. sparsemixer)" if picks else "custom selection")
-    if any(op_name(n) == "aten::_softmax" for n in after):
+    if any(_is_softmax(n) for n in after):
         parts.append("softmax")
     if any(op_name(n) == "aten::div" and _is_sum(n.args[1]) for n in after):
         parts.append("renormalise")
@@ -239,6 +239,16 @@ def describe_router(ids: fx.Node, weights: fx.Node, hidden: fx.Node, order: dict
     if scales:
         parts.append(f"x {scales[-1]:g}")
     return " -> ".join(parts)
+
+
+def _is_softmax(node: fx.Node) -> bool:
+    """``_softmax``, or its decomposition in Inductor's graph: ``exp(x - max) / sum(exp(x - max))``."""
+    if op_name(node) == "aten::_softmax":
+        return True
+    if op_name(node) != "aten::div" or not all(isinstance(a, fx.Node) for a in node.args[:2]):
+        return False
+    num, den = node.args[:2]
+    return op_name(num) == "aten::exp" and op_name(den) == "aten::sum" and den.args[0] is num
 
 
 def _is_sum(node: object) -> bool:
