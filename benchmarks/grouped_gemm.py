@@ -81,8 +81,8 @@ def bench_one(shape: Shape, T: int, routing: str, dtype: torch.dtype, device: st
     S, N = T * K, 2 * I
     hidden_TH = torch.randn(T, H, device=device, dtype=dtype)
     ids_TK, weights_TK = route(T, shape, routing, device)
-    w_up_ENH = (torch.randn(E, N, H, device=device, dtype=dtype) * H**-0.5)
-    w_down_EHI = (torch.randn(E, H, I, device=device, dtype=dtype) * I**-0.5)
+    w_up_ENH = torch.randn(E, N, H, device=device, dtype=dtype) * H**-0.5
+    w_down_EHI = torch.randn(E, H, I, device=device, dtype=dtype) * I**-0.5
     args = (hidden_TH, ids_TK, weights_TK, w_up_ENH, w_down_EHI, None, None, spec)
 
     out_triton = fused_moe(*args)

@@ -80,8 +80,9 @@ def main() -> None:
     contenders = {"eager": model, "moe_prefill": torch.compile(model, backend="moe_prefill")}
     if not args.no_inductor:
         contenders["inductor"] = torch.compile(model)
-    print(f"device: {torch.cuda.get_device_name() if not cpu else 'cpu'}, dtype {dtype}, "
-          f"{model.config.num_hidden_layers} layers, H={model.config.hidden_size}, E={model.config.num_experts}")  # fmt: skip
+    c = model.config
+    device_name = torch.cuda.get_device_name() if not cpu else "cpu"
+    print(f"device: {device_name}, dtype {dtype}, {c.num_hidden_layers} layers, H={c.hidden_size}, E={c.num_experts}")
     print(f"{'tokens':>7} {'variant':>12} {'ms':>9} {'tokens/s':>11} {'vs eager':>8} {'MFU':>6}")
     for total in tokens:
         batch = max(1, total // seq)
@@ -97,7 +98,8 @@ def main() -> None:
                 print(f"{n:>7} {name:>12} {seconds * 1e3:>9.1f} {n / seconds:>11.0f} {base / seconds:>7.2f}x {mfu:>6}")
     report = moe_compile.last_report()
     if report is not None:
-        print(f"moe_prefill: {len(report.blocks)} blocks, implementations {sorted({b.implementation for b in report.blocks})}")
+        implementations = sorted({b.implementation for b in report.blocks})
+        print(f"moe_prefill: {len(report.blocks)} blocks, implementations {implementations}")
 
 
 if __name__ == "__main__":

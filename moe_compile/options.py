@@ -78,9 +78,7 @@ class Options:
         valid = [f.name for f in dataclasses.fields(cls)]
         for key in options:
             if key not in valid:
-                raise ValueError(
-                    f"unknown moe_prefill option {key!r}; valid options are: {', '.join(valid)}"
-                )
+                raise ValueError(f"unknown moe_prefill option {key!r}; valid options are: {', '.join(valid)}")
         opts = cls(**options)
         opts._validate()
         return opts
@@ -138,7 +136,9 @@ class Options:
                 "resident; use one or the other"
             )
         if self.predictor is not None and not isinstance(self.predictor, (str, os.PathLike)):
-            raise ValueError(f"moe_prefill option 'predictor' must be None or a path to a predictor file, got {self.predictor!r}")
+            raise ValueError(
+                f"moe_prefill option 'predictor' must be None or a path to a predictor file, got {self.predictor!r}"
+            )
         if self.offload is not None and self.parallel is not None:
             raise ValueError(f"moe_prefill option 'offload' cannot be combined with parallel={self.parallel!r}")
 

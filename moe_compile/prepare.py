@@ -72,7 +72,9 @@ class StackedExperts(nn.Module):
         else:
             ids_TK = selection.reshape(T, -1)
             weights_TK = routing_weights.reshape(T, -1)
-        out_TH = torch.ops.moe_compile.moe(x_TH, ids_TK, weights_TK, self.w_up, self.w_down, self.b_up, self.b_down, self.spec)
+        out_TH = torch.ops.moe_compile.moe(
+            x_TH, ids_TK, weights_TK, self.w_up, self.w_down, self.b_up, self.b_down, self.spec
+        )
         return out_TH.view(hidden_states.shape)
 
     def extra_repr(self) -> str:

@@ -218,7 +218,11 @@ def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 def _layout(m: MoEMatch, spec: ExpertSpec, has_bias: bool) -> str:
     n = "2I" if spec.gated else "I"
     shapes = f"[E,H,{n}]/[E,I,H] transposed" if spec.transposed else f"[E,{n},H]/[E,H,I]"
-    extra = [s for s, on in (("biases", has_bias), ("interleaved gate/up", spec.gated and spec.gate_layout == "interleaved")) if on]
+    extra = [
+        s
+        for s, on in (("biases", has_bias), ("interleaved gate/up", spec.gated and spec.gate_layout == "interleaved"))
+        if on
+    ]
     source = "per-pair gathered (batched_mm)" if m.source == "batched" else "grouped"
     return f"fused 3D {shapes}" + "".join(f", {e}" for e in extra) + f"; {source}"
 

@@ -132,9 +132,7 @@ class InsertPredictors(GraphPass):
             )
             set_fake_val(pred)  # int64 [T, K]
             call = MoECall.from_node(site.node)
-            token = graph.call_function(
-                torch.ops.moe_compile.offload_prefetch.default, (pred, call.store, call.layer)
-            )
+            token = graph.call_function(torch.ops.moe_compile.offload_prefetch.default, (pred, call.store, call.layer))
             set_fake_val(token)  # int64 [1]
         call.replace(token=token)
         site.report.predictor = f"{site.where}: {pred.name}({site.activation.name})"
