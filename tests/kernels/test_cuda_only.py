@@ -18,12 +18,22 @@ from moe_compile.spec import ExpertSpec
 
 pytestmark = pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA device (real Triton kernels)")
 
-#: every config select_config can return for 16-bit inputs, and the fp32 ones (block_k halved by heuristic())
-SEED_CONFIGS = sorted(
-    {c for table in configs.TUNED.values() for buckets in table.values() for _, c in buckets}
-    | {configs.heuristic(128, T, 8, torch.bfloat16) for T in (16, 512, 4096, 65536)},
-    key=str,
-)
+#: (E, N, H, K) of the benchmark models (Qwen3-30B-A3B, Qwen3-235B-A22B, Mixtral-8x7B, DeepSeek-V3)
+MODEL_SHAPES = [(128, 1536, 2048, 8), (128, 3072, 4096, 8), (8, 28672, 4096, 2), (256, 4096, 7168, 8)]
+
+
+def _selectable_configs() -> list[configs.KernelConfig]:
+    """Every config select_config returns on this device for the benchmark models in bf16 (tuned file or seed
+    table), and the heuristic's; block_k halved for fp32 in the test."""
+    chosen = {configs.heuristic(128, T, 8, torch.bfloat16) for T in (16, 512, 4096, 65536)}
+    if DEVICE == "cuda":
+        for E, N, H, K in MODEL_SHAPES:
+            for T in (256, 512, 4096, 16384, 65536):
+                chosen.add(configs.select_config(E, N, H, T, K, torch.bfloat16, torch.device("cuda")))
+    return sorted(chosen, key=str)
+
+
+SEED_CONFIGS = _selectable_configs()
 
 
 def _fp32_variant(config: configs.KernelConfig) -> configs.KernelConfig:
