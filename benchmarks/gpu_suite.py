@@ -545,6 +545,8 @@ def run_offload(s: Section) -> None:
     print(f"offload: {o['copy_overlap_fraction']} of {o['copy_us']:.0f} us copies overlap compute", flush=True)
     if not stats:
         raise RuntimeError("offload: the compiled model has no offload store (no MoE block was offloaded)")
+    if device.type == "cuda" and o["trace_kind"] != "gpu":
+        raise RuntimeError("offload: the trace has no GPU kernel events (is CUPTI available to torch.profiler?)")
     s.save("ok")
 
 
