@@ -366,7 +366,6 @@ def run_autotune(s: Section) -> None:
     import triton.testing
 
     from moe_compile.kernels import configs, fused_moe
-    from moe_compile.spec import ExpertSpec
 
     gg, shapes, tokens, device, dtype = _gemm_setup(s)
     if device != "cuda":
@@ -393,16 +392,12 @@ def run_autotune(s: Section) -> None:
                 continue
             start = time.time()
             torch.manual_seed(0)
-            hidden = torch.randn(T, shape.H, device=device, dtype=dtype)
-            ids, weights = gg.route(T, shape, "uniform", device)
-            w_up = torch.randn(shape.E, 2 * shape.I, shape.H, device=device, dtype=dtype) * shape.H**-0.5
-            w_down = torch.randn(shape.E, shape.H, shape.I, device=device, dtype=dtype) * shape.I**-0.5
-            args = (hidden, ids, weights.to(dtype), w_up, w_down, None, None, ExpertSpec())
+            args = gg.layer_inputs(shape, T, "uniform", dtype, device)
             if device == "cuda":
                 bench = lambda c, args=args: triton.testing.do_bench(
                     lambda: fused_moe(*args, config=c), warmup=5, rep=25
                 )
-                config = configs.select_config(shape.E, 2 * shape.I, shape.H, T, shape.K, dtype, hidden.device, bench)
+                config = configs.select_config(shape.E, 2 * shape.I, shape.H, T, shape.K, dtype, args[0].device, bench)
             else:  # the interpreter would take minutes: record what the heuristic picks, as the autotune would
                 config = configs.heuristic(shape.E, T, shape.K, dtype)
                 bucket = 1 << max(T - 1, 0).bit_length()
@@ -411,7 +406,7 @@ def run_autotune(s: Section) -> None:
                 {"model": shape.name, "tokens": T, "config": dataclasses.asdict(config), "seconds": time.time() - start}
             )
             print(f"autotune {shape.name} {T} tokens: {config} ({time.time() - start:.1f} s)", flush=True)
-            del hidden, w_up, w_down, args
+            del args
             write()  # after every shape: a timeout later still leaves a valid table
             s.result.update(done=done, skipped=skipped)
             s.save()
