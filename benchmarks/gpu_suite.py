@@ -40,6 +40,7 @@ import contextlib
 import dataclasses
 import datetime
 import gzip
+import importlib.util
 import json
 import os
 import platform
@@ -61,6 +62,8 @@ SECTIONS = ("tests", "autotune", "gemm", "prefill", "offload")
 #: seconds per section on a GPU (scaled to --budget-s; unused time passes on to the later sections)
 GPU_CAPS = {"tests": 100, "gemm": 90, "prefill": 170, "offload": 50}
 SMOKE_CAPS = {"tests": 25, "gemm": 25, "prefill": 40, "offload": 30}
+#: modules the sections import (moe_compile itself runs from the checkout: ROOT goes on the path)
+NEEDED = ("torch", "triton", "transformers", "pytest", "safetensors", "networkx", "tqdm")
 CUDA_TESTS = ["tests/kernels", "tests/test_offload_cuda.py"]
 SMOKE_TESTS = ["tests/kernels/test_cuda_only.py", "tests/test_offload_cuda.py"]
 TOKENS = [512, 4096, 16384]
@@ -703,6 +706,10 @@ def main(argv: list[str] | None = None) -> int:
         if not torch.cuda.is_available():
             print("gpu_suite: no CUDA device; run with --cpu-smoke for the CPU check of the plumbing", file=sys.stderr)
             return 2
+    missing = [m for m in NEEDED if importlib.util.find_spec(m) is None]
+    if missing:
+        print(f"gpu_suite: missing modules {missing}: the sections that need them will fail; install them "
+              "(pip install -e '.[test]') or carry their wheels to an offline machine", file=sys.stderr)  # fmt: skip
     caps = dict(SMOKE_CAPS if smoke else GPU_CAPS)
     budget = opts.budget_s if opts.budget_s is not None else (110.0 if smoke else 420.0)
     scale = budget / sum(caps.values())
@@ -749,6 +756,7 @@ def main(argv: list[str] | None = None) -> int:
         "sections": sections,
         "targets": [dataclasses.asdict(t) for t in targets],
         "failed_sections": failed,
+        "missing_modules": missing,
         "exit_code": 1 if failed else 0,
     }
     (out / "results.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
@@ -790,7 +798,7 @@ def render_summary(res: dict[str, Any]) -> str:
             f"Python {m.get('python')}, CUDA {m.get('cuda', '-')}, moe_compile {m.get('moe_compile_commit', '?')}."
         ),
         f"- Command: `{res['command']}` ({res['wall_s']} s wall, budget {res['budget_s']:.0f} s).",
-        "",
+        *([f"- Missing modules: {', '.join(res['missing_modules'])}.", ""] if res.get("missing_modules") else [""]),
         "### Sections",
         "",
     ]
