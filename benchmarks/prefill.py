@@ -31,8 +31,11 @@ QWEN3_30B_A3B = dict(
 )  # fmt: skip
 
 
-def prefill_flops(config, batch: int, seq: int) -> float:
-    """Matmul FLOPs of one prefill: projections, active experts, attention scores and values, LM head."""
+def prefill_flops(config, batch: int, seq: int, logits_to_keep: int = 0) -> float:
+    """Matmul FLOPs of one prefill: projections, active experts, attention scores and values, LM head.
+
+    ``logits_to_keep`` as in Hugging Face's forward: 0 computes logits for every token, ``n`` for the last ``n``.
+    """
     H, L, T = config.hidden_size, config.num_hidden_layers, batch * seq
     d = getattr(config, "head_dim", None) or H // config.num_attention_heads
     q, kv = config.num_attention_heads * d, config.num_key_value_heads * d
@@ -41,7 +44,7 @@ def prefill_flops(config, batch: int, seq: int) -> float:
     k, inter = config.num_experts_per_tok, config.moe_intermediate_size
     experts = 2 * T * k * 3 * H * inter
     router = 2 * T * H * config.num_experts
-    head = 2 * T * H * config.vocab_size
+    head = 2 * (batch * min(logits_to_keep, seq) if logits_to_keep else T) * H * config.vocab_size
     return L * (attn_proj + attn_scores + experts + router) + head
 
 
@@ -56,6 +59,58 @@ def timed(fn, *args, warmup: int, iters: int, sync) -> float:
     return (time.perf_counter() - start) / iters
 
 
+def peak_flops(device_name: str) -> float | None:
+    """Dense bf16 peak of ``device_name`` from :data:`PEAK_FLOPS`, or None (no MFU)."""
+    return next((v for k, v in PEAK_FLOPS.items() if k in device_name), None)
+
+
+def build_model(layers: int, cpu: bool) -> tuple[torch.nn.Module, int]:
+    """``(model, sequence length)``: Qwen3-30B-A3B shapes in bf16 on the GPU, or a tiny zoo model in fp32 on CPU."""
+    torch.manual_seed(0)
+    if cpu:
+        return zoo.build("qwen3_moe", num_layers=layers), 128
+    config = transformers.Qwen3MoeConfig(num_hidden_layers=layers, **QWEN3_30B_A3B)
+    with torch.device("cuda"):
+        model = transformers.Qwen3MoeForCausalLM(config).to(torch.bfloat16).eval()
+    return model, 4096
+
+
+def measure(
+    model, contenders: dict, tokens: list[int], seq: int, warmup: int = 2, iters: int = 5, on_row=None,
+    logits_to_keep: int = 0,
+):  # fmt: skip
+    """One row per (token count, contender): ms, tokens/s, speed-up over the first contender, MFU.
+
+    ``contenders`` maps a name to a callable model (eager first); ``on_row(row)`` sees each row as it is measured.
+    ``logits_to_keep=1`` asks for the last token's logits only (what a prefill server needs).
+    """
+    device = next(model.parameters()).device
+    cuda = device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    peak = peak_flops(torch.cuda.get_device_name(device)) if cuda else None
+    rows = []
+    for total in tokens:
+        batch = max(1, total // seq)
+        input_ids = torch.randint(0, model.config.vocab_size, (batch, min(seq, total)), device=device)
+        flops = prefill_flops(model.config, batch, input_ids.shape[1], logits_to_keep)
+        kwargs = {"use_cache": False, **({"logits_to_keep": logits_to_keep} if logits_to_keep else {})}
+        base = None
+        with torch.no_grad():
+            for name, fn in contenders.items():
+                run = lambda x, fn=fn: fn(x, **kwargs).logits
+                seconds = timed(run, input_ids, warmup=warmup, iters=iters, sync=sync)
+                base = base or seconds
+                n = input_ids.numel()
+                row = {
+                    "tokens": n, "variant": name, "ms": seconds * 1e3, "tokens_per_s": n / seconds,
+                    "vs_first": base / seconds, "mfu": flops / seconds / peak if peak else None,
+                }  # fmt: skip
+                rows.append(row)
+                if on_row is not None:
+                    on_row(row)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cpu", action="store_true", help="tiny model on the CPU (default without CUDA)")
@@ -64,38 +119,25 @@ def main() -> None:
     parser.add_argument("--no-inductor", action="store_true", help="skip plain torch.compile (slow to compile on CPU)")
     args = parser.parse_args()
     cpu = args.cpu or not torch.cuda.is_available()
-    torch.manual_seed(0)
-    if cpu:
-        model = zoo.build("qwen3_moe", num_layers=args.layers)
-        tokens, seq, dtype = [256, 1024], 128, torch.float32
-        sync, peak = (lambda: None), None
-    else:
-        config = transformers.Qwen3MoeConfig(num_hidden_layers=args.layers, **QWEN3_30B_A3B)
-        with torch.device("cuda"):
-            model = transformers.Qwen3MoeForCausalLM(config).to(torch.bfloat16).eval()
-        tokens, seq, dtype = args.tokens, 4096, torch.bfloat16
-        sync = torch.cuda.synchronize
-        peak = next((v for k, v in PEAK_FLOPS.items() if k in torch.cuda.get_device_name()), None)
-    device = next(model.parameters()).device
+    model, seq = build_model(args.layers, cpu)
+    tokens = [256, 1024] if cpu else args.tokens
     contenders = {"eager": model, "moe_prefill": torch.compile(model, backend="moe_prefill")}
     if not args.no_inductor:
         contenders["inductor"] = torch.compile(model)
+    dtype = next(model.parameters()).dtype
     c = model.config
     device_name = torch.cuda.get_device_name() if not cpu else "cpu"
     print(f"device: {device_name}, dtype {dtype}, {c.num_hidden_layers} layers, H={c.hidden_size}, E={c.num_experts}")
     print(f"{'tokens':>7} {'variant':>12} {'ms':>9} {'tokens/s':>11} {'vs eager':>8} {'MFU':>6}")
-    for total in tokens:
-        batch = max(1, total // seq)
-        input_ids = torch.randint(0, model.config.vocab_size, (batch, min(seq, total)), device=device)
-        flops = prefill_flops(model.config, batch, input_ids.shape[1])
-        base = None
-        with torch.no_grad():
-            for name, fn in contenders.items():
-                seconds = timed(lambda x: fn(x, use_cache=False).logits, input_ids, warmup=2, iters=5, sync=sync)
-                base = base or seconds
-                mfu = f"{flops / seconds / peak:.1%}" if peak else "-"
-                n = input_ids.numel()
-                print(f"{n:>7} {name:>12} {seconds * 1e3:>9.1f} {n / seconds:>11.0f} {base / seconds:>7.2f}x {mfu:>6}")
+
+    def show(r: dict) -> None:
+        mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"
+        print(
+            f"{r['tokens']:>7} {r['variant']:>12} {r['ms']:>9.1f} {r['tokens_per_s']:>11.0f} "
+            f"{r['vs_first']:>7.2f}x {mfu:>6}"
+        )
+
+    measure(model, contenders, tokens, seq, on_row=show)
     report = moe_compile.last_report()
     if report is not None:
         implementations = sorted({b.implementation for b in report.blocks})

@@ -127,8 +127,10 @@ def moe_torch(
     ids_S = topk_ids_TK.reshape(-1).long()
     order_S = torch.argsort(ids_S, stable=True)  # pairs sorted by expert
     sorted_ids_S = ids_S[order_S]
-    counts_E = torch.bincount(ids_S, minlength=E)
-    offs_E = torch.cumsum(counts_E, 0, dtype=torch.int32)
+    # end of each expert's rows; searchsorted, unlike bincount on CUDA, never reads a value on the host
+    ends_E = torch.searchsorted(sorted_ids_S, torch.arange(E, device=ids_S.device), right=True)
+    counts_E = torch.diff(ends_E, prepend=ends_E.new_zeros(1))
+    offs_E = ends_E.to(torch.int32)
 
     x_SH = x_TH[order_S // K]
     up_SN = _grouped_linear(x_SH, w_up, counts_E, offs_E, spec.transposed)
