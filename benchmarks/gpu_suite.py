@@ -190,7 +190,10 @@ def copy_overlap(events: list[dict]) -> dict[str, Any]:
     for e in compute_events:
         busy[lane(e)] = busy.get(lane(e), 0.0) + float(e["dur"])
     compute_lane = max(busy, key=busy.get) if busy else None
-    span = lambda e: (float(e["ts"]), float(e["ts"]) + float(e["dur"]))
+
+    def span(e):
+        return (float(e["ts"]), float(e["ts"]) + float(e["dur"]))
+
     compute = _union([span(e) for e in compute_events if lane(e) == compute_lane])
     ahead = _union([span(e) for e in copies if lane(e) != compute_lane])
     on_demand = _union([span(e) for e in copies if lane(e) == compute_lane])
@@ -397,9 +400,10 @@ def run_autotune(s: Section) -> None:
             torch.manual_seed(0)
             args = gg.layer_inputs(shape, T, "uniform", dtype, device)
             if device == "cuda":
-                bench = lambda c, args=args: triton.testing.do_bench(
-                    lambda: fused_moe(*args, config=c), warmup=5, rep=25
-                )
+
+                def bench(c, args=args):
+                    return triton.testing.do_bench(lambda: fused_moe(*args, config=c), warmup=5, rep=25)
+
                 config = configs.select_config(shape.E, 2 * shape.I, shape.H, T, shape.K, dtype, args[0].device, bench)
             else:  # the interpreter would take minutes: record what the heuristic picks, as the autotune would
                 config = configs.heuristic(shape.E, T, shape.K, dtype)
@@ -905,7 +909,10 @@ def render_summary(res: dict[str, Any]) -> str:
     if "offload" in sec:
         r = sec["offload"].get("result", {})
         o, b = r.get("overlap", {}), r.get("bytes", {})
-        mib = lambda n: "-" if n is None else f"{n / 2**20:.1f} MiB"
+
+        def mib(n):
+            return "-" if n is None else f"{n / 2**20:.1f} MiB"
+
         out += [
             "### Offload overlap",
             "",

@@ -97,7 +97,10 @@ def measure(
         base = None
         with torch.no_grad():
             for name, fn in contenders.items():
-                run = lambda x, fn=fn: fn(x, **kwargs).logits
+
+                def run(x, fn=fn):
+                    return fn(x, **kwargs).logits
+
                 seconds = timed(run, input_ids, warmup=warmup, iters=iters, sync=sync)
                 base = base or seconds
                 n = input_ids.numel()

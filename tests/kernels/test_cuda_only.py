@@ -10,11 +10,12 @@ import dataclasses
 
 import pytest
 import torch
-from .kernel_testing import DEVICE, TOLERANCE, make_experts, rel_err, route
 
 from moe_compile import ops
 from moe_compile.kernels import configs, fused_moe
 from moe_compile.spec import ExpertSpec
+
+from .kernel_testing import DEVICE, TOLERANCE, make_experts, rel_err, route
 
 pytestmark = pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA device (real Triton kernels)")
 
