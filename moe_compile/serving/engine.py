@@ -147,7 +147,14 @@ class PrefillEngine:
         if request.text is not None:
             if self.tokenizer is None:
                 return fail("the request has 'text' but the engine has no tokenizer; send 'tokens'")
-            tokens = list(self.tokenizer(request.text)["input_ids"])
+            if not request.text:
+                return fail("empty text: nothing to score")
+            try:
+                tokens = self._encode_prompt(request.text)
+            except Exception as e:  # noqa: BLE001  (a tokenizer's own error, e.g. text it cannot encode)
+                return fail(f"cannot tokenize the text: {type(e).__name__}: {e}")
+            if not tokens:
+                return fail("empty text: the tokenizer gives no tokens")
         else:
             tokens = list(request.tokens)
         n = len(tokens)
@@ -285,6 +292,20 @@ class PrefillEngine:
         return scores
 
     # -- setup -------------------------------------------------------------------------------------------------
+
+    def _encode_prompt(self, text: str) -> list[int]:
+        """``text`` as a causal-LM prompt: its tokens, after a BOS only where the tokenizer adds one.
+
+        Never an end-of-sequence token (a seq2seq tokenizer such as ByT5 appends ``</s>`` when asked
+        for special tokens; the default read position -1 must read after the prompt itself).
+        """
+        ids = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        bos = getattr(self.tokenizer, "bos_token_id", None)
+        if bos is not None and (not ids or ids[0] != bos):
+            with_special = self.tokenizer(text, add_special_tokens=True)["input_ids"]
+            if len(with_special) and with_special[0] == bos:
+                ids.insert(0, bos)
+        return ids
 
     def _label_id(self, label: int | str) -> int | str:
         """The token id of ``label``, or an error message."""
