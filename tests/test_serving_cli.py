@@ -1,6 +1,7 @@
 """``moe-compile score`` (malformed lines, bad requests, resume, summary) and ``moe-compile serve`` over HTTP."""
 
 import argparse
+import contextlib
 import json
 import threading
 import time
@@ -135,3 +136,94 @@ def test_http_endpoint_scores_on_localhost(checkpoint):
         server.should_exit = True
         thread.join(timeout=30)
     assert not thread.is_alive()
+
+
+def test_bad_lines_are_reported_with_their_numbers_and_the_run_goes_on(checkpoint, tmp_path, capsys):
+    model_dir, _ = checkpoint
+    requests, output = tmp_path / "requests.jsonl", tmp_path / "scores.jsonl"
+    good = [json.dumps({"id": f"g{i}", "tokens": [5, 6, 7 + i], "labels": [5]}).encode() for i in range(2)]
+    lines = [
+        good[0],
+        b'{"id": "s", "tokens": [5], "labels": ["\\ud800"]}',  # a lone surrogate escape
+        b'{"id": "x\xff", "tokens": [5]}',  # a byte that is not UTF-8
+        b"[" * 100_000 + b"]" * 100_000,  # nested 100,000 deep
+        b'{"id": "\\udc00", "tokens": [5]}',
+        good[1],
+    ]
+    requests.write_bytes(b"\n".join(lines) + b"\n")
+    argv = ["score", "--model", str(model_dir), "--input", str(requests), "--output", str(output), "--no-compile"]
+    assert run_cli(argv) == 1
+    err = capsys.readouterr().err
+    assert f"{requests}:2: skipped malformed line: 'labels' holds a lone surrogate" in err
+    assert f"{requests}:3: skipped malformed line: not UTF-8: byte 0xff at column 10" in err
+    assert f"{requests}:4: skipped malformed line: nested too deeply" in err
+    assert f"{requests}:5: skipped malformed line: 'id' holds a lone surrogate" in err
+    records = {r["id"]: r for r in map(json.loads, output.read_text().splitlines())}
+    assert sorted(records) == ["g0", "g1"] and all("logprobs" in r for r in records.values())
+
+
+@contextlib.contextmanager
+def serving(app):
+    """``app`` served by uvicorn on 127.0.0.1 (a free port) in a thread; yields its URL."""
+    uvicorn = pytest.importorskip("uvicorn")
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started:
+            assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
+            time.sleep(0.05)
+        yield f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+    assert not thread.is_alive()
+
+
+def http(url, body=None, timeout=60):
+    """(status, decoded JSON) of a GET (``body`` None) or a POST of ``body`` (bytes or a JSON-ready object)."""
+    if body is not None and not isinstance(body, bytes):
+        body = json.dumps(body).encode()
+    req = urllib.request.Request(url, body, {"Content-Type": "application/json"} if body is not None else {})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_http_bad_requests_get_error_records_and_the_rest_is_scored(checkpoint):
+    pytest.importorskip("fastapi")
+    from moe_compile.serving import PrefillEngine
+    from moe_compile.serving.http import create_app
+
+    _, model = checkpoint
+    engine = PrefillEngine(model, compile=False, block_size=8)
+    good = [json.dumps({"id": i, "tokens": [5, 6, 7 + i], "labels": [5]}).encode() for i in range(3)]
+    body = b'{"requests": [' + b", ".join([
+        good[0],
+        b'{"id": "s", "tokens": [5], "labels": ["\\ud800"]}',
+        b'{"id": "x\xff", "tokens": [5]}',
+        b"[" * 100_000 + b"]" * 100_000,
+        good[1],
+        json.dumps({"id": 0, "tokens": [9, 9]}).encode(),  # the id of the first request again
+        good[2],
+    ]) + b"]}"  # fmt: skip
+    with serving(create_app(engine)) as url:
+        status, answer = http(f"{url}/score", body)
+        assert status == 200, answer
+        records = answer["scores"]
+        assert [r.get("id") for r in records] == [0, "s", None, None, 1, 0, 2]
+        for i in (0, 4, 6):
+            expected = eager_value(model, Request(id=0, tokens=(5, 6, 7 + records[i]["id"]), labels=(5,)))
+            assert rel_err(torch.tensor(records[i]["logprobs"]), expected) < 1e-5
+        assert records[1]["error"].startswith("malformed request: 'labels' holds a lone surrogate")
+        assert records[2]["error"] == "malformed request: not UTF-8: byte 0xff at column 10"
+        assert records[3]["error"] == "malformed request: nested too deeply"
+        assert records[5]["error"] == "malformed request: duplicate id 0 (first at index 0)"
+        for bad in (b"{not json", b'{"requests": 5}', b"[" * 100_000):
+            status, answer = http(f"{url}/score", bad)
+            assert status == 400 and "detail" in answer, (bad[:20], status, answer)
+        status, health = http(f"{url}/health")
+        assert status == 200 and health["status"] == "ok"

@@ -12,8 +12,10 @@ answered, so a rerun scores only the rest.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -24,15 +26,16 @@ from .requests import MalformedRequest, Request, Score
 def read_requests(path: str | Path) -> Iterator[tuple[int, Request | str]]:
     """``(line_number, request or reason it is malformed)`` for each non-blank line of ``path``."""
     first_line: dict[Any, int] = {}
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
+    with open(path, "rb") as f:  # bytes: a line that is not UTF-8 is one malformed line, not the end of the run
+        for number, raw in enumerate(f, start=1):
+            if not raw.strip():
+                continue
+            obj = decode_json(raw)
+            if isinstance(obj, Malformed):
+                yield number, obj.reason
                 continue
             try:
-                request = Request.from_json(json.loads(line))
-            except json.JSONDecodeError as e:
-                yield number, f"not JSON: {e.msg} at column {e.colno}"
-                continue
+                request = Request.from_json(obj.value)
             except MalformedRequest as e:
                 yield number, str(e)
                 continue
@@ -41,6 +44,45 @@ def read_requests(path: str | Path) -> Iterator[tuple[int, Request | str]]:
                 continue
             first_line[request.id] = number
             yield number, request
+
+
+@dataclasses.dataclass(frozen=True)
+class Decoded:
+    value: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Malformed:
+    reason: str
+
+
+def decode_json(raw: bytes | str) -> Decoded | Malformed:
+    """One JSON value from ``raw`` (UTF-8 bytes, or text where undecodable bytes are surrogate escapes), or why not.
+
+    Never raises for bad input: bytes that are not UTF-8, bad JSON, numbers too long to convert
+    and nesting too deep for the parser are all reasons.
+    """
+    if isinstance(raw, bytes):
+        try:
+            raw = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            return Malformed(f"not UTF-8: byte 0x{raw[e.start]:02x} at column {e.start + 1}")
+    else:
+        bad = _ESCAPED_BYTE.search(raw)
+        if bad:
+            return Malformed(f"not UTF-8: byte 0x{ord(bad.group()) - 0xDC00:02x} at column {bad.start() + 1}")
+    try:
+        return Decoded(json.loads(raw))
+    except json.JSONDecodeError as e:
+        return Malformed(f"not JSON: {e.msg} at column {e.colno}")
+    except RecursionError:
+        return Malformed("nested too deeply")
+    except ValueError as e:  # e.g. an integer of more digits than Python converts
+        return Malformed(f"not JSON: {e}")
+
+
+#: a byte that ``bytes.decode("utf-8", "surrogateescape")`` could not decode
+_ESCAPED_BYTE = re.compile("[\udc80-\udcff]")
 
 
 def done_ids(path: str | Path) -> set[Any]:
