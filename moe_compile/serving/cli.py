@@ -17,6 +17,7 @@ and rank 0 writes the output.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -26,43 +27,84 @@ from pathlib import Path
 CHUNK = 256
 
 
+#: --dtype choices; the default, float32, gives scores that do not depend on batching (docs/serving.md)
+DTYPES = ("float32", "bfloat16", "float16", "auto")
+
+
+def at_least(kind: type, low: float, high: float | None = None):
+    """An argparse ``type``: ``kind(text)`` within ``[low, high]``, else argparse's error naming the range."""
+    noun = "an integer" if kind is int else "a number"
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {noun}, got {text!r}") from None
+        if math.isnan(value) or value < low or (high is not None and value > high):  # NaN too
+            shown = f"in [{low}, {high}]" if high is not None else f">= {low}"
+            raise argparse.ArgumentTypeError(f"must be {noun} {shown}, got {text}")
+        return value
+
+    return parse
+
+
 def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
     """Add ``score`` and ``serve`` to the ``moe-compile`` parser's subcommands."""
     p = subparsers.add_parser("score", help="score a JSON-lines file of prefill requests")
     _engine_args(p)
     p.add_argument("--input", required=True, help="requests, one JSON object per line")
-    p.add_argument("--output", required=True, help="scores, one JSON object per line (appended to: resumes)")
-    p.add_argument("--chunk", type=int, default=CHUNK, help=f"requests scored per write (default {CHUNK})")
+    p.add_argument("--output", required=True,
+                   help="scores, one JSON object per line (appended to: resumes; never the input)")  # fmt: skip
+    p.add_argument("--chunk", type=at_least(int, 1), default=CHUNK,
+                   help=f"requests scored per write (default {CHUNK})")  # fmt: skip
     p.add_argument("--policy", default="prefix_flops", choices=("prefix_flops", "round_robin", "tokens"),
                    help="routing over ranks (default prefix_flops)")  # fmt: skip
-    p.add_argument("--slack", type=float, default=0.25, help="routing: tolerated load excess of the prefix rank")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=cmd_score)
+    p.add_argument("--slack", type=at_least(float, 0), default=0.25,
+                   help="routing: tolerated load excess of the prefix rank (>= 0, default 0.25)")  # fmt: skip
+    p.add_argument("--quiet", action="store_true", help="no progress bar (there is none when stderr is not a terminal)")
+    p.set_defaults(func=cmd_score, parser=p)
     p = subparsers.add_parser("serve", help="serve prefill scoring over HTTP (needs the serve extra)")
     _engine_args(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    p.set_defaults(func=cmd_serve)
+    p.add_argument("--port", type=at_least(int, 0, 65535), default=8000, help="port (default 8000)")
+    p.add_argument("--no-warmup", action="store_true",
+                   help="report ready at once; compile on the first calls instead of before")  # fmt: skip
+    p.set_defaults(func=cmd_serve, parser=p)
 
 
 def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="a transformers checkpoint directory (causal LM)")
-    p.add_argument("--token-budget", type=int, default=2048, help="padded tokens per forward pass (default 2048)")
-    p.add_argument("--prefix-cache-tokens", type=int, default=65536, help="prefix cache capacity (0: off)")
-    p.add_argument("--block-size", type=int, default=16, help="prefix cache block size in tokens (default 16)")
+    p.add_argument("--dtype", choices=DTYPES, default="float32",
+                   help="weights and compute (default float32: scores do not depend on batching; "
+                   "bfloat16/float16/auto are faster but batch-dependent, see docs/serving.md)")  # fmt: skip
+    p.add_argument("--token-budget", type=at_least(int, 1), default=2048,
+                   help="padded tokens per forward pass (default 2048)")  # fmt: skip
+    p.add_argument("--prefix-cache-tokens", type=at_least(int, 0), default=65536,
+                   help="prefix cache capacity (0: off)")  # fmt: skip
+    p.add_argument("--block-size", type=at_least(int, 1), default=16,
+                   help="prefix cache block size in tokens (default 16)")  # fmt: skip
     p.add_argument("--no-compile", action="store_true", help="run the model eagerly (no moe_prefill compile)")
 
 
 def _engine(args: argparse.Namespace):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     from .engine import PrefillEngine
 
     path = Path(args.model)
     if not (path / "config.json").exists():
-        raise SystemExit(f"moe-compile: {args.model} is not a checkpoint directory (no config.json)")
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype="auto").eval()
+        args.parser.error(f"argument --model: {args.model} is not a checkpoint directory (no config.json)")
+    dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
+    restore = not sys.stderr.isatty() and hf_logging.is_progress_bar_enabled()
+    if restore:
+        hf_logging.disable_progress_bar()  # a log file gets no "Loading weights" bar
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).eval()
+    finally:
+        if restore:
+            hf_logging.enable_progress_bar()
     has_tokenizer = any((path / name).exists() for name in ("tokenizer.json", "tokenizer_config.json"))
     tokenizer = AutoTokenizer.from_pretrained(str(path)) if has_tokenizer else None
     with torch.no_grad():
@@ -78,19 +120,47 @@ def _engine(args: argparse.Namespace):
 
 def cmd_score(args: argparse.Namespace) -> int:
     import torch.distributed as dist
-    from tqdm import tqdm
 
-    from .distributed import score_routed
-    from .flops import FlopsModel
-    from .jsonl import append_scores, done_ids, read_requests
-    from .routing import Router
+    from .jsonl import OutputError, ScoresOutput
 
-    if not Path(args.input).exists():
-        raise SystemExit(f"moe-compile: no such input file: {args.input}")
+    if not Path(args.input).is_file():
+        args.parser.error(f"argument --input: no such input file: {args.input}")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group("gloo")  # torchrun sets the rendezvous variables
     rank = dist.get_rank() if world_size > 1 else 0
+    output, problem = None, None
+    if rank == 0:  # checked and locked before the model loads: a bad --output stops the run at once
+        try:
+            output = ScoresOutput(args.output, args.input)
+        except OutputError as e:
+            problem = str(e)
+    done = output.done if output is not None else set()
+    if world_size > 1:
+        shared = [done, problem]
+        dist.broadcast_object_list(shared, src=0)  # NOTE: rank 0 read the output before anyone writes
+        done, problem = shared
+    if problem is not None:
+        if world_size > 1:
+            dist.destroy_process_group()
+        args.parser.error(f"argument --output: {problem}")
+    try:
+        return _score(args, engine_rank=(rank, world_size), output=output, done=done)
+    finally:
+        if output is not None:
+            output.close()
+
+
+def _score(args: argparse.Namespace, engine_rank: tuple[int, int], output, done: set) -> int:
+    import torch.distributed as dist
+    from tqdm import tqdm
+
+    from .distributed import score_routed
+    from .flops import FlopsModel
+    from .jsonl import read_requests
+    from .routing import Router
+
+    rank, world_size = engine_rank
     engine = _engine(args)
     router = Router(
         world_size,
@@ -100,11 +170,6 @@ def cmd_score(args: argparse.Namespace) -> int:
         block_size=args.block_size,
         cache_tokens=args.prefix_cache_tokens,
     )
-    done = done_ids(args.output) if rank == 0 else set()
-    if world_size > 1:
-        shared = [done]
-        dist.broadcast_object_list(shared, src=0)  # NOTE: rank 0 read the output before anyone writes
-        done = shared[0]
     todo, malformed, skipped = [], 0, 0
     for number, request in read_requests(args.input):
         if isinstance(request, str):
@@ -117,11 +182,13 @@ def cmd_score(args: argparse.Namespace) -> int:
             todo.append(request)
     start = time.perf_counter()
     scored = errors = tokens = cached = 0
-    with tqdm(total=len(todo), unit="req", disable=args.quiet or rank != 0, file=sys.stderr) as bar:
+    # disable=None: tqdm's own rule, no bar when stderr is not a terminal (a log file gets no bar updates)
+    disable = True if args.quiet or rank != 0 else None
+    with tqdm(total=len(todo), unit="req", disable=disable, file=sys.stderr) as bar:
         for lo in range(0, len(todo), args.chunk):
             scores = score_routed(engine, todo[lo : lo + args.chunk], router)
             if rank == 0:
-                append_scores(args.output, scores)
+                output.append(scores)
             scored += len(scores)
             errors += sum(s.error is not None for s in scores)
             tokens += sum(s.tokens for s in scores)
