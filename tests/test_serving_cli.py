@@ -371,3 +371,54 @@ def test_dtype_option_loads_the_checkpoint_in_that_dtype(tmp_path):
         argv = ["serve", "--model", str(TINY_MOE_DIR), "--no-compile", *(["--dtype", flag] if flag else [])]
         engine = _engine(parser.parse_args(argv))
         assert engine.model.dtype == dtype
+
+
+def test_health_says_warming_up_until_the_engine_is_warm(checkpoint, monkeypatch):
+    pytest.importorskip("fastapi")
+    from moe_compile.serving import PrefillEngine
+    from moe_compile.serving.http import create_app
+
+    _, model = checkpoint
+    engine = PrefillEngine(model, compile=False, block_size=8)
+    release, warmed = threading.Event(), []
+    warmup = engine.warmup
+    monkeypatch.setattr(engine, "warmup", lambda: release.wait(60) and warmed.append(warmup()))
+    with serving(create_app(engine)) as url:
+        status, health = http(f"{url}/health")
+        assert (status, health["status"]) == (503, "warming up")
+        answers = []
+        early = threading.Thread(target=lambda: answers.append(http(f"{url}/score", {"requests": [
+            {"id": "early", "tokens": [5, 6, 7], "labels": [5]}]})))  # fmt: skip
+        early.start()
+        time.sleep(0.5)
+        assert not answers  # a call made while warming up waits for it
+        release.set()
+        early.join(timeout=60)
+        (status, body), = answers
+        assert status == 200 and body["scores"][0]["id"] == "early" and "logprobs" in body["scores"][0]
+        assert warmed and warmed[0] >= 4
+        status, health = http(f"{url}/health")
+        assert (status, health["status"], health["requests"]) == (200, "ok", 1)  # warm-up's own calls not counted
+
+
+def test_health_reports_a_failed_warmup(checkpoint, monkeypatch):
+    pytest.importorskip("fastapi")
+    from moe_compile.serving import PrefillEngine
+    from moe_compile.serving.http import create_app
+
+    _, model = checkpoint
+    engine = PrefillEngine(model, compile=False, block_size=8)
+
+    def broken():
+        raise RuntimeError("the backend failed")
+
+    monkeypatch.setattr(engine, "warmup", broken)
+    with serving(create_app(engine)) as url:
+        deadline = time.monotonic() + 30
+        while (health := http(f"{url}/health"))[1]["status"] == "warming up":
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        status, body = health
+        assert status == 503 and body["status"] == "failed" and "RuntimeError: the backend failed" in body["error"]
+        status, body = http(f"{url}/score", {"requests": [{"id": 1, "tokens": [5, 6]}]})
+        assert status == 503 and "warm-up failed" in body["detail"]

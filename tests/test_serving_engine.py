@@ -175,3 +175,33 @@ def test_text_the_tokenizer_cannot_encode_is_a_per_request_error(shipped):
     engine = PrefillEngine(model, tokenizer=tokenizer, compile=False)
     scores = engine.score([Request(id="bad", text="a\ud800b"), Request(id="ok", text="ab")])
     assert "cannot tokenize the text" in scores[0].error and scores[1].error is None
+
+
+@pytest.mark.parametrize("prefix_cache_tokens", [4096, 0], ids=["prefix-cache", "no-cache"])
+def test_after_warmup_serving_compiles_nothing(model, prefix_cache_tokens):
+    import random
+
+    import torch
+
+    engine = PrefillEngine(model, token_budget=96, block_size=8, prefix_cache_tokens=prefix_cache_tokens)
+    assert engine.warmup() >= 4
+    assert engine.stats.requests == 0 and (engine.cache is None or not engine.cache.lookup(list(range(3, 40)), 39)[0])
+    rng = random.Random(1)
+
+    def toks(n):
+        return tuple(rng.randrange(3, 128) for _ in range(n))
+
+    prefix = toks(30)
+    calls = [
+        [Request(id=0, tokens=toks(2))],  # one prompt, shortest
+        [Request(id=0, tokens=toks(90))],  # one prompt, long
+        [Request(id=i, tokens=toks(3 + i)) for i in range(5)],
+        [Request(id=i, tokens=prefix + toks(1 + i), labels=(5,)) for i in range(4)],  # a shared prefix
+        [Request(id=i, tokens=prefix + toks(2 + i), read="all", output="pooled") for i in range(2)],  # cached now
+        [Request(id=0, tokens=prefix + toks(17))],  # one prompt with a cached prefix
+        [Request(id=i, tokens=toks(8)) for i in range(12)],  # two batches under the budget
+        [Request(id=i, tokens=toks(2)) for i in range(2)],
+    ]
+    with torch.compiler.set_stance("fail_on_recompile"):  # any compile from here on raises
+        for requests in calls:
+            assert max_error(model, requests, engine.score(requests)) < TOL

@@ -220,5 +220,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     engine = _engine(args)
     print(f"serving on http://{args.host}:{args.port} (POST /score, GET /health)", file=sys.stderr)
-    serve(engine, args.host, args.port)
+    if not args.no_warmup:
+        print("warming up: compiling the batch shapes serving runs; GET /health answers 503 until ready",
+              file=sys.stderr)  # fmt: skip
+    serve(engine, args.host, args.port, warmup=not args.no_warmup)
     return 0

@@ -138,6 +138,42 @@ class PrefillEngine:
             self.cache = PrefixCache(self.cache.capacity_blocks * self.cache.block_size, self.cache.block_size)
         self.stats = EngineStats()
 
+    @torch.no_grad()
+    def warmup(self) -> int:
+        """Run every kind of batch this engine will run, so that serving compiles nothing more.
+
+        The compiled decoder takes one graph for batches of two or more prompts and one for a
+        batch of a single prompt (Dynamo specialises size 1), each with and without cached
+        prefixes; sizes are dynamic, so these serve every length. Warm-up runs each kind on
+        random prompts of sizes that differ from each other and from the model's own sizes
+        (no coincidental size equality gets baked into a graph), then empties the prefix
+        cache and zeroes the counters. Returns the number of decoder calls it made.
+        """
+        limit = self.max_tokens or 4 * self.token_budget
+        block = self.cache.block_size if self.cache is not None else 16
+        gen = torch.Generator().manual_seed(0)
+
+        def prompt(n: int) -> tuple[int, ...]:
+            low = min(3, self.vocab_in - 1)
+            return tuple(torch.randint(low, self.vocab_in, (max(2, min(n, limit)),), generator=gen).tolist())
+
+        # a batch of three (or two) prompts of distinct lengths that fits the token budget together
+        rows = 3 if self.token_budget >= 3 * 4 else 2
+        longest = max(2, min(2 * block + 13, self.token_budget // rows))
+        shared = prompt(2 * block + 3)
+        groups = [
+            [prompt(2 * block + 5)],  # one prompt alone
+            [prompt(max(2, longest - 2 * i)) for i in range(rows)],  # several in one batch
+            [shared + prompt(5), shared + prompt(9), shared + prompt(3)],  # a shared prefix (computed once)
+        ]
+        batches = self.stats.batches
+        for _ in range(2):  # the second time, with the prompts' prefixes in the cache
+            for group in groups:
+                self.score([Request(id=i, tokens=tokens) for i, tokens in enumerate(group)])
+        calls = self.stats.batches - batches
+        self.reset()
+        return calls
+
     def prepare(self, request: Request) -> PreparedRequest | Score:
         """Tokenize and check ``request``: the prepared prompt, or a :class:`Score` with the error."""
 

@@ -6,7 +6,10 @@ Needs the ``serve`` extra (``pip install "moe_compile[serve]"``: FastAPI and uvi
   request objects of ``moe-compile score``, at most ``max_requests`` per call) answers
   ``{"scores": [...]}`` in the same order: one scored record or ``{"id", "error"}`` per
   request; a malformed request object gets an error record too, the others are scored.
-- ``GET /health`` answers ``{"status": "ok", ...}`` with the engine's counters.
+- ``GET /health`` answers ``{"status": "ok", ...}`` with the engine's counters once the
+  engine is warm; while it compiles the graphs serving needs (:meth:`PrefillEngine.warmup`,
+  run at startup) it answers 503 ``{"status": "warming up"}``, and 503 ``{"status":
+  "failed", "error": ...}`` if that failed. Calls made while warming up wait for it.
 
 One engine serves all connections: calls are scored one at a time (a lock), each as one
 :meth:`~moe_compile.serving.PrefillEngine.score` call, so the requests of a call are
@@ -14,10 +17,13 @@ batched and share prefixes with each other and with earlier calls (the prefix ca
 """
 
 # no `from __future__ import annotations`: FastAPI must resolve the endpoint's annotations
+import contextlib
 import dataclasses
 import json
+import logging
 import re
 import threading
+import time
 from typing import Any
 
 from .engine import PrefillEngine
@@ -26,6 +32,8 @@ from .requests import MalformedRequest, Request
 
 #: most request objects in one POST /score
 MAX_REQUESTS = 1024
+
+logger = logging.getLogger(__name__)
 
 
 class BadCall(ValueError):
@@ -168,21 +176,49 @@ def _plain_id(rid: Any) -> bool:
     return isinstance(rid, int) and not isinstance(rid, bool)
 
 
-def create_app(engine: PrefillEngine, max_requests: int = MAX_REQUESTS):
-    """The FastAPI application serving ``engine``."""
+def create_app(engine: PrefillEngine, max_requests: int = MAX_REQUESTS, warmup: bool = True):
+    """The FastAPI application serving ``engine``.
+
+    ``warmup``: on startup, run :meth:`PrefillEngine.warmup` in a thread (compiling every graph
+    serving needs); until it is done ``GET /health`` answers 503 ``{"status": "warming up"}``
+    and ``POST /score`` calls wait for it; if it fails, both answer 503 with the error.
+    """
     try:
         from fastapi import FastAPI, HTTPException
         from fastapi import Request as HTTPRequest
+        from fastapi.responses import JSONResponse
         from starlette.concurrency import run_in_threadpool
     except ImportError as e:
         raise ImportError('the HTTP endpoint needs the serve extra: pip install "moe_compile[serve]"') from e
 
-    app = FastAPI(title="moe_compile prefill scoring")
     lock = threading.Lock()
+    state: dict[str, Any] = {"status": "warming up" if warmup else "ok", "error": None}
+
+    def warm() -> None:
+        start = time.perf_counter()
+        try:
+            with lock:
+                engine.warmup()
+        except Exception as e:  # noqa: BLE001  (reported by /health and /score, not raised into the server)
+            state.update(status="failed", error=f"{type(e).__name__}: {e}")
+            logger.error("warm-up failed: %s", state["error"])
+            return
+        state["status"] = "ok"
+        logger.info("warm-up done in %.1f s: ready", time.perf_counter() - start)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app):
+        if warmup:
+            threading.Thread(target=warm, name="moe-compile-warmup", daemon=True).start()
+        yield
+
+    app = FastAPI(title="moe_compile prefill scoring", lifespan=lifespan)
 
     def score_objects(objects: list[Decoded | Malformed]) -> dict[str, Any]:  # runs in a worker thread
         records, valid = check_call(objects)
-        with lock:
+        with lock:  # waits for the warm-up
+            if state["status"] == "failed":
+                raise HTTPException(503, f"the engine's warm-up failed: {state['error']}")
             scores = engine.score([request for _, request in valid])
         for (i, _), s in zip(valid, scores):
             records[i] = s.to_json()
@@ -199,16 +235,22 @@ def create_app(engine: PrefillEngine, max_requests: int = MAX_REQUESTS):
         return await run_in_threadpool(score_objects, objects)
 
     @app.get("/health")
-    def health() -> dict[str, Any]:
+    def health():
+        model = type(engine.model).__name__
+        if state["status"] != "ok":
+            body = {"status": state["status"], "model": model}
+            if state["error"] is not None:
+                body["error"] = state["error"]
+            return JSONResponse(body, status_code=503)
         stats = dataclasses.asdict(engine.stats)
-        return {"status": "ok", "model": type(engine.model).__name__, "hit_rate": engine.stats.hit_rate, **stats}
+        return {"status": "ok", "model": model, "hit_rate": engine.stats.hit_rate, **stats}
 
     return app
 
 
-def serve(engine: PrefillEngine, host: str, port: int) -> None:
-    """Serve ``engine`` on ``host:port`` until interrupted."""
-    app = create_app(engine)  # raises a clear ImportError without the serve extra
+def serve(engine: PrefillEngine, host: str, port: int, warmup: bool = True) -> None:
+    """Serve ``engine`` on ``host:port`` until interrupted (``warmup``: see :func:`create_app`)."""
+    app = create_app(engine, warmup=warmup)  # raises a clear ImportError without the serve extra
     import uvicorn
 
     uvicorn.run(app, host=host, port=port, log_level="info")
