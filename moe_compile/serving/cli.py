@@ -9,7 +9,10 @@
 shows a progress bar and ends with a summary: requests/s, tokens/s, prefix-cache hit rate,
 and per-rank load. Malformed input lines are reported on stderr with their line numbers
 and skipped (the exit status is then 1). Rerunning with the same output resumes: ids
-already in it are not scored again. Launched by ``torchrun --nproc-per-node W``, every
+already in it are not scored again. The output is checked and locked before the model
+loads: never the input, only a scores file of this tool, one run at a time
+(:class:`~moe_compile.serving.jsonl.ScoresOutput`). The model runs in ``--dtype``, float32
+by default, where scores do not depend on batching. Launched by ``torchrun --nproc-per-node W``, every
 process is one data-parallel rank (gloo): requests are routed by prefix and true FLOPs,
 and rank 0 writes the output.
 """
@@ -86,6 +89,13 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-compile", action="store_true", help="run the model eagerly (no moe_prefill compile)")
 
 
+def _check_model_dir(args: argparse.Namespace) -> Path:
+    path = Path(args.model)
+    if not (path / "config.json").is_file():
+        args.parser.error(f"argument --model: {args.model} is not a checkpoint directory (no config.json)")
+    return path
+
+
 def _engine(args: argparse.Namespace):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -93,9 +103,7 @@ def _engine(args: argparse.Namespace):
 
     from .engine import PrefillEngine
 
-    path = Path(args.model)
-    if not (path / "config.json").exists():
-        args.parser.error(f"argument --model: {args.model} is not a checkpoint directory (no config.json)")
+    path = _check_model_dir(args)
     dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
     restore = not sys.stderr.isatty() and hf_logging.is_progress_bar_enabled()
     if restore:
@@ -125,6 +133,7 @@ def cmd_score(args: argparse.Namespace) -> int:
 
     if not Path(args.input).is_file():
         args.parser.error(f"argument --input: no such input file: {args.input}")
+    _check_model_dir(args)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group("gloo")  # torchrun sets the rendezvous variables
@@ -145,13 +154,14 @@ def cmd_score(args: argparse.Namespace) -> int:
             dist.destroy_process_group()
         args.parser.error(f"argument --output: {problem}")
     try:
-        return _score(args, engine_rank=(rank, world_size), output=output, done=done)
+        return _score(args, rank, world_size, output, done)
     finally:
         if output is not None:
             output.close()
 
 
-def _score(args: argparse.Namespace, engine_rank: tuple[int, int], output, done: set) -> int:
+def _score(args: argparse.Namespace, rank: int, world_size: int, output, done: set) -> int:
+    """Score the input's requests not in ``done``; rank 0 appends them to ``output`` (a ScoresOutput)."""
     import torch.distributed as dist
     from tqdm import tqdm
 
@@ -160,7 +170,6 @@ def _score(args: argparse.Namespace, engine_rank: tuple[int, int], output, done:
     from .jsonl import read_requests
     from .routing import Router
 
-    rank, world_size = engine_rank
     engine = _engine(args)
     router = Router(
         world_size,
