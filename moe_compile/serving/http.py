@@ -5,7 +5,10 @@ Needs the ``serve`` extra (``pip install "moe_compile[serve]"``: FastAPI and uvi
 - ``POST /score`` with ``{"requests": [{"id": ..., "tokens": [...], ...}, ...]}`` (the
   request objects of ``moe-compile score``, at most ``max_requests`` per call) answers
   ``{"scores": [...]}`` in the same order: one scored record or ``{"id", "error"}`` per
-  request; a malformed request object gets an error record too, the others are scored.
+  request. The body is split into its request objects before any is decoded
+  (:func:`parse_call`), so an object that is not UTF-8, not JSON, nested too deep, not a
+  request, or that repeats an earlier id of the call gets an error record of its own and
+  the others are scored; only a body that is not ``{"requests": [...]}`` is refused (400).
 - ``GET /health`` answers ``{"status": "ok", ...}`` with the engine's counters once the
   engine is warm; while it compiles the graphs serving needs (:meth:`PrefillEngine.warmup`,
   run at startup) it answers 503 ``{"status": "warming up"}``, and 503 ``{"status":
