@@ -72,6 +72,18 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=at_least(int, 0, 65535), default=8000, help="port (default 8000)")
     p.add_argument("--no-warmup", action="store_true",
                    help="report ready at once; compile on the first calls instead of before")  # fmt: skip
+    p.add_argument("--served-model-name", default=None,
+                   help="the model name of the rerank/score APIs (default: the --model directory's name); "
+                   "a call naming another model gets 404")  # fmt: skip
+    p.add_argument("--rerank-template", default=None,
+                   help="prompt of the rerank/score APIs, with {query} and {document} (default: $"
+                   "MOE_COMPILE_RERANK_TEMPLATE, else 'Query: {query}\\nDocument: {document}\\nRelevant:')")  # fmt: skip
+    p.add_argument("--rerank-positive", default=None,
+                   help="label whose probability after the template is the relevance (default: $"
+                   "MOE_COMPILE_RERANK_POSITIVE, else ' yes')")  # fmt: skip
+    p.add_argument("--rerank-negative", default=None,
+                   help="label it is weighed against: relevance = p(pos) / (p(pos) + p(neg)); '' for p(pos) alone "
+                   "(default: $MOE_COMPILE_RERANK_NEGATIVE, else ' no')")  # fmt: skip
     p.set_defaults(func=cmd_serve, parser=p)
 
 
@@ -226,11 +238,18 @@ def _summary(scored, errors, tokens, cached, wall, skipped, malformed, router) -
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from .http import serve
+    from .relevance import RelevanceTemplate
 
+    try:
+        relevance = RelevanceTemplate.from_env(args.rerank_template, args.rerank_positive, args.rerank_negative)
+    except ValueError as e:
+        args.parser.error(str(e))
+    model_name = args.served_model_name or Path(args.model).resolve().name
     engine = _engine(args)
-    print(f"serving on http://{args.host}:{args.port} (POST /score, GET /health)", file=sys.stderr)
+    print(f"serving {model_name} on http://{args.host}:{args.port} "
+          "(POST /score, /rerank, /v1/rerank, /v2/rerank, /v1/score; GET /health)", file=sys.stderr)  # fmt: skip
     if not args.no_warmup:
         print("warming up: compiling the batch shapes serving runs; GET /health answers 503 until ready",
               file=sys.stderr)  # fmt: skip
-    serve(engine, args.host, args.port, warmup=not args.no_warmup)
+    serve(engine, args.host, args.port, warmup=not args.no_warmup, relevance=relevance, model_name=model_name)
     return 0
