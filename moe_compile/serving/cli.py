@@ -99,6 +99,13 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--block-size", type=at_least(int, 1), default=16,
                    help="prefix cache block size in tokens (default 16)")  # fmt: skip
     p.add_argument("--no-compile", action="store_true", help="run the model eagerly (no moe_prefill compile)")
+    p.add_argument("--parallel", choices=("none", "aep"), default="none",
+                   help="none (default): every torchrun rank is a full replica; aep: every rank holds 1/W of the "
+                   "experts and gathers them ahead of use, all ranks step in lockstep behind rank 0 "
+                   "(start with torchrun --nproc-per-node W --no-python moe-compile ...)")  # fmt: skip
+    p.add_argument("--dist-timeout", type=at_least(float, 1), default=60.0,
+                   help="seconds a collective waits for the other ranks before the run (or server) fails "
+                   "(default 60)")  # fmt: skip
 
 
 def _check_model_dir(args: argparse.Namespace) -> Path:
@@ -127,15 +134,38 @@ def _engine(args: argparse.Namespace):
             hf_logging.enable_progress_bar()
     has_tokenizer = any((path / name).exists() for name in ("tokenizer.json", "tokenizer_config.json"))
     tokenizer = AutoTokenizer.from_pretrained(str(path)) if has_tokenizer else None
+    options = None
+    if getattr(args, "parallel", "none") == "aep":
+        if args.no_compile:
+            args.parser.error("argument --parallel aep: the experts are sharded by the compile; drop --no-compile")
+        options = {"parallel": "aep"}
+        if model.device.type == "cpu":
+            options["inductor"] = False
     with torch.no_grad():
         return PrefillEngine(
             model,
             tokenizer=tokenizer,
             token_budget=args.token_budget,
             compile=not args.no_compile,
+            options=options,
             prefix_cache_tokens=args.prefix_cache_tokens,
             block_size=args.block_size,
         )
+
+
+def _init_ranks(args: argparse.Namespace) -> tuple[int, int]:
+    """Join torchrun's group (gloo on CPU) with ``--dist-timeout``; ``(world_size, rank)``."""
+    import torch.distributed as dist
+
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.parallel == "aep" and world_size < 2:
+        args.parser.error("argument --parallel aep: needs 2 or more ranks: start with torchrun --nproc-per-node W "
+                          "--no-python moe-compile ...")  # fmt: skip
+    if world_size > 1 and not dist.is_initialized():
+        from ..runtime.dist import init_distributed
+
+        init_distributed("gloo", timeout_s=args.dist_timeout)  # torchrun sets the rendezvous variables
+    return world_size, (dist.get_rank() if world_size > 1 else 0)
 
 
 def cmd_score(args: argparse.Namespace) -> int:
@@ -146,10 +176,7 @@ def cmd_score(args: argparse.Namespace) -> int:
     if not Path(args.input).is_file():
         args.parser.error(f"argument --input: no such input file: {args.input}")
     _check_model_dir(args)
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group("gloo")  # torchrun sets the rendezvous variables
-    rank = dist.get_rank() if world_size > 1 else 0
+    world_size, rank = _init_ranks(args)
     output, problem = None, None
     if rank == 0:  # checked and locked before the model loads: a bad --output stops the run at once
         try:
@@ -191,6 +218,19 @@ def _score(args: argparse.Namespace, rank: int, world_size: int, output, done: s
         block_size=args.block_size,
         cache_tokens=args.prefix_cache_tokens,
     )
+    lockstep = None
+    if args.parallel == "aep":
+        from .aep import LockstepScorer
+
+        lockstep = LockstepScorer(engine, router)
+        if rank != 0:  # follows rank 0's steps; rank 0 reads the input and writes the output
+            try:
+                lockstep.serve_worker()
+            finally:
+                dist.destroy_process_group()
+            return 0
+        lockstep.start()
+        lockstep.warmup()  # every rank compiles the same graphs at the same time
     todo, malformed, skipped = [], 0, 0
     for number, request in read_requests(args.input):
         if isinstance(request, str):
@@ -207,7 +247,8 @@ def _score(args: argparse.Namespace, rank: int, world_size: int, output, done: s
     disable = True if args.quiet or rank != 0 else None
     with tqdm(total=len(todo), unit="req", disable=disable, file=sys.stderr) as bar:
         for lo in range(0, len(todo), args.chunk):
-            scores = score_routed(engine, todo[lo : lo + args.chunk], router)
+            chunk = todo[lo : lo + args.chunk]
+            scores = lockstep.score(chunk) if lockstep is not None else score_routed(engine, chunk, router)
             if rank == 0:
                 output.append(scores)
             scored += len(scores)
@@ -216,6 +257,8 @@ def _score(args: argparse.Namespace, rank: int, world_size: int, output, done: s
             cached += sum(s.cached_tokens for s in scores)
             bar.update(len(scores))
     wall = time.perf_counter() - start
+    if lockstep is not None:
+        lockstep.stop()
     if rank == 0:
         _summary(scored, errors, tokens, cached, wall, skipped, malformed, router)
     if world_size > 1:
@@ -240,16 +283,46 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .http import serve
     from .relevance import RelevanceTemplate
 
+    if args.parallel == "aep" and args.no_warmup:
+        args.parser.error("argument --no-warmup: AEP ranks warm up together before serving")
+    world_size, rank = _init_ranks(args) if args.parallel == "aep" else (1, 0)
+
     try:
         relevance = RelevanceTemplate.from_env(args.rerank_template, args.rerank_positive, args.rerank_negative)
     except ValueError as e:
         args.parser.error(str(e))
     model_name = args.served_model_name or Path(args.model).resolve().name
     engine = _engine(args)
+    runner = None
+    if args.parallel == "aep":
+        import torch.distributed as dist
+
+        from .aep import LockstepScorer
+        from .flops import FlopsModel
+        from .routing import Router
+
+        router = Router(world_size, FlopsModel.from_model(engine.model), block_size=args.block_size,
+                        cache_tokens=args.prefix_cache_tokens)  # fmt: skip
+        runner = LockstepScorer(engine, router)
+        if rank != 0:  # rank 0 takes the requests; this rank follows its steps
+            try:
+                runner.serve_worker()
+            finally:
+                dist.destroy_process_group()
+            return 0
+        runner.start()
     print(f"serving {model_name} on http://{args.host}:{args.port} "
           "(POST /score, /rerank, /v1/rerank, /v2/rerank, /v1/score; GET /health)", file=sys.stderr)  # fmt: skip
     if not args.no_warmup:
         print("warming up: compiling the batch shapes serving runs; GET /health answers 503 until ready",
               file=sys.stderr)  # fmt: skip
-    serve(engine, args.host, args.port, warmup=not args.no_warmup, relevance=relevance, model_name=model_name)
+    try:
+        serve(engine, args.host, args.port, warmup=not args.no_warmup, relevance=relevance, model_name=model_name,
+              runner=runner)  # fmt: skip
+    finally:
+        if runner is not None:
+            runner.stop()
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
     return 0

@@ -60,6 +60,7 @@ class EngineStats:
     computed_tokens: int = 0  # tokens run, shared-prefix passes included, padding excluded
     padded_tokens: int = 0  # tokens run, padding included
     batches: int = 0
+    padding_batches: int = 0  # decoder calls on padding only (lockstep AEP serving: a rank with nothing to run)
     forward_s: float = 0.0  # wall time of the decoder calls
 
     @property
@@ -241,6 +242,30 @@ class PrefillEngine:
         for i in where:
             self.stats.cached_tokens += scores[i].cached_tokens
         return scores
+
+    @torch.no_grad()
+    def pad_forward(self, decoder: Any = None) -> None:
+        """One decoder call on a minimal padding batch (two rows of two padding tokens); nothing is read or stored.
+
+        Lockstep AEP serving (:mod:`~moe_compile.serving.aep`) runs it on a rank that has no
+        batch of its own while another rank runs one: every rank must call the compiled
+        decoder equally often, so that the collectives inside it pair up.
+        """
+        rows = [Row([self.pad_id] * 2), Row([self.pad_id] * 2)]  # B >= 2: the graph real batches use
+        batch = collate(rows, self.pad_id, self._kv_template if self.cache is not None else None)
+        cache = None
+        if batch.past is not None:
+            cache = DynamicCache(config=self.model.config)
+            for layer, (k, v) in enumerate(batch.past):
+                cache.update(k, v, layer)  # [B, Hkv, P, D]
+        (decoder if decoder is not None else self._decoder)(
+            input_ids=batch.input_ids.to(self.device),  # [2, 2]
+            attention_mask=batch.attention_mask.to(self.device),
+            position_ids=batch.position_ids.to(self.device),
+            past_key_values=cache,
+            use_cache=cache is not None,
+        )
+        self.stats.padding_batches += 1
 
     # -- batches -----------------------------------------------------------------------------------------------
 

@@ -278,12 +278,17 @@ def create_app(
     warmup: bool = True,
     relevance: RelevanceTemplate | None = None,
     model_name: str | None = None,
+    runner: Any = None,
 ):
     """The FastAPI application serving ``engine``.
 
     ``relevance``: the template and labels of the rerank and score APIs (default:
     :meth:`RelevanceTemplate.from_env`). ``model_name``: the name those APIs serve under; a
-    call naming another model is answered 404 (None: any name is accepted).
+    call naming another model is answered 404 (None: any name is accepted). ``runner``: what
+    scores and warms up instead of ``engine`` itself, e.g. a
+    :class:`~moe_compile.serving.aep.LockstepScorer` over AEP ranks (``engine`` is then rank 0's,
+    used to tokenize); when it reports a failure (``runner.health()``), every call and
+    ``/health`` answer 503 with it.
 
     ``warmup``: on startup, run :meth:`PrefillEngine.warmup` in a thread (compiling every graph
     serving needs); until it is done ``GET /health`` answers 503 ``{"status": "warming up"}``
@@ -303,14 +308,21 @@ def create_app(
     except ValueError as e:  # no tokenizer, or labels outside the vocabulary: /score still serves
         scorer_error = str(e)
         logger.warning("rerank and score APIs unavailable: %s", scorer_error)
+    from .aep import ServingFailed
+
+    backend = runner if runner is not None else engine
     lock = threading.Lock()
     state: dict[str, Any] = {"status": "warming up" if warmup else "ok", "error": None}
+
+    def failure() -> str | None:
+        """The backend's failure (a broken AEP lockstep), or None."""
+        return runner.health() if runner is not None and hasattr(runner, "health") else None
 
     def warm() -> None:
         start = time.perf_counter()
         try:
             with lock:
-                engine.warmup()
+                backend.warmup()
         except Exception as e:  # noqa: BLE001  (reported by /health and /score, not raised into the server)
             state.update(status="failed", error=f"{type(e).__name__}: {e}")
             logger.error("warm-up failed: %s", state["error"])
@@ -330,7 +342,10 @@ def create_app(
         with lock:  # waits for the warm-up
             if state["status"] == "failed":
                 raise HTTPException(503, f"the engine's warm-up failed: {state['error']}")
-            return engine.score(requests)
+            try:
+                return backend.score(requests)
+            except ServingFailed as e:
+                raise HTTPException(503, str(e)) from None
 
     def score_objects(objects: list[Decoded | Malformed]) -> dict[str, Any]:  # runs in a worker thread
         records, valid = check_call(objects)
@@ -400,6 +415,8 @@ def create_app(
     @app.get("/health")
     def health():
         model = type(engine.model).__name__
+        if failure() is not None:
+            return JSONResponse({"status": "failed", "model": model, "error": failure()}, status_code=503)
         if state["status"] != "ok":
             body = {"status": state["status"], "model": model}
             if state["error"] is not None:
