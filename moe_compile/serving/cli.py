@@ -220,7 +220,7 @@ def _score(args: argparse.Namespace, rank: int, world_size: int, output, done: s
     )
     lockstep = None
     if args.parallel == "aep":
-        from .aep import LockstepScorer
+        from .aep import LockstepScorer, ServingFailed
 
         lockstep = LockstepScorer(engine, router)
         if rank != 0:  # follows rank 0's steps; rank 0 reads the input and writes the output
@@ -248,7 +248,14 @@ def _score(args: argparse.Namespace, rank: int, world_size: int, output, done: s
     with tqdm(total=len(todo), unit="req", disable=disable, file=sys.stderr) as bar:
         for lo in range(0, len(todo), args.chunk):
             chunk = todo[lo : lo + args.chunk]
-            scores = lockstep.score(chunk) if lockstep is not None else score_routed(engine, chunk, router)
+            if lockstep is not None:
+                try:
+                    scores = lockstep.score(chunk)
+                except ServingFailed as e:  # a rank died or hung: the chunks written so far stay
+                    print(f"moe-compile score: {e}", file=sys.stderr)
+                    return 2
+            else:
+                scores = score_routed(engine, chunk, router)
             if rank == 0:
                 output.append(scores)
             scored += len(scores)
