@@ -121,6 +121,9 @@ class LockstepScorer:
             self.engine.warmup()  # the same decoder calls on every rank
             self._drain()
             return None
+        if kind == "reset":
+            self.engine.reset()
+            return None
         _, plan = message
         mine = [(i, request) for i, request, rank in plan if rank == self.rank]
         try:
@@ -172,6 +175,13 @@ class LockstepScorer:
         """Compile every batch kind on every rank (in lockstep); :class:`ServingFailed` if a rank failed."""
         self._submit(("warmup",))
         return 0
+
+    def reset(self) -> None:
+        """Empty every rank's prefix cache and zero its counters (and the router's view of them)."""
+        self._submit(("reset",))
+        self.router = Router(self.world_size, self.router.flops_model, policy=self.router.policy,
+                             slack=self.router.slack, block_size=self.router.caches[0].block_size,
+                             cache_tokens=self.router.caches[0].capacity_blocks * self.router.caches[0].block_size)  # fmt: skip
 
     def score(self, requests: Sequence[Request]) -> list[Score]:
         """Scores of ``requests`` in order, each computed on the rank the router chose; :class:`ServingFailed`."""
@@ -234,7 +244,7 @@ class LockstepScorer:
 
     def _step0(self, job: tuple) -> Any:
         """One step driven by rank 0: check and route, broadcast the plan, run the local share, gather."""
-        if job[0] == "warmup":
+        if job[0] in ("warmup", "reset"):
             dist.broadcast_object_list([job], src=0)
             self._run_step(job)
             dist.barrier()
