@@ -77,7 +77,9 @@ def aep_parity_worker(rank: int, world_size: int, families: tuple[str, ...]) -> 
             out[name] = {"padding_batches": engine.stats.padding_batches, "steps": lockstep.steps,
                          "requests": engine.stats.requests}  # fmt: skip
             continue
-        lockstep.start()  # no warm-up here (the CLI test warms up): the graphs compile in the first steps
+        lockstep.start()
+        lockstep.warmup()  # compiles every graph kind on both ranks together: a lazy compile on one rank
+        # while the other waits inside a compiled gather can outlast the group's timeout on a loaded machine
         calls = uneven_calls(model.config.get_text_config().vocab_size)
         answers = [lockstep.score(call) for call in calls]
         lockstep.stop()
