@@ -57,6 +57,16 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     import moe_compile
 
     config = _load_config(args.config)
+    text = config.get_text_config()
+    layers = getattr(text, "num_hidden_layers", None)
+    if args.layers is not None and layers is not None and args.layers > layers:
+        args.parser.error(f"argument --layers: the model has {layers} decoder layers; use 1..{layers}")
+    positions = getattr(text, "max_position_embeddings", None)
+    if isinstance(positions, int) and args.seq > positions:
+        args.parser.error(
+            f"argument --seq: {args.seq} tokens, but the model takes at most {positions} "
+            f"(max_position_embeddings); use 1..{positions}"
+        )
     if args.layers is not None:
         config.num_hidden_layers = args.layers
         for key in ("layer_types", "mlp_layer_types"):
@@ -78,6 +88,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from . import planner
 
     shape = planner.model_shape(_load_config(args.config))
+    _check_sharding(args, shape)
     setting = planner.Setting(
         gpus=args.gpus,
         gpu=args.gpu,
@@ -91,6 +102,28 @@ def cmd_plan(args: argparse.Namespace) -> int:
     )
     print(planner.format_plan(planner.plan(shape, setting)))
     return 0
+
+
+def _check_sharding(args: argparse.Namespace, shape) -> None:
+    """argparse errors for a --gpus / --hot-experts the compile would refuse: the gathered experts must shard evenly."""
+    W, R = args.gpus, args.hot_experts
+    for E in sorted({layer.experts for layer in shape.layers if layer.moe}):
+        if R >= E or (E - R) % W == 0:
+            continue
+        if R == 0:
+            valid = [str(w) for w in range(1, E + 1) if E % w == 0]
+            args.parser.error(
+                f"argument --gpus: {W} GPUs do not divide the {E} experts of a MoE layer (AEP and EP shard each "
+                f"layer's experts over the GPUs); use --gpus {', '.join(valid[:-1])} or {valid[-1]}"
+                if len(valid) > 1
+                else f"argument --gpus: a MoE layer has {E} expert; use --gpus 1"
+            )
+        valid = [str(r) for r in range(E + 1) if (E - r) % W == 0]
+        shown = ", ".join(valid[:12]) + (", ..." if len(valid) > 12 else "")
+        args.parser.error(
+            f"argument --hot-experts: E - R = {E - R} experts do not divide over {W} GPUs (E = {E}; the compile "
+            f"would refuse it); valid R with {W} GPUs: {shown}"
+        )
 
 
 def cmd_routing_stats(args: argparse.Namespace) -> int:
@@ -131,15 +164,18 @@ def _positive(kind):
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .serving.cli import at_least
+
     parser = argparse.ArgumentParser(prog="moe-compile", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("inspect", help="show the MoE blocks the backend finds in a checkpoint or config")
     p.add_argument("--config", required=True, help="checkpoint directory or config.json")
-    p.add_argument("--layers", type=int, default=None, help="keep only the first N decoder layers")
-    p.add_argument("--seq", type=int, default=8, help="tokens in the random input (default 8)")
+    p.add_argument("--layers", type=at_least(int, 1), default=None, help="keep only the first N decoder layers")
+    p.add_argument("--seq", type=at_least(int, 1), default=8,
+                   help="tokens in the random input (default 8; at most the model's positions)")  # fmt: skip
     p.add_argument("--device", choices=("auto", "cpu", "meta"), default="auto",
                    help="where to build the random-weight model (auto: meta when large)")  # fmt: skip
-    p.set_defaults(func=cmd_inspect)
+    p.set_defaults(func=cmd_inspect, parser=p)
     p = sub.add_parser("plan", help="predict whether AEP's expert gathers hide, and TP/EP/AEP throughput")
     p.add_argument("--config", required=True, help="checkpoint directory or config.json")
     p.add_argument("--gpus", type=_positive(int), required=True, help="GPUs (ranks) W")
@@ -151,9 +187,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mfu", type=_positive(float), default=0.4, help="model FLOPs utilisation of the compute")
     p.add_argument("--ep-imbalance", type=_positive(float), default=1.25,
                    help="EP: the busiest rank's expert work over the mean")  # fmt: skip
-    p.add_argument("--hot-experts", type=int, default=0, metavar="R",
+    p.add_argument("--hot-experts", type=at_least(int, 0), default=0, metavar="R",
                    help="AEP: R experts per layer resident on every GPU, only the rest gathered")  # fmt: skip
-    p.set_defaults(func=cmd_plan)
+    p.set_defaults(func=cmd_plan, parser=p)
     p = sub.add_parser("routing-stats", help="count how often each expert is picked, for hot_experts")
     p.add_argument("--model", required=True, help="checkpoint directory")
     p.add_argument("--out", required=True, help="routing statistics file to write (safetensors)")

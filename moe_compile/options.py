@@ -55,6 +55,7 @@ class Options:
     #: None: each MoE layer's predictor runs on the layer's pre-attention activation and drives the
     #: offload prefetch (offload="cpu") or, with parallel="aep", the gather of the union over ranks of the
     #: predicted experts (the rest on demand); a file made for another model is an error at compile time.
+    #: Needs offload="cpu" or parallel="aep" (refused otherwise: nothing would use the predictions).
     predictor: str | os.PathLike | None = None
     #: keep expert weights off the device: None, or "cpu" (host memory, pinned on CUDA; a ring of two
     #: layer buffers on the device; experts copied ahead by the predictor, the rest on demand).
@@ -138,6 +139,13 @@ class Options:
         if self.predictor is not None and not isinstance(self.predictor, (str, os.PathLike)):
             raise ValueError(
                 f"moe_prefill option 'predictor' must be None or a path to a predictor file, got {self.predictor!r}"
+            )
+        if self.predictor is not None and self.offload is None and self.parallel != "aep":
+            raise ValueError(
+                f"moe_prefill option 'predictor' does nothing without offload='cpu' or parallel='aep' "
+                f"(got parallel={self.parallel!r}): its predictions drive a prefetch; add offload='cpu' (experts in "
+                "host memory, copied ahead by the predictor) or parallel='aep' (the predicted experts gathered "
+                "ahead), or drop 'predictor'"
             )
         if self.offload is not None and self.parallel is not None:
             raise ValueError(f"moe_prefill option 'offload' cannot be combined with parallel={self.parallel!r}")
