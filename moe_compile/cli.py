@@ -137,6 +137,12 @@ def cmd_coverage(args: argparse.Namespace) -> int:
         rows = coverage.read_json(args.from_json)
     else:
         def progress(row):
+            if args.json:  # one JSON line per finished family, so that an interrupted run keeps its rows
+                import dataclasses
+                import json
+
+                with open(args.json + ".partial", "a") as f:
+                    f.write(json.dumps(dataclasses.asdict(row)) + "\n")
             if args.verbose:
                 print(f"  {row.family}: {row.status} ({row.seconds:.0f} s)", file=sys.stderr, flush=True)
 

@@ -58,7 +58,7 @@ STATUSES = ("exact", "skipped", "missed", "inexact", "not-built")
 _COUNT = re.compile(r"experts?$|^num_experts|^n_experts")
 #: qualifiers of an attribute that names experts but is not their count
 _NOT_COUNT = re.compile(r"per_tok|per_token|shared|group|capacity|period|offset|interval|size|dim|zero|top|_k$|implement")
-_TOP_K = re.compile(r"^(num_experts_per_tok(en)?|moe_topk|moe_k|top_k_experts|num_selected_experts|top_k|topk)$")
+_TOP_K = re.compile(r"^(num_experts_per_tok(en)?|moe_topk|moe_top_k|moe_k|top_k_experts|num_selected_experts|top_k|topk)$")
 #: boolean switches that turn the MoE block on (off in some default configs: gemma4's, doge's)
 _MOE_SWITCH = re.compile(r"^(enable_moe_block|is_moe|use_moe|moe_enabled)$")
 
@@ -119,7 +119,7 @@ _SIZES: dict[str, int] = {
     # heads
     "num_attention_heads": 2, "encoder_attention_heads": 2, "decoder_attention_heads": 2, "num_heads": 2,
     "n_head": 2, "n_heads": 2, "num_key_value_heads": 2, "head_dim": 16, "d_kv": 16,
-    "text_hidden_size": 32, "mamba_n_heads": 2, "mamba_d_head": 32, "mamba_d_state": 8, "mamba_dt_rank": 4,
+    "text_hidden_size": 32, "adapter_in_dim": 32, "mamba_n_heads": 2, "mamba_d_head": 32, "mamba_d_state": 8, "mamba_dt_rank": 4,
     "linear_num_key_heads": 2, "linear_num_value_heads": 2, "linear_key_head_dim": 16, "linear_value_head_dim": 16,
     # multi-head latent attention
     "kv_lora_rank": 16, "q_lora_rank": 16, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 16,
@@ -275,6 +275,9 @@ _GLM4V_ROPE = {"rope_parameters": {"mrope_section": [2, 1, 1]}}  # head 16, part
 TINY_OVERRIDES: dict[str, dict[str, Any]] = {
     "glm4v_moe_text": _GLM4V_ROPE,
     "glm4v_moe": {"text_config": _GLM4V_ROPE},
+    "deepseek_ocr2_text": {"mlp_layer_types": ["dense", "sparse"]},  # None in the default config
+    "deepseek_ocr2": {"text_config": {"mlp_layer_types": ["dense", "sparse"]}},
+    "dbrx": {"attn_config": {"rope_theta": 10000.0, "clip_qkv": 8.0}},  # lost when the nested config is rebuilt
 }
 
 
@@ -349,6 +352,8 @@ def _expert_modules(model: Any) -> int:
     counts = set()
     E = TINY_EXPERTS
     for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Embedding) and module.num_embeddings == E:  # experts as rows (doge)
+            counts.add(name.rpartition(".")[0] or name)
         if isinstance(module, (torch.nn.ModuleList, torch.nn.ModuleDict)):
             children = list(module.children())
             mlps = [c for c in children if any(isinstance(m, torch.nn.Linear) for m in c.modules())]
@@ -358,6 +363,8 @@ def _expert_modules(model: Any) -> int:
         for pname, p in module.named_parameters(recurse=False):
             if p.dim() == 3 and p.shape[0] == E and "embed" not in pname:
                 counts.add(name)
+            elif "expert" in name and "shared" not in name and p.dim() == 2 and p.shape[0] % E == 0 and p.shape[0] > E:
+                counts.add(name)  # experts flattened into [E * I, H] (dbrx)
     return len(counts)
 
 
