@@ -622,6 +622,15 @@ KNOWN_GAPS: dict[str, Gap] = {
                        "expert on every token (`bmm` over E); needs an input-scale variant of the op"),
     "inkling2": Gap("skipped", "tanh (a softcap", _SOFTCAP),
     "inkling2_loop": Gap("skipped", "tanh (a softcap", _SOFTCAP),
+    "inkling2_text": Gap("skipped", "tanh (a softcap", _SOFTCAP),
+    "inkling2_loop_text": Gap("skipped", "tanh (a softcap", _SOFTCAP),
+    # from the issue-11 sweep, not re-run to the end in this session
+    "muse_spark": Gap("skipped", "scaled before the experts",
+                      "reported by the issue-11 sweep as input scaled before the experts (not re-checked here)"),
+    "muse_spark_text": Gap("skipped", "scaled before the experts", "as `muse_spark`"),
+    "nemotron_h": Gap("skipped", "relu²",
+                      "non-gated relu² experts (`ACT2FN['relu2']`): not a canonical activation (issue-11 sweep: "
+                      "best rel err 2.6; with relu it is found)"),
     # --- not built: the generic tiny config or the family's inputs do not fit ---
     "diffusion_gemma_text": Gap("not-built", "no model class registered",
                                 "a text sub-config with no model class of its own (covered by `diffusion_gemma`)"),
@@ -636,6 +645,10 @@ KNOWN_GAPS: dict[str, Gap] = {
                            "text and vision experts share one expert list (`moe_num_experts` per modality); the "
                            "generic shrink breaks their split; needs a hand-written tiny config"),
     "ernie4_5_vl_moe_text": Gap("not-built", "expanded size of the tensor", "as `ernie4_5_vl_moe`"),
+    "llama4": Gap("not-built", "pad_token_id",
+                  "the causal-LM class registered for `llama4` is the text model, built here from the composite "
+                  "config, which has no `pad_token_id`/`vocab_size` (the text part is `llama4_text`)"),
+    "inkling_mm_model": Gap("not-built", "scipy", "its modeling code imports scipy, not installed here"),
     "glm5_next": Gap("not-built", "timed out",
                      "the tiny model compiles for minutes on 2 cores (its text part `glm5_next_text` alone took "
                      "450 s on a loaded machine); needs a smaller tiny config"),
