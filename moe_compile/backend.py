@@ -19,6 +19,7 @@ import contextlib
 import contextvars
 import functools
 import itertools
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -74,8 +75,13 @@ def compile_graph(
         dumper=GraphDumper(options.debug_dir, graph_name) if options.debug else None,
     )
     passes = pipeline(options)
+    relabel = _frame_prefix(ctx.param_names, example_inputs)
+    if relabel is not None:
+        ctx.param_names = {i: _relabeled(name, relabel) for i, name in ctx.param_names.items()}
 
     def run_passes(aten_gm: fx.GraphModule) -> None:
+        if relabel is not None:
+            _relabel_module_stacks(aten_gm, relabel)
         if ctx.real_inputs is not None and len(aten_gm.graph.find_nodes(op="placeholder")) != len(ctx.real_inputs):
             ctx.real_inputs = None  # placeholders do not line up: probe with random weights
         if ctx.training:
@@ -151,6 +157,69 @@ def _param_names(gm: fx.GraphModule) -> dict[int, str]:
         name = source.name() if callable(source.name) else source.name
         names[i] = normalize_module_path(name)
     return names
+
+
+#: root models whose parameter names give report paths (``explain`` and ``prepare`` register theirs)
+_roots: list[weakref.ref] = []
+
+
+def register_root(model: torch.nn.Module) -> None:
+    """Name block paths after ``model``'s module paths, also in graphs that start inside a submodule."""
+    _roots[:] = [r for r in _roots if r() is not None and r() is not model][-7:]
+    _roots.append(weakref.ref(model))
+
+
+def _frame_prefix(param_names: dict[int, str], example_inputs: list[Any]) -> tuple[str, str] | None:
+    """How this graph's module paths map to a registered model's: ``(frame prefix, model prefix)``.
+
+    After a graph break a graph starts inside a submodule, so Dynamo names its modules from that
+    submodule (``layer.1.mlp`` in switch's encoder and decoder alike); a model called through a
+    wrapper reads ``args.0.model...``. A parameter's path in the graph and in the registered model
+    share their ending; what differs in front is the same for every parameter of the frame.
+    """
+    roots = [m for r in _roots if (m := r()) is not None]
+    if not roots or not param_names:
+        return None
+    known: dict[int, str] = {}
+    for root in roots:
+        for name, tensor in itertools.chain(root.named_parameters(remove_duplicate=False), root.named_buffers()):
+            known.setdefault(id(tensor), name)
+    votes: dict[tuple[str, str], int] = {}
+    for i, rel in param_names.items():
+        real = example_inputs[i] if i < len(example_inputs) else None
+        fqn = known.get(id(real)) if isinstance(real, torch.Tensor) else None
+        if fqn is None:
+            continue
+        a, b = rel.split("."), fqn.split(".")
+        n = 0
+        while n < min(len(a), len(b)) and a[-1 - n] == b[-1 - n]:
+            n += 1
+        if n == 0:
+            continue
+        pair = (".".join(a[: len(a) - n]), ".".join(b[: len(b) - n]))
+        votes[pair] = votes.get(pair, 0) + 1
+    if not votes:
+        return None
+    pair = max(votes, key=votes.__getitem__)
+    return pair if pair[0] != pair[1] else None
+
+
+def _relabeled(path: str, relabel: tuple[str, str]) -> str:
+    old, new = relabel
+    if old and not (path == old or path.startswith(old + ".")):
+        return path
+    rest = path[len(old) :].lstrip(".")
+    return ".".join(p for p in (new, rest) if p)
+
+
+def _relabel_module_stacks(gm: fx.GraphModule, relabel: tuple[str, str]) -> None:
+    """Rewrite the graph's module paths (``nn_module_stack``) as the registered model names them."""
+    for node in gm.graph.nodes:
+        stack = node.meta.get("nn_module_stack")
+        if stack:
+            node.meta["nn_module_stack"] = {
+                key: (_relabeled(normalize_module_path(path), relabel), cls) for key, (path, cls) in stack.items()
+            }
 
 
 def _publish(report: Report) -> None:

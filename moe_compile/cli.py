@@ -10,6 +10,12 @@ gather hides behind compute, and the throughput of TP, EP and AEP
 (:mod:`moe_compile.planner`); ``--hot-experts R`` shows AEP's smaller gather with ``R``
 resident experts per layer.
 
+``moe-compile coverage`` checks every mixture-of-experts family of the installed
+transformers (tiny random configs, fp32, compiled vs eager) and prints one row a family:
+exact, skipped with the reason, missed, or not built with the reason
+(:mod:`moe_compile.testing.coverage`); it exits 1 when a family is neither exact nor a
+known gap.
+
 ``moe-compile routing-stats --model DIR --out FILE`` counts, per MoE layer, how often
 each expert is picked on sample text (the routing statistics ``hot_experts`` needs,
 :mod:`moe_compile.routing_stats`).
@@ -153,6 +159,44 @@ def cmd_routing_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_coverage(args: argparse.Namespace) -> int:
+    from .testing import coverage
+
+    if args.list:
+        for name, cls in sorted(coverage.moe_families().items()):
+            print(f"{name}  {cls}")
+        return 0
+    if args.from_json:
+        rows = coverage.read_json(args.from_json)
+    else:
+
+        def progress(row):
+            if args.json:  # one JSON line per finished family, so that an interrupted run keeps its rows
+                import dataclasses
+                import json
+
+                with open(args.json + ".partial", "a") as f:
+                    f.write(json.dumps(dataclasses.asdict(row)) + "\n")
+            if args.verbose:
+                print(f"  {row.family}: {row.status} ({row.seconds:.0f} s)", file=sys.stderr, flush=True)
+
+        rows = coverage.run_coverage(args.families or None, workers=args.workers, timeout=args.timeout,
+                                     progress=progress)  # fmt: skip
+    if args.json:
+        coverage.write_json(rows, args.json)
+    print(coverage.format_table(rows, markdown=args.markdown))
+    print()
+    print(coverage.summary(rows))
+    if args.update_docs:
+        for path in coverage.update_docs(rows):
+            print(f"updated {path}")
+    problems = coverage.check_rows(rows) if not args.families else [
+        p for p in coverage.check_rows(rows) if p.split(":")[0] in args.families]  # fmt: skip
+    for problem in problems:
+        print(f"FAIL {problem}")
+    return 1 if problems else 0
+
+
 def _positive(kind):
     def parse(text: str):
         value = kind(text)
@@ -201,6 +245,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--show-hot", type=_positive(int), default=2, metavar="R", help="hot experts to print")
     p.add_argument("--threads", type=_positive(int), default=1, help="torch CPU threads (default 1)")
     p.set_defaults(func=cmd_routing_stats)
+    p = sub.add_parser("coverage", help="every MoE family of the installed transformers: found, exact, or why not")
+    p.add_argument("families", nargs="*", help="model types to check (default: every MoE family)")
+    p.add_argument("--workers", type=_positive(int), default=2, help="processes (default 2)")
+    p.add_argument("--timeout", type=_positive(float), default=300.0, help="seconds per family (default 300)")
+    p.add_argument("--markdown", action="store_true", help="print the table as markdown")
+    p.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
+    p.add_argument("--from-json", metavar="PATH", help="print (and check) the rows of an earlier --json run")
+    p.add_argument("--update-docs", action="store_true",
+                   help="write the summary into README.md and the table into docs/coverage.md")  # fmt: skip
+    p.add_argument("--list", action="store_true", help="only list the MoE families found in the registry")
+    p.add_argument("-v", "--verbose", action="store_true", help="print each family as it finishes")
+    p.set_defaults(func=cmd_coverage)
     from .predictor.cli import add_subcommands as add_predictor_subcommands
 
     add_predictor_subcommands(sub)

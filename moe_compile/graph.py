@@ -191,7 +191,7 @@ def normalize_module_path(path: str) -> str:
     path = re.sub(r"^L\['([^']+)'\]\.?", r"\1.", path)
     path = _MODULES.sub(r".\1", path)
     path = _INDEX.sub(r".\1", path)
-    return path.strip(".")
+    return re.sub(r"\.{2,}", ".", path).strip(".")
 
 
 def module_path(node: fx.Node) -> str:

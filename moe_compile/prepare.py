@@ -104,6 +104,9 @@ def prepare(model: nn.Module) -> nn.Module:
         _prepare_log.append((name, f"stacked: {result.source}"))
     for name, what in _prepare_log:
         log.info("moe_compile.prepare: %s: %s", name or "<model>", what)
+    from .backend import register_root
+
+    register_root(model)  # reports name blocks by model's module paths, also after graph breaks
     return model
 
 

@@ -151,12 +151,37 @@ def _find_routing_weights(down_mm: fx.Node, T: object, K: int, order: dict) -> t
                 for arg in user.all_input_nodes:
                     if arg in downstream:
                         continue
-                    for cand in walk_back(arg, VIEWS | GATHERS):
-                        v = tensor_val(cand)
-                        if v is not None and v.is_floating_point() and same_shape(v.shape, (T, K)):
-                            return cand, user
+                    found = _token_order_weights(arg, T, K)
+                    if found is not None:
+                        return found, user
         frontier = nxt
     return None
+
+
+#: row gathers that reorder rows (the sort permutation), unlike masked_fill / repeat_interleave
+_PERMUTES = {"aten::index", "aten::index_select", "aten::gather"}
+
+
+def _token_order_weights(arg: fx.Node, T: object, K: int) -> fx.Node | None:
+    """The ``[T, K]`` float tensor, in token order, that ``arg`` is a view or row gather of.
+
+    Walking back from the weighting, a ``[T, K]``-shaped value met before a row gather (the
+    sort permutation) is in the experts' order, not the tokens': with ``K = 1`` the sorted
+    weights ``w[perm].unsqueeze(-1)`` are ``[T, 1]`` too. So when the chain passes a gather,
+    the first ``[T, K]`` value after it is taken (not a later one: with ``K = E`` the router's
+    full score matrix, gathered into the top-k weights, is ``[T, K]`` as well).
+    """
+    chain = list(walk_back(arg, VIEWS | GATHERS))
+    fits = [i for i, n in enumerate(chain) if (v := tensor_val(n)) is not None and v.is_floating_point()
+            and same_shape(v.shape, (T, K))]  # fmt: skip
+    if not fits:
+        return None
+    gathers = [i for i, n in enumerate(chain[:-1]) if op_name(n) in _PERMUTES]
+    if gathers:
+        after = [i for i in fits if i > gathers[0]]
+        if after:
+            return chain[after[0]]
+    return chain[fits[0]]
 
 
 def _find_output(down_mm: fx.Node, ipdom: dict, T: object, H: int) -> fx.Node | None:
