@@ -73,6 +73,7 @@ def compile_graph(
         param_names=_param_names(gm),
         training=torch.is_grad_enabled() and any(t.requires_grad for t in tensors),
         dumper=GraphDumper(options.debug_dir, graph_name) if options.debug else None,
+        inductor=options.use_inductor(on_cuda),
     )
     passes = pipeline(options)
     relabel = _frame_prefix(ctx.param_names, example_inputs)
@@ -127,8 +128,16 @@ def _wrapped(compiled: Callable, ctx: PassContext) -> Callable:
 
 
 def _parallel_config_patches(options: Options) -> dict[str, Any]:
-    """Keep AEP's schedule under Inductor: no reordering that moves the gathers next to their waits."""
-    if options.parallel != "aep":
+    """Keep AEP's schedule under Inductor.
+
+    :mod:`.passes.async_expert_parallel` pins its gathers and waits with Inductor's ``control_deps``,
+    so Inductor's reordering passes stay on. Where that cannot be done (the predicted gather, whose
+    order is not pinned; a torch without ``control_deps``) the reorderings that would move a gather
+    next to its wait are turned off for the graph.
+    """
+    from .passes.async_expert_parallel import can_pin_schedule
+
+    if options.parallel != "aep" or (options.predictor is None and can_pin_schedule()):
         return {}
     return {"reorder_for_peak_memory": False, "reorder_for_compute_comm_overlap": False}
 

@@ -391,3 +391,25 @@ def hot_experts_worker(rank: int, world_size: int, families: tuple[str, ...], ho
 
     out["disagree"] = run(first, {"hot_experts": hot, "tag": "disagree", "edit": disagree})
     return out
+
+
+def aep_inductor_code_worker(rank: int, world_size: int, cases: tuple[tuple[int, int], ...]) -> list[dict]:
+    """Per ``(layers, prefetch_depth)``: AEP through Inductor on a TinyLM; its output code and error vs eager."""
+    from custom_moe import TinyLM
+    from torch._inductor.utils import run_and_get_code
+
+    import moe_compile  # noqa: F401  (registers the backend)
+
+    results = []
+    for layers, depth in cases:
+        torch._dynamo.reset()
+        torch.manual_seed(0)  # the same weights on every rank
+        model = TinyLM(layers=layers, experts=2 * world_size).eval()
+        torch.manual_seed(100 + rank)  # each rank its own batch
+        x = torch.randint(0, 64, (2, 5))
+        options = {"parallel": "aep", "inductor": True, "prefetch_depth": depth}
+        with torch.no_grad():
+            expected = model(x)
+            got, (code,) = run_and_get_code(torch.compile(model, backend="moe_prefill", options=options), x)
+        results.append({"layers": layers, "depth": depth, "error": rel_err(got, expected), "code": code})
+    return results
