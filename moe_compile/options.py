@@ -57,6 +57,9 @@ class Options:
     #: predicted experts (the rest on demand); a file made for another model is an error at compile time.
     #: Needs offload="cpu" or parallel="aep" (refused otherwise: nothing would use the predictions).
     predictor: str | os.PathLike | None = None
+    #: attention whose traced mask is only the causal lower triangle of the sequence length runs with
+    #: SDPA's is_causal=True instead of the mask, as eager Hugging Face attention does (passes/causal_attention.py).
+    causal_attention: bool = True
     #: keep expert weights off the device: None, or "cpu" (host memory, pinned on CUDA; a ring of two
     #: layer buffers on the device; experts copied ahead by the predictor, the rest on demand).
     offload: str | None = None
@@ -85,7 +88,7 @@ class Options:
         return opts
 
     def _validate(self) -> None:
-        for name in ("debug", "verify"):
+        for name in ("debug", "verify", "causal_attention"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"moe_prefill option {name!r} must be True or False, got {getattr(self, name)!r}")
         if not isinstance(self.debug_dir, (str, os.PathLike)):
