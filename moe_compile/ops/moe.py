@@ -132,17 +132,20 @@ def moe_torch(
     counts_E = torch.diff(ends_E, prepend=ends_E.new_zeros(1))
     offs_E = ends_E.to(torch.int32)
 
-    x_SH = x_TH[order_S // K]
+    # index_select, not advanced indexing: the same rows, 2-4x faster on CPU for [S, H] rows
+    x_SH = x_TH.index_select(0, order_S // K)
     up_SN = _grouped_linear(x_SH, w_up, counts_E, offs_E, spec.transposed)
     if b_up_EN is not None:
-        up_SN = up_SN + b_up_EN[sorted_ids_S]
+        up_SN = up_SN + b_up_EN.index_select(0, sorted_ids_S)
     act_SI = activate(up_SN, spec)
     down_SH = _grouped_linear(act_SI, w_down, counts_E, offs_E, spec.transposed)
     if b_down_EH is not None:
-        down_SH = down_SH + b_down_EH[sorted_ids_S]
+        down_SH = down_SH + b_down_EH.index_select(0, sorted_ids_S)
 
     weighted_SH = down_SH * topk_weights_TK.reshape(-1)[order_S].unsqueeze(-1)
-    unsorted_SH = torch.empty_like(weighted_SH).index_copy_(0, order_S, weighted_SH)
+    # back to token order: row s of the result is sorted row inverse[s] (a gather, cheaper than index_copy_)
+    inverse_S = torch.empty_like(order_S).scatter_(0, order_S, torch.arange(order_S.numel(), device=order_S.device))
+    unsorted_SH = weighted_SH.index_select(0, inverse_S)
     return unsorted_SH.view(T, K, -1).sum(dim=1).to(hidden_TH.dtype)
 
 
@@ -194,6 +197,26 @@ def check_inputs(
     torch._check(up_in == H and down_out == H, lambda: f"moe: expert weights do not match hidden size {H}")
 
 
+def moe_impl(
+    hidden: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    w_up: torch.Tensor,
+    w_down: torch.Tensor,
+    b_up: torch.Tensor | None,
+    b_down: torch.Tensor | None,
+    spec: str,
+) -> torch.Tensor:
+    """What ``moe_compile::moe`` computes, callable without the dispatcher.
+
+    The backend's eagerly run graphs call it directly (``backend._direct_calls``): the custom
+    op's dispatch costs about 40 us a call on CPU, a few percent of a small model's forward.
+    """
+    s = ExpertSpec.decode(spec)
+    check_inputs(hidden, topk_ids, topk_weights, w_up, w_down, b_up, b_down, s)
+    return moe_torch(hidden, topk_ids, topk_weights, w_up, w_down, b_up, b_down, s)
+
+
 @torch.library.custom_op("moe_compile::moe", mutates_args=())
 def moe(
     hidden: torch.Tensor,
@@ -206,9 +229,7 @@ def moe(
     spec: str,
 ) -> torch.Tensor:
     """``hidden [T, H]``, ``topk_ids [T, K]``, ``topk_weights [T, K]`` and the expert weights -> ``[T, H]``."""
-    s = ExpertSpec.decode(spec)
-    check_inputs(hidden, topk_ids, topk_weights, w_up, w_down, b_up, b_down, s)
-    return moe_torch(hidden, topk_ids, topk_weights, w_up, w_down, b_up, b_down, s)
+    return moe_impl(hidden, topk_ids, topk_weights, w_up, w_down, b_up, b_down, spec)
 
 
 @moe.register_fake
