@@ -7,12 +7,19 @@ utilisation (MFU). Without a GPU (``--cpu``, the default there) the same script
 runs a tiny zoo model in fp32 so that it is checked, not to measure anything.
 
     python benchmarks/prefill.py                 # GPU: Qwen3-30B-A3B shapes, 4 layers
-    python benchmarks/prefill.py --cpu           # CPU smoke run
+    python benchmarks/prefill.py --cpu           # CPU: tiny zoo models and a mid-size Qwen3-MoE
+
+On CPU (``--cpu``) the contenders run interleaved, round after round, so that load on the
+machine hits them alike; each row gives the median time, the median of the per-round
+speed-ups over eager and their spread (min-max), and the experts alone are measured
+against a dense matmul of equal FLOPs (GFLOP/s).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import statistics
 import time
 
 import torch
@@ -114,14 +121,113 @@ def measure(
     return rows
 
 
+#: the mid-size CPU shape: Qwen3-MoE with H=1024, E=32, top-4, I=512 (4 layers, 1 x 1024 tokens)
+CPU_SHAPE = dict(
+    hidden_size=1024, num_experts=32, num_experts_per_tok=4, moe_intermediate_size=512, intermediate_size=2048,
+    num_attention_heads=8, num_key_value_heads=4, head_dim=128, vocab_size=1024,
+)  # fmt: skip
+#: CPU setups: (name, zoo family, config overrides, layers, (batch, seq), rounds)
+CPU_SETUPS = [
+    ("tiny qwen3_moe", "qwen3_moe", {}, 2, (1, 128), 40),
+    ("tiny mixtral", "mixtral", {}, 2, (1, 128), 40),
+    ("tiny deepseek_v3", "deepseek_v3", {}, 2, (1, 128), 40),
+    ("qwen3_moe H=1024 E=32 k=4", "qwen3_moe", CPU_SHAPE, 4, (1, 1024), 9),
+]
+
+
+def interleaved(contenders: dict, input_ids: torch.Tensor, rounds: int, warmup: int = 2) -> dict[str, list[float]]:
+    """Seconds per call of each contender, measured round-robin (one call each per round)."""
+    times: dict[str, list[float]] = {name: [] for name in contenders}
+    with torch.no_grad():
+        for _ in range(warmup):
+            for fn in contenders.values():
+                fn(input_ids, use_cache=False)
+        for _ in range(rounds):
+            for name, fn in contenders.items():
+                start = time.perf_counter()
+                fn(input_ids, use_cache=False)
+                times[name].append(time.perf_counter() - start)
+    return times
+
+
+def expert_gflops(shape: dict, tokens: int, rounds: int = 5) -> tuple[float, float]:
+    """GFLOP/s of one MoE layer's experts (``moe_torch``, uniform random routing) and of a dense fp32
+    matmul pair of equal FLOPs (``[T*K, H] @ [H, 2I]`` then ``[T*K, I] @ [I, H]``)."""
+    from moe_compile.ops import moe_torch
+    from moe_compile.spec import ExpertSpec
+
+    H, E, K, I = (
+        shape["hidden_size"],
+        shape["num_experts"],
+        shape["num_experts_per_tok"],
+        shape["moe_intermediate_size"],
+    )
+    x = torch.randn(tokens, H)
+    weights, ids = torch.randn(tokens, E).softmax(-1).topk(K)
+    w_up, w_down = torch.randn(E, 2 * I, H) * H**-0.5, torch.randn(E, H, I) * I**-0.5
+    a, up, down = torch.randn(tokens * K, H), torch.randn(H, 2 * I), torch.randn(I, H)
+    flops = 2 * tokens * K * (H * 2 * I + I * H)
+    runs = {
+        "experts": lambda: moe_torch(x, ids, weights, w_up, w_down, None, None, ExpertSpec()),
+        "dense": lambda: (a @ up)[:, :I] @ down,
+    }
+    best = {}
+    for name, fn in runs.items():
+        fn()
+        best[name] = min(_seconds(fn) for _ in range(rounds))
+    return flops / best["experts"] / 1e9, flops / best["dense"] / 1e9
+
+
+def _seconds(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def cpu_main(inductor: bool, setups: list[tuple] = CPU_SETUPS) -> list[dict]:
+    """The CPU table (see the module docstring); returns its rows."""
+    load = ", ".join(f"{v:.2f}" for v in os.getloadavg())
+    print(
+        f"cpu: {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads, fp32, load {load}"
+    )
+    print(f"{'setup':<27} {'variant':>12} {'median ms':>10} {'vs eager':>9} {'spread':>13}")
+    rows = []
+    for name, family, overrides, layers, (batch, seq), rounds in setups:
+        torch.manual_seed(0)
+        model = zoo.build(family, num_layers=layers, overrides=overrides or None)
+        contenders = {"eager": model, "moe_prefill": torch.compile(model, backend="moe_prefill")}
+        if inductor:
+            contenders["inductor"] = torch.compile(model)
+            contenders["moe_prefill+ind"] = torch.compile(model, backend="moe_prefill", options={"inductor": True})
+        input_ids = torch.randint(0, model.config.vocab_size, (batch, seq))
+        times = interleaved(contenders, input_ids, rounds)
+        for variant, ts in times.items():
+            ratios = [e / t for e, t in zip(times["eager"], ts)]
+            row = {
+                "setup": name, "variant": variant, "median_ms": statistics.median(ts) * 1e3,
+                "vs_eager": statistics.median(ratios), "spread": (min(ratios), max(ratios)), "rounds": rounds,
+            }  # fmt: skip
+            rows.append(row)
+            spread = f"{row['spread'][0]:.2f}-{row['spread'][1]:.2f}x"
+            print(f"{name:<27} {variant:>12} {row['median_ms']:>10.2f} {row['vs_eager']:>8.2f}x {spread:>13}")
+    experts, dense = expert_gflops(CPU_SHAPE, tokens=1024)
+    print(f"experts of one layer at H=1024 E=32 k=4 I=512, 1024 tokens: {experts:.0f} GFLOP/s; "
+          f"dense matmuls of equal FLOPs: {dense:.0f} GFLOP/s ({experts / dense:.0%})")  # fmt: skip
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cpu", action="store_true", help="tiny model on the CPU (default without CUDA)")
+    parser.add_argument("--cpu", action="store_true", help="tiny and mid-size models on the CPU (default without CUDA)")
+    parser.add_argument("--inductor", action="store_true", help="CPU: also Inductor (minutes of compiling)")
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--tokens", type=int, nargs="+", default=[4096, 16384])
     parser.add_argument("--no-inductor", action="store_true", help="skip plain torch.compile (slow to compile on CPU)")
     args = parser.parse_args()
     cpu = args.cpu or not torch.cuda.is_available()
+    if cpu:
+        cpu_main(args.inductor)
+        return
     model, seq = build_model(args.layers, cpu)
     tokens = [256, 1024] if cpu else args.tokens
     contenders = {"eager": model, "moe_prefill": torch.compile(model, backend="moe_prefill")}
