@@ -193,6 +193,7 @@ def cpu_main(inductor: bool, setups: list[tuple] = CPU_SETUPS) -> list[dict]:
     print(f"{'setup':<27} {'variant':>12} {'median ms':>10} {'vs eager':>9} {'spread':>13}")
     rows = []
     for name, family, overrides, layers, (batch, seq), rounds in setups:
+        torch._dynamo.reset()  # one model per process, as served: no other model's guards to check first
         torch.manual_seed(0)
         model = zoo.build(family, num_layers=layers, overrides=overrides or None)
         contenders = {"eager": model, "moe_prefill": torch.compile(model, backend="moe_prefill")}
