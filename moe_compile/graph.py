@@ -213,3 +213,35 @@ def common_module_path(nodes: Iterable[fx.Node]) -> str:
             break
         common.append(parts[0])
     return ".".join(common)
+
+
+def without_control_deps(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy of ``gm`` in which Inductor's ``control_deps`` wrappers are the ops they wrap.
+
+    :mod:`moe_compile.passes.async_expert_parallel` pins its schedule for Inductor by wrapping
+    gathers, waits and MoE calls in ``control_deps(extra_deps, subgraph, *args)``; reading a
+    graph's structure (tests, debug summaries) is simpler on the ops themselves.
+    """
+    graph = fx.Graph()
+    out = graph.graph_copy(gm.graph, {})
+    graph.output(out)
+    for node in list(graph.nodes):
+        if node.op != "call_function" or "control_deps" not in str(node.target):
+            continue
+        subgraph = getattr(gm, node.args[1].target)
+        inner = [n for n in subgraph.graph.nodes if n.op == "call_function"]
+        if len(inner) != 1:
+            continue
+        env = dict(zip(subgraph.graph.find_nodes(op="placeholder"), node.args[2:]))
+        op = inner[0]
+        with graph.inserting_before(node):
+            plain = graph.call_function(
+                op.target,
+                fx.node.map_arg(op.args, lambda n: env[n]),
+                fx.node.map_arg(op.kwargs, lambda n: env[n]),
+            )
+        plain.meta = dict(node.meta)
+        node.replace_all_uses_with(plain)
+        graph.erase_node(node)
+    graph.eliminate_dead_code()
+    return fx.GraphModule(gm, graph)

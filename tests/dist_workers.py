@@ -140,8 +140,9 @@ class GraphFacts(PassHarness):
 
 def graph_facts(gm: fx.GraphModule) -> dict[str, Any]:
     """Counts of collectives and MoE calls, and for each MoE call where its gather was issued."""
-    from moe_compile.graph import op_name
+    from moe_compile.graph import op_name, without_control_deps
 
+    gm = without_control_deps(gm)  # Inductor's graphs: the pinned schedule's wrappers are their ops
     nodes = list(gm.graph.nodes)
     pos = {n: i for i, n in enumerate(nodes)}
     moe = [n for n in nodes if op_name(n).startswith("moe_compile::moe")]
@@ -302,7 +303,9 @@ def never_joins_worker(rank: int, world_size: int, timeout_s: float) -> dict:
 
 def hot_graph_facts(gm: fx.GraphModule) -> dict[str, Any]:
     """Per MoE call with resident experts: its gather (inputs, outputs, when issued) and how its layer is rebuilt."""
-    from moe_compile.graph import op_name
+    from moe_compile.graph import op_name, without_control_deps
+
+    gm = without_control_deps(gm)  # Inductor's graphs: the pinned schedule's wrappers are their ops
 
     nodes = list(gm.graph.nodes)
     pos = {n: i for i, n in enumerate(nodes)}

@@ -113,6 +113,7 @@ class _Gather:
     gather: fx.Node
     waits: list[fx.Node]
     last: fx.Node  # the last node inserted after the issue point
+    router: list[fx.Node]  # the call's hidden, ids and weights as they were (computed before the waits)
 
 
 class AsyncExpertParallel(ShardedExpertsPass):
@@ -196,6 +197,7 @@ class AsyncExpertParallel(ShardedExpertsPass):
             set_fake_val(last)
             parts.append(last)
         call = MoECall.from_node(block.node)
+        router = [n for n in (call.hidden, call.topk_ids, call.topk_weights) if isinstance(n, fx.Node)]
         changes: dict[str, fx.Node] = {}
         waits: list[fx.Node] = []
         with graph.inserting_before(block.node):
@@ -213,7 +215,7 @@ class AsyncExpertParallel(ShardedExpertsPass):
                 set_fake_val(ids)  # [T, K]: ids' = position[ids]
                 changes["topk_ids"] = ids
         call.replace(**changes)
-        return _Gather(gather, waits, last)
+        return _Gather(gather, waits, last, router)
 
 
 def can_pin_schedule() -> bool:
@@ -241,16 +243,15 @@ def _pin_schedule(gm: fx.GraphModule, slots: list[Slot], depth: int, emitted: di
     for i, slot in enumerate(slots):
         if slot.block.node not in emitted:  # every expert resident: nothing gathered
             continue
-        gather, waits = emitted[slot.block.node].gather, emitted[slot.block.node].waits
-        call = MoECall.from_node(slot.block.node)
+        gathered = emitted[slot.block.node]
+        gather, waits = gathered.gather, gathered.waits
         if slot.issue_after is not None:
             after.setdefault(gather, []).append(slot.issue_after.node)
         ahead = calls[max(0, i - depth)]
         if ahead is not slot.block.node:
             after.setdefault(ahead, []).append(gather)
-        router = [n for n in (call.hidden, call.topk_ids, call.topk_weights) if isinstance(n, fx.Node)]
         for wait in waits:
-            after.setdefault(wait, []).extend(router)
+            after.setdefault(wait, []).extend(gathered.router)
     preserve_node_ordering(gm.graph, {node: OrderedSet(deps) for node, deps in after.items()})
 
 
