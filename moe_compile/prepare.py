@@ -44,10 +44,12 @@ reason, is returned by :func:`prepare_report` and logged.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import logging
 import re
+from collections.abc import Iterator
 
 import torch
 import torch.nn as nn
@@ -200,9 +202,7 @@ def _stack(container: nn.Module) -> StackedExperts | str:
     experts = _ordered_experts(container)
     if experts is None:
         return "expert keys do not end in 0..E-1"
-    was_training = container.training
-    container.eval()
-    try:
+    with _in_eval(container):
         stacked = _stack_experts(experts)
         if isinstance(stacked, str):
             return stacked
@@ -212,8 +212,17 @@ def _stack(container: nn.Module) -> StackedExperts | str:
             if _same_container(container, stacked, lin0.in_features, lin0.weight.dtype, gen):
                 return stacked
         return "the container's forward is not sum_k weight * expert(x) over its selection"
+
+
+@contextlib.contextmanager
+def _in_eval(module: nn.Module) -> Iterator[None]:
+    """``module`` in eval mode (dropout off) for the duration, then as it was."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield
     finally:
-        container.train(was_training)
+        module.train(was_training)
 
 
 def _stack_experts(experts: list[nn.Module]) -> StackedExperts | str:
@@ -391,9 +400,7 @@ def _route_self_routed(module: nn.Module, router: nn.Linear, container: nn.Modul
     experts = _ordered_experts(container)
     if experts is None:
         return "expert keys do not end in 0..E-1"
-    was_training = module.training
-    module.eval()
-    try:
+    with _in_eval(module):
         stacked = _stack_experts(experts)
         if isinstance(stacked, str):
             return stacked
@@ -414,8 +421,6 @@ def _route_self_routed(module: nn.Module, router: nn.Linear, container: nn.Modul
                     candidate.source = f"self-routed MoE, {routing.describe()}, {stacked.source}"
                     return candidate
             return "no top-k routing rule (softmax or sigmoid, k <= 8, renormalised or not) reproduces its output"
-    finally:
-        module.train(was_training)
 
 
 def _same_output(got, expected) -> bool:
