@@ -22,7 +22,7 @@ The default is one torch thread (``--threads``): these ops are tiny, and with tw
 One warm-up compile per backend runs first, so that one-time costs (imports, Inductor's compile worker
 pool, the first call of the canonical op) are not charged to whichever model comes first.
 
-    python benchmarks/compile_overhead.py                           # default: 4 families + 2/8/32 layers (3.5-5.5 min, 2 cores)
+    python benchmarks/compile_overhead.py   # default: 4 families + 2/8/32 layers (3.5-5.5 min, 2 cores)
     python benchmarks/compile_overhead.py --families mixtral --layers 2 8
     python benchmarks/compile_overhead.py --no-inductor --layers 2 8 32 64
     python benchmarks/compile_overhead.py --repeat 3 --json out.json   # min of 3 compiles each
@@ -173,7 +173,9 @@ def warm_up(inductor: bool) -> None:
         first_call_seconds(model, input_ids, backend)
     if inductor:
         torch._dynamo.reset()
-        small = torch.compile(torch.nn.Sequential(torch.nn.Embedding(128, 32), torch.nn.Linear(32, 32)), backend="inductor")
+        small = torch.compile(
+            torch.nn.Sequential(torch.nn.Embedding(128, 32), torch.nn.Linear(32, 32)), backend="inductor"
+        )
         with torch.no_grad():
             small(input_ids)
     torch._dynamo.reset()
@@ -241,9 +243,13 @@ def growth(rows: list[Row]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--families", nargs="*", default=DEFAULT_FAMILIES, help="zoo families at their zoo size")
-    parser.add_argument("--layers", nargs="*", type=int, default=DEFAULT_LAYERS, help=f"layer counts of {SCALING_FAMILY}")
+    parser.add_argument(
+        "--layers", nargs="*", type=int, default=DEFAULT_LAYERS, help=f"layer counts of {SCALING_FAMILY}"
+    )
     parser.add_argument("--no-inductor", action="store_true", help="skip Inductor (17-36 s per tiny model on 2 cores)")
-    parser.add_argument("--scaling-inductor", action="store_true", help="also compile the layer-scaling models with Inductor")
+    parser.add_argument(
+        "--scaling-inductor", action="store_true", help="also compile the layer-scaling models with Inductor"
+    )
     parser.add_argument("--repeat", type=int, default=1, help="compiles per measurement; the minimum is reported")
     parser.add_argument(
         "--threads",
@@ -282,7 +288,9 @@ def main() -> None:
         print(f"  measured {name} ({time.perf_counter() - started:.0f} s)", flush=True)
     scaling = []
     for n in sorted(args.layers):
-        scaling.append(measure(SCALING_FAMILY, n, inductor=args.scaling_inductor and not args.no_inductor, repeat=args.repeat))
+        scaling.append(
+            measure(SCALING_FAMILY, n, inductor=args.scaling_inductor and not args.no_inductor, repeat=args.repeat)
+        )
         print(f"  measured {SCALING_FAMILY} x{n} layers ({time.perf_counter() - started:.0f} s)", flush=True)
 
     if families:

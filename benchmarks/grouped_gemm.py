@@ -71,19 +71,26 @@ def time_ms(fn: Callable[[], object], gpu: bool) -> float:
     return (time.perf_counter() - start) / 3 * 1e3
 
 
+def layer_inputs(shape: Shape, T: int, routing: str, dtype: torch.dtype, device: str) -> tuple:
+    """``fused_moe``'s arguments for one SiLU-gated layer of ``shape`` on ``T`` tokens (random, O(1) activations)."""
+    from moe_compile.spec import ExpertSpec
+
+    E, H, I = shape.E, shape.H, shape.I
+    hidden_TH = torch.randn(T, H, device=device, dtype=dtype)
+    ids_TK, weights_TK = route(T, shape, routing, device)
+    w_up_ENH = torch.randn(E, 2 * I, H, device=device, dtype=dtype) * H**-0.5
+    w_down_EHI = torch.randn(E, H, I, device=device, dtype=dtype) * I**-0.5
+    return hidden_TH, ids_TK, weights_TK, w_up_ENH, w_down_EHI, None, None, ExpertSpec()
+
+
 def bench_one(shape: Shape, T: int, routing: str, dtype: torch.dtype, device: str) -> dict[str, float]:
     from moe_compile.kernels import fused_moe
     from moe_compile.ops import moe_torch
-    from moe_compile.spec import ExpertSpec
 
-    spec = ExpertSpec()
-    E, H, I, K = shape.E, shape.H, shape.I, shape.K
+    H, I, K = shape.H, shape.I, shape.K
     S, N = T * K, 2 * I
-    hidden_TH = torch.randn(T, H, device=device, dtype=dtype)
-    ids_TK, weights_TK = route(T, shape, routing, device)
-    w_up_ENH = (torch.randn(E, N, H, device=device, dtype=dtype) * H**-0.5)
-    w_down_EHI = (torch.randn(E, H, I, device=device, dtype=dtype) * I**-0.5)
-    args = (hidden_TH, ids_TK, weights_TK, w_up_ENH, w_down_EHI, None, None, spec)
+    args = layer_inputs(shape, T, routing, dtype, device)
+    w_up_ENH, w_down_EHI = args[3], args[4]
 
     out_triton = fused_moe(*args)
     out_torch = moe_torch(*args)

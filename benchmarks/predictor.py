@@ -276,8 +276,9 @@ def accuracy(model: torch.nn.Module, bundle, eval_tokens: int) -> None:
     ours, cross = mean_accuracy(table, "pre-attention"), mean_accuracy(table, "cross-layer")
     later = sorted(table["pre-attention"])[1:]
     ours_later = mean_accuracy(table, "pre-attention", later)
+    gain = ours_later.exact - cross.exact
     print(f"pre-attention mean exact match {ours.exact:.1%} (target 90%); on the layers cross-layer covers: "
-          f"{ours_later.exact:.1%} vs cross-layer {cross.exact:.1%} ({ours_later.exact - cross.exact:+.1%})")  # fmt: skip
+          f"{ours_later.exact:.1%} vs cross-layer {cross.exact:.1%} ({gain:+.1%})")  # fmt: skip
     ratios = attention_update_ratio(model, heldout[:16])
     print("|attention update| / |residual| per layer: " + ", ".join(f"{k}: {v:.2f}" for k, v in ratios.items()))
     first = moe_layers(model)[0].index

@@ -22,6 +22,7 @@ import contextlib
 import contextvars
 import functools
 import itertools
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -77,10 +78,16 @@ def compile_graph(
         param_names=_param_names(gm),
         training=torch.is_grad_enabled() and any(t.requires_grad for t in tensors),
         dumper=GraphDumper(options.debug_dir, graph_name) if options.debug else None,
+        inductor=options.use_inductor(on_cuda),
     )
     passes = pipeline(options)
+    relabel = _frame_prefix(ctx.param_names, example_inputs)
+    if relabel is not None:
+        ctx.param_names = {i: _relabeled(name, relabel) for i, name in ctx.param_names.items()}
 
     def run_passes(aten_gm: fx.GraphModule) -> None:
+        if relabel is not None:
+            _relabel_module_stacks(aten_gm, relabel)
         if ctx.real_inputs is not None and len(aten_gm.graph.find_nodes(op="placeholder")) != len(ctx.real_inputs):
             ctx.real_inputs = None  # placeholders do not line up: probe with random weights
         if ctx.training:
@@ -111,9 +118,27 @@ def compile_graph(
 
     def fw_compiler(aten_gm: fx.GraphModule, _fake_inputs: list[Any]) -> Callable:
         run_passes(aten_gm)
-        return make_boxed_func(aten_gm.forward)
+        return make_boxed_func(_direct_calls(aten_gm).forward)
 
     return _wrapped(aot_autograd(fw_compiler=fw_compiler)(gm, example_inputs), ctx)
+
+
+def _direct_calls(gm: fx.GraphModule) -> fx.GraphModule:
+    """What runs when the graph runs eagerly: ``gm`` with its ``moe_compile::moe`` calls calling the
+    implementation (:func:`moe_compile.ops.moe.moe_impl`) without the dispatcher. A copy: ``gm`` itself,
+    which reports and tests read, keeps the op."""
+    from .ops.moe import moe_impl
+
+    direct = {torch.ops.moe_compile.moe.default: moe_impl}
+    if not any(n.target in direct for n in gm.graph.nodes):
+        return gm
+    graph = fx.Graph()
+    out = graph.graph_copy(gm.graph, {})
+    graph.output(out)
+    for node in graph.nodes:
+        if node.op == "call_function" and node.target in direct:
+            node.target = direct[node.target]
+    return fx.GraphModule(gm, graph)
 
 
 def _wrapped(compiled: Callable, ctx: PassContext) -> Callable:
@@ -133,8 +158,16 @@ def _wrapped(compiled: Callable, ctx: PassContext) -> Callable:
 
 
 def _parallel_config_patches(options: Options) -> dict[str, Any]:
-    """Keep AEP's schedule under Inductor: no reordering that moves the gathers next to their waits."""
-    if options.parallel != "aep":
+    """Keep AEP's schedule under Inductor.
+
+    :mod:`.passes.async_expert_parallel` pins its gathers and waits with Inductor's ``control_deps``,
+    so Inductor's reordering passes stay on. Where that cannot be done (the predicted gather, whose
+    order is not pinned; a torch without ``control_deps``) the reorderings that would move a gather
+    next to its wait are turned off for the graph.
+    """
+    from .passes.async_expert_parallel import can_pin_schedule
+
+    if options.parallel != "aep" or (options.predictor is None and can_pin_schedule()):
         return {}
     return {"reorder_for_peak_memory": False, "reorder_for_compute_comm_overlap": False}
 
@@ -171,6 +204,69 @@ def _param_names(gm: fx.GraphModule) -> dict[int, str]:
         name = source.name() if callable(source.name) else source.name
         names[i] = normalize_module_path(name)
     return names
+
+
+#: root models whose parameter names give report paths (``explain`` and ``prepare`` register theirs)
+_roots: list[weakref.ref] = []
+
+
+def register_root(model: torch.nn.Module) -> None:
+    """Name block paths after ``model``'s module paths, also in graphs that start inside a submodule."""
+    _roots[:] = [r for r in _roots if r() is not None and r() is not model][-7:]
+    _roots.append(weakref.ref(model))
+
+
+def _frame_prefix(param_names: dict[int, str], example_inputs: list[Any]) -> tuple[str, str] | None:
+    """How this graph's module paths map to a registered model's: ``(frame prefix, model prefix)``.
+
+    After a graph break a graph starts inside a submodule, so Dynamo names its modules from that
+    submodule (``layer.1.mlp`` in switch's encoder and decoder alike); a model called through a
+    wrapper reads ``args.0.model...``. A parameter's path in the graph and in the registered model
+    share their ending; what differs in front is the same for every parameter of the frame.
+    """
+    roots = [m for r in _roots if (m := r()) is not None]
+    if not roots or not param_names:
+        return None
+    known: dict[int, str] = {}
+    for root in roots:
+        for name, tensor in itertools.chain(root.named_parameters(remove_duplicate=False), root.named_buffers()):
+            known.setdefault(id(tensor), name)
+    votes: dict[tuple[str, str], int] = {}
+    for i, rel in param_names.items():
+        real = example_inputs[i] if i < len(example_inputs) else None
+        fqn = known.get(id(real)) if isinstance(real, torch.Tensor) else None
+        if fqn is None:
+            continue
+        a, b = rel.split("."), fqn.split(".")
+        n = 0
+        while n < min(len(a), len(b)) and a[-1 - n] == b[-1 - n]:
+            n += 1
+        if n == 0:
+            continue
+        pair = (".".join(a[: len(a) - n]), ".".join(b[: len(b) - n]))
+        votes[pair] = votes.get(pair, 0) + 1
+    if not votes:
+        return None
+    pair = max(votes, key=votes.__getitem__)
+    return pair if pair[0] != pair[1] else None
+
+
+def _relabeled(path: str, relabel: tuple[str, str]) -> str:
+    old, new = relabel
+    if old and not (path == old or path.startswith(old + ".")):
+        return path
+    rest = path[len(old) :].lstrip(".")
+    return ".".join(p for p in (new, rest) if p)
+
+
+def _relabel_module_stacks(gm: fx.GraphModule, relabel: tuple[str, str]) -> None:
+    """Rewrite the graph's module paths (``nn_module_stack``) as the registered model names them."""
+    for node in gm.graph.nodes:
+        stack = node.meta.get("nn_module_stack")
+        if stack:
+            node.meta["nn_module_stack"] = {
+                key: (_relabeled(normalize_module_path(path), relabel), cls) for key, (path, cls) in stack.items()
+            }
 
 
 def _publish(report: Report) -> None:

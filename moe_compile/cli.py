@@ -10,6 +10,12 @@ gather hides behind compute, and the throughput of TP, EP and AEP
 (:mod:`moe_compile.planner`); ``--hot-experts R`` shows AEP's smaller gather with ``R``
 resident experts per layer.
 
+``moe-compile coverage`` checks every mixture-of-experts family of the installed
+transformers (tiny random configs, fp32, compiled vs eager) and prints one row a family:
+exact, skipped with the reason, missed, or not built with the reason
+(:mod:`moe_compile.testing.coverage`); it exits 1 when a family is neither exact nor a
+known gap.
+
 ``moe-compile routing-stats --model DIR --out FILE`` counts, per MoE layer, how often
 each expert is picked on sample text (the routing statistics ``hot_experts`` needs,
 :mod:`moe_compile.routing_stats`).
@@ -57,6 +63,16 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     import moe_compile
 
     config = _load_config(args.config)
+    text = config.get_text_config()
+    layers = getattr(text, "num_hidden_layers", None)
+    if args.layers is not None and layers is not None and args.layers > layers:
+        args.parser.error(f"argument --layers: the model has {layers} decoder layers; use 1..{layers}")
+    positions = getattr(text, "max_position_embeddings", None)
+    if isinstance(positions, int) and args.seq > positions:
+        args.parser.error(
+            f"argument --seq: {args.seq} tokens, but the model takes at most {positions} "
+            f"(max_position_embeddings); use 1..{positions}"
+        )
     if args.layers is not None:
         config.num_hidden_layers = args.layers
         for key in ("layer_types", "mlp_layer_types"):
@@ -78,6 +94,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from . import planner
 
     shape = planner.model_shape(_load_config(args.config))
+    _check_sharding(args, shape)
     setting = planner.Setting(
         gpus=args.gpus,
         gpu=args.gpu,
@@ -91,6 +108,28 @@ def cmd_plan(args: argparse.Namespace) -> int:
     )
     print(planner.format_plan(planner.plan(shape, setting)))
     return 0
+
+
+def _check_sharding(args: argparse.Namespace, shape) -> None:
+    """argparse errors for a --gpus / --hot-experts the compile would refuse: the gathered experts must shard evenly."""
+    W, R = args.gpus, args.hot_experts
+    for E in sorted({layer.experts for layer in shape.layers if layer.moe}):
+        if R >= E or (E - R) % W == 0:
+            continue
+        if R == 0:
+            valid = [str(w) for w in range(1, E + 1) if E % w == 0]
+            args.parser.error(
+                f"argument --gpus: {W} GPUs do not divide the {E} experts of a MoE layer (AEP and EP shard each "
+                f"layer's experts over the GPUs); use --gpus {', '.join(valid[:-1])} or {valid[-1]}"
+                if len(valid) > 1
+                else f"argument --gpus: a MoE layer has {E} expert; use --gpus 1"
+            )
+        valid = [str(r) for r in range(E + 1) if (E - r) % W == 0]
+        shown = ", ".join(valid[:12]) + (", ..." if len(valid) > 12 else "")
+        args.parser.error(
+            f"argument --hot-experts: E - R = {E - R} experts do not divide over {W} GPUs (E = {E}; the compile "
+            f"would refuse it); valid R with {W} GPUs: {shown}"
+        )
 
 
 def cmd_routing_stats(args: argparse.Namespace) -> int:
@@ -120,6 +159,44 @@ def cmd_routing_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_coverage(args: argparse.Namespace) -> int:
+    from .testing import coverage
+
+    if args.list:
+        for name, cls in sorted(coverage.moe_families().items()):
+            print(f"{name}  {cls}")
+        return 0
+    if args.from_json:
+        rows = coverage.read_json(args.from_json)
+    else:
+
+        def progress(row):
+            if args.json:  # one JSON line per finished family, so that an interrupted run keeps its rows
+                import dataclasses
+                import json
+
+                with open(args.json + ".partial", "a") as f:
+                    f.write(json.dumps(dataclasses.asdict(row)) + "\n")
+            if args.verbose:
+                print(f"  {row.family}: {row.status} ({row.seconds:.0f} s)", file=sys.stderr, flush=True)
+
+        rows = coverage.run_coverage(args.families or None, workers=args.workers, timeout=args.timeout,
+                                     progress=progress)  # fmt: skip
+    if args.json:
+        coverage.write_json(rows, args.json)
+    print(coverage.format_table(rows, markdown=args.markdown))
+    print()
+    print(coverage.summary(rows))
+    if args.update_docs:
+        for path in coverage.update_docs(rows):
+            print(f"updated {path}")
+    problems = coverage.check_rows(rows) if not args.families else [
+        p for p in coverage.check_rows(rows) if p.split(":")[0] in args.families]  # fmt: skip
+    for problem in problems:
+        print(f"FAIL {problem}")
+    return 1 if problems else 0
+
+
 def _positive(kind):
     def parse(text: str):
         value = kind(text)
@@ -131,15 +208,18 @@ def _positive(kind):
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .serving.cli import at_least
+
     parser = argparse.ArgumentParser(prog="moe-compile", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("inspect", help="show the MoE blocks the backend finds in a checkpoint or config")
     p.add_argument("--config", required=True, help="checkpoint directory or config.json")
-    p.add_argument("--layers", type=int, default=None, help="keep only the first N decoder layers")
-    p.add_argument("--seq", type=int, default=8, help="tokens in the random input (default 8)")
+    p.add_argument("--layers", type=at_least(int, 1), default=None, help="keep only the first N decoder layers")
+    p.add_argument("--seq", type=at_least(int, 1), default=8,
+                   help="tokens in the random input (default 8; at most the model's positions)")  # fmt: skip
     p.add_argument("--device", choices=("auto", "cpu", "meta"), default="auto",
                    help="where to build the random-weight model (auto: meta when large)")  # fmt: skip
-    p.set_defaults(func=cmd_inspect)
+    p.set_defaults(func=cmd_inspect, parser=p)
     p = sub.add_parser("plan", help="predict whether AEP's expert gathers hide, and TP/EP/AEP throughput")
     p.add_argument("--config", required=True, help="checkpoint directory or config.json")
     p.add_argument("--gpus", type=_positive(int), required=True, help="GPUs (ranks) W")
@@ -151,9 +231,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mfu", type=_positive(float), default=0.4, help="model FLOPs utilisation of the compute")
     p.add_argument("--ep-imbalance", type=_positive(float), default=1.25,
                    help="EP: the busiest rank's expert work over the mean")  # fmt: skip
-    p.add_argument("--hot-experts", type=int, default=0, metavar="R",
+    p.add_argument("--hot-experts", type=at_least(int, 0), default=0, metavar="R",
                    help="AEP: R experts per layer resident on every GPU, only the rest gathered")  # fmt: skip
-    p.set_defaults(func=cmd_plan)
+    p.set_defaults(func=cmd_plan, parser=p)
     p = sub.add_parser("routing-stats", help="count how often each expert is picked, for hot_experts")
     p.add_argument("--model", required=True, help="checkpoint directory")
     p.add_argument("--out", required=True, help="routing statistics file to write (safetensors)")
@@ -165,6 +245,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--show-hot", type=_positive(int), default=2, metavar="R", help="hot experts to print")
     p.add_argument("--threads", type=_positive(int), default=1, help="torch CPU threads (default 1)")
     p.set_defaults(func=cmd_routing_stats)
+    p = sub.add_parser("coverage", help="every MoE family of the installed transformers: found, exact, or why not")
+    p.add_argument("families", nargs="*", help="model types to check (default: every MoE family)")
+    p.add_argument("--workers", type=_positive(int), default=2, help="processes (default 2)")
+    p.add_argument("--timeout", type=_positive(float), default=300.0, help="seconds per family (default 300)")
+    p.add_argument("--markdown", action="store_true", help="print the table as markdown")
+    p.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
+    p.add_argument("--from-json", metavar="PATH", help="print (and check) the rows of an earlier --json run")
+    p.add_argument("--update-docs", action="store_true",
+                   help="write the summary into README.md and the table into docs/coverage.md")  # fmt: skip
+    p.add_argument("--list", action="store_true", help="only list the MoE families found in the registry")
+    p.add_argument("-v", "--verbose", action="store_true", help="print each family as it finishes")
+    p.set_defaults(func=cmd_coverage)
     from .predictor.cli import add_subcommands as add_predictor_subcommands
 
     add_predictor_subcommands(sub)

@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from .backend import collect_reports, moe_prefill_backend
+from .backend import collect_reports, moe_prefill_backend, register_root
 from .options import Options
 from .report import Report
 
@@ -22,6 +22,7 @@ def explain(model: torch.nn.Module, *args: Any, options: dict[str, Any] | None =
     def backend(gm, example_inputs, **kw):  # a fresh backend object: Dynamo compiles anew for it
         return moe_prefill_backend(gm, example_inputs, options=opts)
 
+    register_root(model)  # block paths read as model's module paths, also after graph breaks
     with collect_reports() as report, torch.no_grad():
         torch.compile(model, backend=backend)(*args, **kwargs)
     if report.graphs > 1:

@@ -88,6 +88,6 @@ def read_file(path: str | Path, fmt: FileFormat) -> tuple[dict[str, torch.Tensor
         raise error(f"{path}: tensor data does not match its checksum: the file is corrupted; {remake}")
     try:
         decoded = {key: json.loads(value) if key in fmt.json_fields else value for key, value in metadata.items()}
-    except json.JSONDecodeError as err:
-        raise error(f"{path}: corrupted metadata ({err}); {remake}") from None
+    except (json.JSONDecodeError, RecursionError) as err:  # RecursionError: nested too deep to decode
+        raise error(f"{path}: corrupted metadata ({type(err).__name__}: {str(err)[:200]}); {remake}") from None
     return tensors, decoded

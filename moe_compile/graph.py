@@ -92,14 +92,45 @@ def post_dominators(g: nx.DiGraph, graph: fx.Graph) -> dict[fx.Node, fx.Node]:
     return nx.immediate_dominators(g.reverse(copy=False), output)
 
 
+def masked_fill_input(node: fx.Node) -> fx.Node | None:
+    """``x`` when ``node`` is a masked fill written as ``where(mask, c, x)`` or ``where(mask, x, c)``.
+
+    ``c`` is a constant scalar: a Python number, or a 0-dim tensor computed from no other
+    node (``scalar_tensor``, ``full([], c)``). That is how ``torch.where(mask, 0.0, x)``
+    traces, and how Inductor's decompositions rewrite ``masked_fill`` in its post-grad
+    graph. ``x`` must have the result's shape (no broadcast). Otherwise None.
+    """
+    if op_name(node) != "aten::where" or len(node.args) != 3:
+        return None
+    out = tensor_val(node)
+    _, a, b = node.args
+    for const, data in ((a, b), (b, a)):
+        if _is_constant_scalar(const) and isinstance(data, fx.Node):
+            v = tensor_val(data)
+            if v is not None and out is not None and same_shape(v.shape, out.shape):
+                return data
+    return None
+
+
+def _is_constant_scalar(arg: object) -> bool:
+    if isinstance(arg, (int, float, bool)):
+        return True
+    v = tensor_val(arg)
+    return v is not None and v.dim() == 0 and not arg.all_input_nodes  # type: ignore[union-attr]
+
+
 def walk_back(node: fx.Node, through: Iterable[str], max_steps: int = 32) -> Iterator[fx.Node]:
-    """Yield ``node`` and then its first argument repeatedly while the op is in ``through``."""
+    """Yield ``node`` and then its first argument repeatedly while the op is in ``through``.
+
+    ``aten::where`` in ``through`` is walked only as a masked fill (:func:`masked_fill_input`),
+    to the operand whose values it keeps.
+    """
     through = set(through)
     for _ in range(max_steps):
         yield node
         if node.op != "call_function" or op_name(node) not in through or not node.args:
             return
-        first = node.args[0]
+        first = masked_fill_input(node) if op_name(node) == "aten::where" else node.args[0]
         if not isinstance(first, fx.Node):
             return
         node = first
@@ -160,7 +191,7 @@ def normalize_module_path(path: str) -> str:
     path = re.sub(r"^L\['([^']+)'\]\.?", r"\1.", path)
     path = _MODULES.sub(r".\1", path)
     path = _INDEX.sub(r".\1", path)
-    return path.strip(".")
+    return re.sub(r"\.{2,}", ".", path).strip(".")
 
 
 def module_path(node: fx.Node) -> str:
@@ -182,3 +213,35 @@ def common_module_path(nodes: Iterable[fx.Node]) -> str:
             break
         common.append(parts[0])
     return ".".join(common)
+
+
+def without_control_deps(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy of ``gm`` in which Inductor's ``control_deps`` wrappers are the ops they wrap.
+
+    :mod:`moe_compile.passes.async_expert_parallel` pins its schedule for Inductor by wrapping
+    gathers, waits and MoE calls in ``control_deps(extra_deps, subgraph, *args)``; reading a
+    graph's structure (tests, debug summaries) is simpler on the ops themselves.
+    """
+    graph = fx.Graph()
+    out = graph.graph_copy(gm.graph, {})
+    graph.output(out)
+    for node in list(graph.nodes):
+        if node.op != "call_function" or "control_deps" not in str(node.target):
+            continue
+        subgraph = getattr(gm, node.args[1].target)
+        inner = [n for n in subgraph.graph.nodes if n.op == "call_function"]
+        if len(inner) != 1:
+            continue
+        env = dict(zip(subgraph.graph.find_nodes(op="placeholder"), node.args[2:]))
+        op = inner[0]
+        with graph.inserting_before(node):
+            plain = graph.call_function(
+                op.target,
+                fx.node.map_arg(op.args, lambda n: env[n]),
+                fx.node.map_arg(op.kwargs, lambda n: env[n]),
+            )
+        plain.meta = dict(node.meta)
+        node.replace_all_uses_with(plain)
+        graph.erase_node(node)
+    graph.eliminate_dead_code()
+    return fx.GraphModule(gm, graph)

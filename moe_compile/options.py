@@ -55,7 +55,11 @@ class Options:
     #: None: each MoE layer's predictor runs on the layer's pre-attention activation and drives the
     #: offload prefetch (offload="cpu") or, with parallel="aep", the gather of the union over ranks of the
     #: predicted experts (the rest on demand); a file made for another model is an error at compile time.
+    #: Needs offload="cpu" or parallel="aep" (refused otherwise: nothing would use the predictions).
     predictor: str | os.PathLike | None = None
+    #: attention whose traced mask is only the causal lower triangle of the sequence length runs with
+    #: SDPA's is_causal=True instead of the mask, as eager Hugging Face attention does (passes/causal_attention.py).
+    causal_attention: bool = True
     #: keep expert weights off the device: None, or "cpu" (host memory, pinned on CUDA; a ring of two
     #: layer buffers on the device; experts copied ahead by the predictor, the rest on demand).
     offload: str | None = None
@@ -78,15 +82,13 @@ class Options:
         valid = [f.name for f in dataclasses.fields(cls)]
         for key in options:
             if key not in valid:
-                raise ValueError(
-                    f"unknown moe_prefill option {key!r}; valid options are: {', '.join(valid)}"
-                )
+                raise ValueError(f"unknown moe_prefill option {key!r}; valid options are: {', '.join(valid)}")
         opts = cls(**options)
         opts._validate()
         return opts
 
     def _validate(self) -> None:
-        for name in ("debug", "verify"):
+        for name in ("debug", "verify", "causal_attention"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"moe_prefill option {name!r} must be True or False, got {getattr(self, name)!r}")
         if not isinstance(self.debug_dir, (str, os.PathLike)):
@@ -138,7 +140,16 @@ class Options:
                 "resident; use one or the other"
             )
         if self.predictor is not None and not isinstance(self.predictor, (str, os.PathLike)):
-            raise ValueError(f"moe_prefill option 'predictor' must be None or a path to a predictor file, got {self.predictor!r}")
+            raise ValueError(
+                f"moe_prefill option 'predictor' must be None or a path to a predictor file, got {self.predictor!r}"
+            )
+        if self.predictor is not None and self.offload is None and self.parallel != "aep":
+            raise ValueError(
+                f"moe_prefill option 'predictor' does nothing without offload='cpu' or parallel='aep' "
+                f"(got parallel={self.parallel!r}): its predictions drive a prefetch; add offload='cpu' (experts in "
+                "host memory, copied ahead by the predictor) or parallel='aep' (the predicted experts gathered "
+                "ahead), or drop 'predictor'"
+            )
         if self.offload is not None and self.parallel is not None:
             raise ValueError(f"moe_prefill option 'offload' cannot be combined with parallel={self.parallel!r}")
 

@@ -359,8 +359,6 @@ def _hot_line(p: Plan) -> list[str]:
         f"{full * max(E - R, 0) / E / 1e9:.3f} GB instead of {full / 1e9:.3f} GB per GPU (plus one on-device "
         "copy of the layer to concatenate resident and gathered experts)"
     )
-    if R < E and (E - R) % W:
-        line += f"; note: E - R = {E - R} does not divide over {W} GPUs, the compile would refuse it"
     return [line]
 
 

@@ -2,7 +2,7 @@
 
 Dynamo cannot follow an expert loop that depends on routing data (``nonzero``,
 ``torch.where``, boolean masks): the graph breaks at every MoE layer and the
-backend sees no block. ``prepare`` rewrites, in place, the two forms it knows into
+backend sees no block. ``prepare`` rewrites, in place, the forms it knows into
 ones that trace into one graph and compute the same function:
 
 - **experts interface, eager loop.** Families using transformers' experts
@@ -17,6 +17,17 @@ ones that trace into one graph and compute the same function:
   ``moe_compile::moe``. ``selection`` may be expert ids ``[T, K]`` or a (possibly
   capacity-masked) one-hot mask ``[T, K, E]``; a token whose mask row is empty
   gets no expert output, as in the loop.
+
+- **self-routed MoE modules.** A module that owns a router ``nn.Linear(H, E)`` and a plain
+  ``nn.ModuleList``/``nn.ModuleDict`` of ``E`` identical MLPs and routes its tokens in its own
+  ``forward(hidden)`` — however it computes them: a loop over experts gathering their tokens
+  (``torch.where``/``index_add_``, the Mixtral-era reference code), every expert on every token
+  weighted by a mostly-zero routing weight, or one-hot dispatch/combine through ``einsum``
+  (GShard/Switch style) — is replaced by :class:`RoutedExperts`: its router, a :class:`Routing`
+  rule (softmax or sigmoid, top-k for k <= 8, renormalised or not, or top-k logits then softmax)
+  and the stacked experts. Whatever the body did, the replacement is kept only when it gives the
+  module's outputs (hidden states, and router logits when it returned them) on random inputs;
+  a capacity that drops tokens, say, is no top-k rule and stays.
 
 - **Hugging Face expert parallelism.** An experts module that transformers' EP
   runs with ``AllToAllEP`` (``DistributedConfig(ep_size=W, ep_implementation=
@@ -33,9 +44,12 @@ reason, is returned by :func:`prepare_report` and logged.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import itertools
 import logging
 import re
+from collections.abc import Iterator
 
 import torch
 import torch.nn as nn
@@ -72,7 +86,9 @@ class StackedExperts(nn.Module):
         else:
             ids_TK = selection.reshape(T, -1)
             weights_TK = routing_weights.reshape(T, -1)
-        out_TH = torch.ops.moe_compile.moe(x_TH, ids_TK, weights_TK, self.w_up, self.w_down, self.b_up, self.b_down, self.spec)
+        out_TH = torch.ops.moe_compile.moe(
+            x_TH, ids_TK, weights_TK, self.w_up, self.w_down, self.b_up, self.b_down, self.spec
+        )
         return out_TH.view(hidden_states.shape)
 
     def extra_repr(self) -> str:
@@ -91,6 +107,17 @@ def prepare(model: nn.Module) -> nn.Module:
         _prepare_log.append(("", "experts implementation eager -> grouped_mm"))
     _make_expert_parallel_traceable(model)
     for name, module in list(model.named_modules()):
+        parts = _self_routed_parts(module) if name else None  # (the root cannot be replaced in place)
+        if parts is None:
+            continue
+        result = _route_self_routed(module, *parts)
+        if isinstance(result, str):
+            _prepare_log.append((name, f"left alone: {result}"))
+            continue
+        parent_name, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), attr, result)
+        _prepare_log.append((name, f"routed: {result.source}"))
+    for name, module in list(model.named_modules()):
         if not _looks_like_expert_container(module):
             continue
         result = _stack(module)
@@ -102,6 +129,9 @@ def prepare(model: nn.Module) -> nn.Module:
         _prepare_log.append((name, f"stacked: {result.source}"))
     for name, what in _prepare_log:
         log.info("moe_compile.prepare: %s: %s", name or "<model>", what)
+    from .backend import register_root
+
+    register_root(model)  # reports name blocks by model's module paths, also after graph breaks
     return model
 
 
@@ -172,29 +202,46 @@ def _stack(container: nn.Module) -> StackedExperts | str:
     experts = _ordered_experts(container)
     if experts is None:
         return "expert keys do not end in 0..E-1"
+    with _in_eval(container):
+        stacked = _stack_experts(experts)
+        if isinstance(stacked, str):
+            return stacked
+        lin0 = _linears(experts[0])[0]
+        gen = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            if _same_container(container, stacked, lin0.in_features, lin0.weight.dtype, gen):
+                return stacked
+        return "the container's forward is not sum_k weight * expert(x) over its selection"
+
+
+@contextlib.contextmanager
+def _in_eval(module: nn.Module) -> Iterator[None]:
+    """``module`` in eval mode (dropout off) for the duration, then as it was."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(was_training)
+
+
+def _stack_experts(experts: list[nn.Module]) -> StackedExperts | str:
+    """The experts (identical MLPs of 2-3 ``nn.Linear``, in eval mode) stacked, checked expert by expert."""
     first = experts[0]
     lin0 = _linears(first)[0]
     H, dtype = lin0.in_features, lin0.weight.dtype
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(5, H, generator=gen).to(dtype=dtype, device=lin0.weight.device)
-    was_training = container.training
-    container.eval()
-    try:
-        with torch.no_grad():
-            order = _call_order(first, x)
-            if len(order) != len(_linears(first)):
-                return "experts do not call each of their Linear layers once"
-            names = [n for lin in order for n, m in first.named_children() if m is lin]
-            for spec, w_up, w_down, b_up, b_down in _candidates(experts, names):
-                if _same_experts(experts, spec, w_up, w_down, b_up, b_down, x):
-                    stacked = StackedExperts(w_up, w_down, b_up, b_down, spec, _describe(names, len(experts)))
-                    stacked.to(device=lin0.weight.device)
-                    if _same_container(container, stacked, H, dtype, gen):
-                        return stacked
-                    return "the container's forward is not sum_k weight * expert(x) over its selection"
-            return "no canonical expert form (activation, gating) reproduces the experts"
-    finally:
-        container.train(was_training)
+    with torch.no_grad():
+        order = _call_order(first, x)
+        if len(order) != len(_linears(first)):
+            return "experts do not call each of their Linear layers once"
+        names = [n for lin in order for n, m in first.named_children() if m is lin]
+        for spec, w_up, w_down, b_up, b_down in _candidates(experts, names):
+            if _same_experts(experts, spec, w_up, w_down, b_up, b_down, x):
+                stacked = StackedExperts(w_up, w_down, b_up, b_down, spec, _describe(names, len(experts)))
+                return stacked.to(device=lin0.weight.device)
+        return "no canonical expert form (activation, gating) reproduces the experts"
 
 
 def _describe(names: list[str], E: int) -> str:
@@ -256,3 +303,131 @@ def _same_container(container: nn.Module, stacked: StackedExperts, H: int, dtype
         if isinstance(expected, torch.Tensor) and _close(stacked(x, selection, w), expected):
             return True
     return False
+
+
+# -- self-routed MoE modules ---------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Routing:
+    """A top-k routing rule: ``logits [T, E]`` -> ``(weights [T, K] fp32, ids [T, K])``.
+
+    ``score``: "softmax" or "sigmoid" of the logits, in fp32; ``order``: "score-topk" (score, then
+    the k best) or "topk-softmax" (the k best logits, then a softmax over them);
+    ``renormalise``: the k weights divided by their sum.
+    """
+
+    k: int
+    score: str = "softmax"
+    order: str = "score-topk"
+    renormalise: bool = False
+
+    def __call__(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.order == "topk-softmax":
+            top, ids = torch.topk(logits, self.k, dim=-1)
+            return torch.softmax(top.float(), dim=-1), ids
+        scores = torch.softmax(logits.float(), dim=-1) if self.score == "softmax" else torch.sigmoid(logits.float())
+        weights, ids = torch.topk(scores, self.k, dim=-1)
+        if self.renormalise:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return weights, ids
+
+    def describe(self) -> str:
+        if self.order == "topk-softmax":
+            return f"top-{self.k} of the logits -> softmax"
+        return f"{self.score} -> top-{self.k}" + (" -> renormalise" if self.renormalise else "")
+
+
+def _routings(num_experts: int):
+    for k in range(1, min(num_experts, 8) + 1):
+        yield Routing(k, "softmax", "score-topk", False)
+        yield Routing(k, "softmax", "score-topk", True)
+        yield Routing(k, "softmax", "topk-softmax", False)
+        yield Routing(k, "sigmoid", "score-topk", False)
+        yield Routing(k, "sigmoid", "score-topk", True)
+
+
+class RoutedExperts(nn.Module):
+    """A MoE module that routed its tokens itself, as its router, a :class:`Routing` and stacked experts."""
+
+    def __init__(self, router: nn.Linear, experts: StackedExperts, routing: Routing, returns_logits: bool, source: str):
+        super().__init__()
+        self.router = router
+        self.experts = experts
+        self.routing = routing
+        self.returns_logits = returns_logits
+        self.source = source
+
+    def forward(self, hidden_states: torch.Tensor):
+        x_TH = hidden_states.reshape(-1, hidden_states.shape[-1])
+        logits_TE = self.router(x_TH)
+        weights_TK, ids_TK = self.routing(logits_TE)
+        out = self.experts(x_TH, ids_TK, weights_TK.to(x_TH.dtype)).view(hidden_states.shape)
+        return (out, logits_TE) if self.returns_logits else out
+
+    def extra_repr(self) -> str:
+        return f"routing={self.routing.describe()}, returns_logits={self.returns_logits}"
+
+
+def _self_routed_parts(module: nn.Module) -> tuple[nn.Linear, nn.Module] | None:
+    """``(router, experts)`` of a module that owns exactly a router ``nn.Linear(H, E)`` and a plain
+    list (or dict) of ``E`` identical MLPs, and whose own forward routes (else None)."""
+    if isinstance(module, (nn.ModuleList, nn.ModuleDict, RoutedExperts)) or type(module).forward is nn.Module.forward:
+        return None
+    if any(True for _ in module.parameters(recurse=False)):
+        return None
+    children = [c for c in module.children() if any(True for _ in c.parameters())]
+    routers = [c for c in children if isinstance(c, nn.Linear)]
+    lists = [c for c in children if isinstance(c, (nn.ModuleList, nn.ModuleDict))]
+    if len(routers) != 1 or len(lists) != 1 or len(children) != 2:
+        return None
+    router, experts = routers[0], lists[0]
+    if type(experts).forward is not nn.Module.forward:
+        return None  # a container with its own forward(hidden, selection, weights): stacked, not routed here
+    members = list(experts.children())
+    if len(members) != router.out_features or len(members) < 2 or len({type(m) for m in members}) != 1:
+        return None
+    shapes = {tuple(tuple(p.shape) for p in m.parameters()) for m in members}
+    if len(shapes) != 1 or len(_linears(members[0])) not in (2, 3):
+        return None
+    if _linears(members[0])[0].in_features != router.in_features:
+        return None
+    return router, experts
+
+
+def _route_self_routed(module: nn.Module, router: nn.Linear, container: nn.Module) -> RoutedExperts | str:
+    """The module as :class:`RoutedExperts`, when one routing rule reproduces it on random inputs."""
+    experts = _ordered_experts(container)
+    if experts is None:
+        return "expert keys do not end in 0..E-1"
+    with _in_eval(module):
+        stacked = _stack_experts(experts)
+        if isinstance(stacked, str):
+            return stacked
+        H, dtype, device = router.in_features, router.weight.dtype, router.weight.device
+        gen = torch.Generator().manual_seed(2)
+        probes = [torch.randn(shape, generator=gen).to(dtype=dtype, device=device) for shape in ((2, 5, H), (1, 7, H))]
+        with torch.no_grad():
+            try:
+                expected = [module(x) for x in probes]
+            except Exception as err:  # noqa: BLE001  (a forward that takes more than hidden states)
+                return f"its forward does not take hidden states alone ({type(err).__name__})"
+            returns_logits = isinstance(expected[0], tuple)
+            if returns_logits and not (len(expected[0]) == 2 and all(isinstance(t, torch.Tensor) for t in expected[0])):
+                return "its forward returns something other than hidden states (and router logits)"
+            for routing in _routings(len(experts)):
+                candidate = RoutedExperts(router, stacked, routing, returns_logits, "")
+                if all(_same_output(candidate(x), e) for x, e in zip(probes, expected)):
+                    candidate.source = f"self-routed MoE, {routing.describe()}, {stacked.source}"
+                    return candidate
+            return "no top-k routing rule (softmax or sigmoid, k <= 8, renormalised or not) reproduces its output"
+
+
+def _same_output(got, expected) -> bool:
+    if isinstance(expected, torch.Tensor):
+        return isinstance(got, torch.Tensor) and got.shape == expected.shape and _close(got, expected)
+    return (
+        isinstance(got, tuple)
+        and len(got) == len(expected)
+        and all(g.shape == e.shape and _close(g, e) for g, e in zip(got, expected))
+    )

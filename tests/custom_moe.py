@@ -11,11 +11,16 @@ class CustomMoE(nn.Module):
     ``post_norm=True`` normalises each expert's output before weighting it (not a
     canonical MoE: the backend must leave it alone). ``weight_input=True`` scales
     the experts' *input* by the routing weight, as Llama 4 does (also not canonical).
+    ``sentinel="zero"`` zeroes the rows of ids ``>= experts`` (expert-parallel sentinels, never
+    present here) with ``torch.where(mask, 0.0, x)``, the form Inductor gives ``masked_fill``;
+    ``sentinel="rows"`` replaces them with other rows instead (not a masked fill).
     """
 
-    def __init__(self, hidden=32, inter=16, experts=4, k=2, post_norm=False, weight_input=False):
+    def __init__(self, hidden=32, inter=16, experts=4, k=2, post_norm=False, weight_input=False, sentinel=None):
         super().__init__()
         self.k = k
+        self.experts = experts
+        self.sentinel = sentinel
         self.router = nn.Linear(hidden, experts, bias=False)
         self.w_up = nn.Parameter(torch.randn(experts, 2 * inter, hidden) * 0.2)
         self.w_down = nn.Parameter(torch.randn(experts, hidden, inter) * 0.2)
@@ -32,6 +37,10 @@ class CustomMoE(nn.Module):
         x_PH = x_TH.repeat_interleave(self.k, dim=0)
         if self.weight_input:
             x_PH = x_PH * w_TK.reshape(-1, 1)
+        if self.sentinel is not None:
+            outside_P1 = (ids_P >= self.experts).unsqueeze(-1)
+            x_PH = torch.where(outside_P1, 0.0 if self.sentinel == "zero" else x_PH.flip(0), x_PH)
+            ids_P = ids_P.clamp(max=self.experts - 1)
         up_PN = torch.bmm(self.w_up[ids_P], x_PH.unsqueeze(-1)).squeeze(-1)
         gate_PI, lin_PI = up_PN.chunk(2, dim=-1)
         y_PH = torch.bmm(self.w_down[ids_P], (F.silu(gate_PI) * lin_PI).unsqueeze(-1)).squeeze(-1)

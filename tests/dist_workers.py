@@ -19,8 +19,6 @@ import datetime
 import faulthandler
 import os
 import queue as queue_module
-import socket
-import sys
 import time
 import traceback
 from typing import Any
@@ -35,12 +33,6 @@ from moe_compile.testing.pass_harness import PassHarness
 FAMILIES = ("qwen3_moe", "mixtral", "deepseek_v3", "gpt_oss")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class RanksHung(AssertionError):
     """Some ranks reported nothing within the spawn's timeout."""
 
@@ -49,36 +41,29 @@ def spawn(
     fn,
     world_size: int,
     *args: Any,
-    timeout_s: float = 600,
+    timeout_s: float = 240,  # under pytest-timeout's 300 s, so that the ranks' own stacks come first
     procs: int | None = None,
     group_timeout_s: float | None = 120,
 ) -> list:
     """Run ``fn(rank, world_size, *args)`` on ``procs`` (default ``world_size``) ranks; their results by rank.
 
     The ranks join a gloo group whose collectives time out after ``group_timeout_s``
-    (``None``: the worker initialises the group itself).
+    (``None``: the worker initialises the group itself). Ranks that do not all report within
+    ``timeout_s`` fail the test (:class:`RanksHung`); the hung ranks print their Python stacks to
+    stderr first, and the ranks that finished are listed with their errors.
 
-    A run whose ranks do not all report within ``timeout_s`` is started once more, on a new port,
-    after printing what is known (the hung ranks print their Python stacks to stderr, and the
-    ranks that finished are listed with their errors). Seen once (2026-11-30, the second of two
-    full-suite runs in a fresh clone): the 4-rank hot-experts test's rank 0 reported nothing for
-    600 s; five runs of that test alone passed in 25 s each; run right after the never-joins test
-    it hung again and its retry passed. The cause is not known yet. A second hang fails the test.
+    The rendezvous store is hosted here, as torchrun's agent hosts it: a TCPStore listening on a
+    port the kernel picks (port 0) and held until the ranks are done; every rank is its client
+    (``TORCHELASTIC_USE_AGENT_STORE``). A port found free and released for rank 0 to bind seconds
+    later, after its imports, could be taken meanwhile by another group on the machine (two groups
+    then share a store and their ranks' addresses) or by any bind(0).
     """
-    try:
-        return _spawn_once(fn, world_size, args, timeout_s, procs, group_timeout_s)
-    except RanksHung as hung:
-        print(f"spawn: {hung}; running the ranks once more", file=sys.stderr)
-        return _spawn_once(fn, world_size, args, timeout_s, procs, group_timeout_s)
-
-
-def _spawn_once(fn, world_size: int, args: tuple, timeout_s: float, procs: int | None, group_timeout_s) -> list:
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    port = free_port()
     procs = world_size if procs is None else procs
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
     workers = [
-        ctx.Process(target=_entry, args=(fn, r, world_size, port, group_timeout_s, queue, args, timeout_s))
+        ctx.Process(target=_entry, args=(fn, r, world_size, store.port, group_timeout_s, queue, args, timeout_s))
         for r in range(procs)
     ]
     for w in workers:
@@ -90,9 +75,10 @@ def _spawn_once(fn, world_size: int, args: tuple, timeout_s: float, procs: int |
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 finished = "; ".join(f"rank {r}: {st}: {str(p)[-300:]}" for r, (st, p) in sorted(results.items()))
+                load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
                 raise RanksHung(
                     f"ranks {sorted(set(range(procs)) - set(results))} did not finish in {timeout_s} s "
-                    f"(finished: {finished or 'none'})"
+                    f"(finished: {finished or 'none'}; load average {load} on {os.cpu_count()} cores)"
                 )
             try:
                 rank, status, payload = queue.get(timeout=min(remaining, 5.0))
@@ -103,10 +89,12 @@ def _spawn_once(fn, world_size: int, args: tuple, timeout_s: float, procs: int |
                 continue
             results[rank] = (status, payload)
     finally:
+        join_by = time.monotonic() + 30  # 30 s for all ranks together: spawn stays under pytest-timeout's 300 s
         for w in workers:
-            w.join(timeout=30)
+            w.join(timeout=max(0.0, join_by - time.monotonic()))
             if w.is_alive():
                 w.kill()
+        del store  # the listening socket closes with it
     errors = [f"rank {r}:\n{p}" for r, (s, p) in sorted(results.items()) if s == "error"]
     assert not errors, "\n".join(errors)
     return [results[r][1] for r in range(procs)]
@@ -116,6 +104,7 @@ def _entry(
     fn, rank: int, world_size: int, port: int, group_timeout_s: float | None, queue, args: tuple, timeout_s: float
 ) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size))
+    os.environ.update(TORCHELASTIC_USE_AGENT_STORE="True")  # the store at MASTER_PORT is spawn()'s: join as a client
     # a rank still running after the parent gave up prints where it is (the parent kills it 30 s later)
     faulthandler.dump_traceback_later(timeout_s + 5, exit=False)
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # W ranks share two cores
@@ -151,8 +140,9 @@ class GraphFacts(PassHarness):
 
 def graph_facts(gm: fx.GraphModule) -> dict[str, Any]:
     """Counts of collectives and MoE calls, and for each MoE call where its gather was issued."""
-    from moe_compile.graph import op_name
+    from moe_compile.graph import op_name, without_control_deps
 
+    gm = without_control_deps(gm)  # Inductor's graphs: the pinned schedule's wrappers are their ops
     nodes = list(gm.graph.nodes)
     pos = {n: i for i, n in enumerate(nodes)}
     moe = [n for n in nodes if op_name(n).startswith("moe_compile::moe")]
@@ -288,8 +278,7 @@ def dead_peer_worker(rank: int, world_size: int, how: str) -> dict:
     model = zoo.build("qwen3_moe", num_layers=1)
     if rank == 1:
         if how == "hang":
-            store.wait(["rank0_failed"], datetime.timedelta(seconds=120))
-            store.set("rank1_saw_it", "1")  # rank 0 hosts the store: it waits for this before leaving
+            store.wait(["rank0_failed"], datetime.timedelta(seconds=120))  # spawn() hosts the store
         return {"left": True}  # the process ends, its connections close
     compiled = torch.compile(model, backend="moe_prefill", options={"parallel": "aep", "inductor": False})
     start = time.monotonic()  # compiling is part of the first call
@@ -297,7 +286,6 @@ def dead_peer_worker(rank: int, world_size: int, how: str) -> dict:
         error = _error_of(compiled, zoo.make_inputs(model, seq=4))
     if how == "hang":
         store.set("rank0_failed", "1")
-        store.wait(["rank1_saw_it"], datetime.timedelta(seconds=120))
     return {"error": error, "seconds": time.monotonic() - start}
 
 
@@ -315,7 +303,9 @@ def never_joins_worker(rank: int, world_size: int, timeout_s: float) -> dict:
 
 def hot_graph_facts(gm: fx.GraphModule) -> dict[str, Any]:
     """Per MoE call with resident experts: its gather (inputs, outputs, when issued) and how its layer is rebuilt."""
-    from moe_compile.graph import op_name
+    from moe_compile.graph import op_name, without_control_deps
+
+    gm = without_control_deps(gm)  # Inductor's graphs: the pinned schedule's wrappers are their ops
 
     nodes = list(gm.graph.nodes)
     pos = {n: i for i, n in enumerate(nodes)}
@@ -404,3 +394,25 @@ def hot_experts_worker(rank: int, world_size: int, families: tuple[str, ...], ho
 
     out["disagree"] = run(first, {"hot_experts": hot, "tag": "disagree", "edit": disagree})
     return out
+
+
+def aep_inductor_code_worker(rank: int, world_size: int, cases: tuple[tuple[int, int], ...]) -> list[dict]:
+    """Per ``(layers, prefetch_depth)``: AEP through Inductor on a TinyLM; its output code and error vs eager."""
+    from custom_moe import TinyLM
+    from torch._inductor.utils import run_and_get_code
+
+    import moe_compile  # noqa: F401  (registers the backend)
+
+    results = []
+    for layers, depth in cases:
+        torch._dynamo.reset()
+        torch.manual_seed(0)  # the same weights on every rank
+        model = TinyLM(layers=layers, experts=2 * world_size).eval()
+        torch.manual_seed(100 + rank)  # each rank its own batch
+        x = torch.randint(0, 64, (2, 5))
+        options = {"parallel": "aep", "inductor": True, "prefetch_depth": depth}
+        with torch.no_grad():
+            expected = model(x)
+            got, (code,) = run_and_get_code(torch.compile(model, backend="moe_prefill", options=options), x)
+        results.append({"layers": layers, "depth": depth, "error": rel_err(got, expected), "code": code})
+    return results

@@ -44,3 +44,16 @@ def nan_filling(claim):
         return buffer
 
     return claim_nan
+
+
+def random_predictors(model, path, seed: int = 0, width: int = 8) -> None:
+    """A predictor file with randomly initialised predictors: per-token guesses that vary, so their union over
+    a long prompt covers most experts (prefetches that move most bytes ahead, right or wrong)."""
+    identity = model_identity(model)
+    torch.manual_seed(seed)
+    predictors = {
+        layer: ExpertPredictor(identity["hidden_size"], identity["num_experts"], identity["top_k"], width=width)
+        for layer in identity["moe_layers"]
+    }
+    bundle = PredictorBundle(ExpertPredictors(predictors), ExpertPredictors({}), {}, identity, {})
+    save_bundle(bundle, path)

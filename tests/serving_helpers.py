@@ -8,15 +8,9 @@ compares every score it received with a plain eager forward.
 
 from __future__ import annotations
 
-import datetime
-import os
 import random
-import socket
-import traceback
 
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from moe_compile.serving import Request, Score
 
@@ -68,47 +62,6 @@ def request_mix(vocab: int = 128, seed: int = 0) -> list[Request]:
 
 
 # -- two ranks ---------------------------------------------------------------------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def run_ranks(fn, world_size: int, timeout_s: float = 240) -> list:
-    """Run ``fn(rank, world_size)`` on ``world_size`` spawned gloo ranks; their results by rank."""
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_entry, args=(fn, r, world_size, port, queue)) for r in range(world_size)]
-    for p in procs:
-        p.start()
-    results = {}
-    try:
-        for _ in procs:
-            rank, ok, payload = queue.get(timeout=timeout_s)
-            assert ok, f"rank {rank} failed:\n{payload}"
-            results[rank] = payload
-    finally:
-        for p in procs:
-            p.join(timeout=30)
-            if p.is_alive():
-                p.kill()
-    return [results[r] for r in range(world_size)]
-
-
-def _entry(fn, rank: int, world_size: int, port: int, queue) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
-    torch.set_num_threads(1)
-    try:
-        dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=120))
-        queue.put((rank, True, fn(rank, world_size)))
-    except Exception:  # noqa: BLE001  (any failure goes back to the parent, with its traceback)
-        queue.put((rank, False, traceback.format_exc()))
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
 
 
 def routed_parity_worker(rank: int, world_size: int) -> dict:

@@ -20,13 +20,6 @@ LAYER_BYTES = 4 * (32 * 32 + 32 * 16) * 4  # TinyLM: E=4, w_up [4, 32, 32], w_do
 
 
 @pytest.fixture
-def one_rank():
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
-
-
-@pytest.fixture
 def facts():
     """A test backend running the whole pipeline; ``facts.graphs``: the structure of every final graph."""
     return GraphFacts()

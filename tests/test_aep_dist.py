@@ -4,9 +4,12 @@ Each test spawns one group of processes (tests/dist_workers.py) whose workers lo
 over the families, so a family costs a compile, not a process start.
 """
 
+import re
+
 import pytest
 from dist_workers import (
     FAMILIES,
+    aep_inductor_code_worker,
     dead_peer_worker,
     hot_experts_worker,
     misuse_worker,
@@ -132,3 +135,52 @@ def test_aep_with_hot_experts_matches_eager_and_gathers_only_the_rest(world_size
         assert f"use hot_experts in {valid}" in error, error
         assert "the ranks disagree on the hot_experts" in out["disagree"]["error"], out["disagree"]
         assert "give every rank the same file" in out["disagree"]["error"], out["disagree"]
+
+
+def inductor_schedule(code: str) -> list[tuple[str, int]]:
+    """The events of Inductor's output code in order: ``(kind, layer)``.
+
+    ``G``: a layer's gather issued (its inputs are the ``moe_shard<i>_*`` constants); ``W``: a wait
+    on one of its outputs; ``R``: a layer's router (``topk``, the i-th one of the code is layer i);
+    ``M``: the layer's experts (the MoE call reading the gathered buffers).
+    """
+    events, layer_of, routers = [], {}, 0
+    for line in code[code.index("def call(") :].splitlines():
+        if m := re.search(r"(buf\d+) = torch\.ops\._c10d_functional\.all_gather_into_tensor_coalesced\.default\("
+                          r"\[moe_shard(\d+)_", line):  # fmt: skip
+            layer_of[m[1]] = int(m[2])
+            events.append(("G", int(m[2])))
+        elif (m := re.fullmatch(r"\s*(buf\d+) = (buf\d+)\[\d+\]", line)) and m[2] in layer_of:
+            layer_of[m[1]] = layer_of[m[2]]
+        elif m := re.search(r"_c10d_functional\.wait_tensor\.default\((buf\d+)\)", line):
+            events.append(("W", layer_of[m[1]]))
+        elif "= torch.ops.aten.topk.default(" in line:
+            events.append(("R", routers))
+            routers += 1
+        elif "= torch.ops.moe_compile.moe.default(" in line:
+            (layer,) = {layer_of[b] for b in re.findall(r"buf\d+", line) if b in layer_of}
+            events.append(("M", layer))
+    return events
+
+
+def test_aep_under_inductor_keeps_the_schedule_in_its_output_code():
+    """2 ranks, Inductor with its reordering passes on: in the generated code each layer's gather is
+    issued ``depth`` MoE layers ahead (after layer i-depth-1's experts, before layer i-depth's) and
+    waited after the layer's router, right before its experts; logits equal eager on every rank."""
+    cases = ((3, 1), (4, 2))
+    for rank, results in enumerate(spawn(aep_inductor_code_worker, 2, cases, timeout_s=280)):
+        for r in results:
+            where = f"rank {rank}, {r['layers']} layers, depth {r['depth']}"
+            assert r["error"] < 1e-5, (where, r["error"])
+            events = inductor_schedule(r["code"])
+            at = {e: i for i, e in enumerate(events)}  # the last position of each event
+            first = {e: i for i, e in reversed(list(enumerate(events)))}
+            depth = r["depth"]
+            assert sorted(set(events)) == sorted({(k, i) for k in "GWRM" for i in range(r["layers"])}), events
+            for i in range(r["layers"]):
+                if i - depth - 1 >= 0:
+                    assert at[("M", i - depth - 1)] < first[("G", i)], (where, i, events)
+                if i - depth >= 0 and depth > 0:
+                    assert at[("G", i)] < at[("M", i - depth)], (where, i, events)
+                assert at[("R", i)] < first[("W", i)], (where, i, events)
+                assert events[at[("M", i)] - 2 : at[("M", i)]] == [("W", i), ("W", i)], (where, i, events)

@@ -111,5 +111,23 @@ def test_hot_experts_shrink_the_gather_and_add_resident_memory(config_path, caps
     argv = ["plan", "--config", str(config_path), "--gpus", "4", "--gpu", "h100", "--link", "nvlink"]
     assert cli.main([*argv, "--tokens-per-gpu", "1000", "--dtype", "bf16", "--hot-experts", "4"]) == 0
     assert "AEP hot experts: 4 of 8 per layer resident on every GPU" in capsys.readouterr().out
-    assert cli.main([*argv, "--tokens-per-gpu", "1000", "--dtype", "bf16", "--hot-experts", "3"]) == 0
-    assert "E - R = 5 does not divide over 4 GPUs, the compile would refuse it" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as stop:  # the compile would refuse it
+        cli.main([*argv, "--tokens-per-gpu", "1000", "--dtype", "bf16", "--hot-experts", "3"])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and "argument --hot-experts: E - R = 5 experts do not divide over 4 GPUs" in err
+    assert "valid R with 4 GPUs: 0, 4, 8" in err
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--gpus", "3"], "argument --gpus: 3 GPUs do not divide the 8 experts of a MoE layer"),
+    (["--gpus", "3"], "use --gpus 1, 2, 4 or 8"),
+    (["--gpus", "16"], "argument --gpus: 16 GPUs do not divide the 8 experts"),
+    (["--gpus", "4", "--hot-experts", "-5"], "argument --hot-experts: must be an integer >= 0, got -5"),
+    (["--gpus", "0"], "argument --gpus: must be > 0, got 0"),
+])  # fmt: skip
+def test_plan_refuses_settings_the_compile_would_refuse(config_path, capsys, args, expected):
+    argv = ["plan", "--config", str(config_path), "--gpu", "h100", "--link", "nvlink", "--tokens-per-gpu", "100"]
+    with pytest.raises(SystemExit) as stop:
+        cli.main([*argv, "--dtype", "bf16", *args])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and expected in err, err

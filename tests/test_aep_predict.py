@@ -12,7 +12,6 @@ from conftest import rel_err
 from dist_predict_workers import KINDS, predicted_gather_worker
 from dist_workers import spawn
 from predictor_helpers import constant_predictors, routed_experts
-from test_aep import one_rank  # noqa: F401  (fixture: a gloo group of 1)
 
 import moe_compile
 from moe_compile.testing import zoo

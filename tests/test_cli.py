@@ -36,3 +36,31 @@ def test_inspect_missing_path_is_a_clear_error(tmp_path):
 def test_console_script_is_installed():
     out = subprocess.run([sys.executable, "-m", "moe_compile.cli", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "inspect" in out.stdout
+
+
+def _refused(argv, capsys, *expected):
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    err = capsys.readouterr().err
+    assert stop.value.code == 2, err
+    for text in expected:
+        assert text in err, err
+
+
+@pytest.mark.parametrize("seq", ["129", "100000"])
+def test_inspect_refuses_more_tokens_than_the_model_has_positions(seq, capsys):
+    from moe_compile.predictor import TINY_MOE_DIR  # max_position_embeddings 128
+
+    _refused(["inspect", "--config", str(TINY_MOE_DIR), "--seq", seq], capsys, "argument --seq",
+             f"{seq} tokens", "at most 128")  # fmt: skip
+
+
+@pytest.mark.parametrize("flag, value, expected", [
+    ("--seq", "0", "must be an integer >= 1, got 0"),
+    ("--layers", "0", "must be an integer >= 1, got 0"),
+    ("--layers", "11", "the model has 10 decoder layers"),
+])  # fmt: skip
+def test_inspect_argument_ranges(flag, value, expected, capsys):
+    from moe_compile.predictor import TINY_MOE_DIR
+
+    _refused(["inspect", "--config", str(TINY_MOE_DIR), flag, value], capsys, f"argument {flag}", expected)

@@ -12,7 +12,8 @@ import torch, moe_compile
 from moe_compile.testing import zoo
 model = zoo.build("qwen3_moe", num_layers=1)
 with torch.no_grad():
-    torch.compile(model, backend="moe_prefill", options={"debug": True, "debug_dir": sys_argv_dir})(zoo.make_inputs(model))
+    options = {"debug": True, "debug_dir": sys_argv_dir}
+    torch.compile(model, backend="moe_prefill", options=options)(zoo.make_inputs(model))
 """
 
 

@@ -99,6 +99,8 @@ def _totals(report) -> tuple[int, int, int, int]:
         ({"offload": "gpu"}, "option 'offload' must be one of None, 'cpu', got 'gpu'"),
         ({"predictor": 3}, "option 'predictor' must be None or a path to a predictor file, got 3"),
         ({"offload": "cpu", "parallel": "aep"}, "option 'offload' cannot be combined with parallel='aep'"),
+        ({"predictor": "p.safetensors"}, "option 'predictor' does nothing without offload='cpu' or parallel='aep'"),
+        ({"predictor": "p.safetensors", "parallel": "ep"}, r"add offload='cpu' \(experts in host memory"),
     ],
 )
 def test_bad_options_name_the_problem(options, message):
@@ -143,13 +145,6 @@ def test_no_predictor_fetches_everything_on_demand(tiny, heldout, harness):
     ahead, used, on_demand, needed = _totals(report)
     assert ahead == used == 0 and on_demand == needed > 0
     assert all(b.predictor == "-" for b in report.blocks)
-
-
-def test_predictor_without_offload_is_checked_but_inserts_nothing(tiny, trained_file, heldout, harness):
-    report = _compile_and_compare(tiny, heldout, {"predictor": str(trained_file)}, harness)
-    ops = _ops(harness.final_graphs()[0])
-    assert (ops[PREDICT], ops["moe_compile::moe"]) == (0, 9), ops
-    assert any("nothing consumes predictions without offload='cpu'" in n for n in report.notes), report
 
 
 def test_predictor_for_another_model_fails_at_compile_time(trained_file):

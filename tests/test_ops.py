@@ -1,11 +1,15 @@
 """The canonical op: its torch implementation against the reference loop, and its registration."""
 
+import importlib
+
 import pytest
 import torch
 from conftest import rel_err
 
 from moe_compile.ops import moe_reference, moe_torch
 from moe_compile.spec import ExpertSpec
+
+ops = importlib.import_module("moe_compile.ops.moe")  # the module (``ops.moe`` is the op)
 
 SPECS = [
     ExpertSpec(),
@@ -39,10 +43,11 @@ def test_torch_impl_matches_reference(spec, bias):
 def test_unused_experts_single_token_and_one_expert():
     spec = ExpertSpec()
     x, ids, w, w_up, w_down, _, _ = _inputs(spec, T=1, K=1, E=9)
-    assert rel_err(moe_torch(x, ids, w, w_up, w_down, None, None, spec), moe_reference(x, ids, w, w_up, w_down, None, None, spec)) < 1e-6
+    args = (x, ids, w, w_up, w_down, None, None, spec)
+    assert rel_err(moe_torch(*args), moe_reference(*args)) < 1e-6
     x, ids, w, w_up, w_down, _, _ = _inputs(spec, T=6, K=1, E=4)
-    ids = torch.full_like(ids, 2)  # every token on expert 2
-    assert rel_err(moe_torch(x, ids, w, w_up, w_down, None, None, spec), moe_reference(x, ids, w, w_up, w_down, None, None, spec)) < 1e-6
+    args = (x, torch.full_like(ids, 2), w, w_up, w_down, None, None, spec)  # every token on expert 2
+    assert rel_err(moe_torch(*args), moe_reference(*args)) < 1e-6
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -78,8 +83,21 @@ def test_spec_round_trip_and_validation():
         ExpertSpec(activation="swish")
 
 
-@pytest.mark.parametrize("H, I", [(16, 8), (12, 6)])  # noqa: E741 - 16-byte aligned rows use grouped_mm, others loop
-def test_grouped_and_loop_paths_agree(H, I):  # noqa: E741
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("H, I, grouped", [(16, 8, True), (10, 5, False)])  # noqa: E741
+def test_grouped_and_loop_paths_agree(H, I, grouped, dtype, monkeypatch):  # noqa: E741
+    """16-byte aligned rows run grouped_mm (up and down), others the per-expert loop; both exact."""
+    calls, grouped_mm = [], ops._grouped_mm
+
+    def counting_grouped_mm(*args, **kwargs):
+        calls.append(args[0].shape)
+        return grouped_mm(*args, **kwargs)
+
+    if grouped and not ops._GROUPED_MM_ON_CPU:
+        pytest.skip("this torch build has no CPU grouped_mm")
+    monkeypatch.setattr(ops, "_grouped_mm", counting_grouped_mm)
     spec = ExpertSpec()
-    args = _inputs(spec, T=11, K=3, E=6, H=H, I=I)
-    assert rel_err(moe_torch(*args, spec), moe_reference(*args, spec)) < 1e-5
+    H, I = (2 * H, 2 * I) if dtype == torch.bfloat16 else (H, I)  # 16 bytes = 8 bf16 values  # noqa: E741
+    args = _inputs(spec, T=11, K=3, E=6, H=H, I=I, dtype=dtype)
+    assert rel_err(moe_torch(*args, spec), moe_reference(*args, spec)) < (1e-5 if dtype == torch.float32 else 2e-2)
+    assert len(calls) == (2 if grouped else 0), calls

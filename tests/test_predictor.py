@@ -274,6 +274,41 @@ def test_damaged_file_is_a_clear_error(model, predictor_file, tmp_path, damage):
     assert str(path) in str(err.value)
 
 
+@pytest.mark.parametrize("craft", ["huge width", "width not the tensors'", "deep nesting", "bad layers"])
+def test_crafted_metadata_is_refused_before_anything_is_allocated(model, predictor_file, tmp_path, craft):
+    from safetensors.torch import save_file
+
+    from moe_compile.file_format import checksum, read_file
+    from moe_compile.predictor.checkpoint import PREDICTOR_FORMAT
+
+    tensors, metadata = read_file(predictor_file, PREDICTOR_FORMAT)
+    encoded = {k: json.dumps(v, sort_keys=True) if isinstance(v, (dict, list)) else v for k, v in metadata.items()}
+    sizes = dict(metadata["predictor"])
+    if craft == "huge width":
+        sizes["width"] = 10**9  # [1e9, 128] float32 per layer: 512 GB
+        expected = "width 1000000000"
+    elif craft == "width not the tensors'":
+        sizes["width"] = sizes["width"] * 2
+        expected = "do not match the tensors"
+    elif craft == "deep nesting":
+        sizes = None
+        encoded["predictor"] = "[" * 100_000 + "]" * 100_000
+        expected = "corrupted metadata"
+    else:
+        encoded["layers"] = json.dumps({"pre_attention": [[[1]]], "cross_layer": [], "frequency": []})
+        expected = "metadata 'layers'"
+    if sizes is not None:
+        encoded["predictor"] = json.dumps(sizes, sort_keys=True)
+    encoded["checksum"] = checksum(tensors)
+    path = tmp_path / "crafted.safetensors"
+    save_file(tensors, str(path), metadata=encoded)
+    with pytest.raises(PredictorFileError, match=expected):
+        load_predictors(path, model)
+    routers = {moe.index: moe.router.weight for moe in moe_layers(model)}
+    with pytest.raises(PredictorFileError, match=expected):
+        load_predictors_for_routers(path, routers)
+
+
 # --- command line ----------------------------------------------------------------------------------
 
 

@@ -23,7 +23,9 @@ def test_per_expert_linear_model_traces_after_prepare():
         expected = model(input_ids)
     moe_compile.prepare(model)
     assert isinstance(model.blocks[0].experts, StackedExperts)
-    assert [what for _, what in prepare_report()] == ["stacked: 4 per-expert nn.Linear modules (gate_proj, up_proj, down_proj)"] * 2
+    assert [what for _, what in prepare_report()] == [
+        "stacked: 4 per-expert nn.Linear modules (gate_proj, up_proj, down_proj)"
+    ] * 2
     with torch.no_grad():
         assert rel_err(model(input_ids), expected) < 1e-6  # prepare alone changes nothing
 

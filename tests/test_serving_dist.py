@@ -1,13 +1,14 @@
 """Two data-parallel ranks (gloo, 127.0.0.1): routed scoring equals eager on every rank."""
 
 import pytest
-from serving_helpers import request_mix, routed_parity_worker, run_ranks
+from dist_workers import spawn
+from serving_helpers import request_mix, routed_parity_worker
 
 pytestmark = pytest.mark.slow  # multi-process run with compiles
 
 
 def test_two_ranks_score_their_share_and_match_eager():
-    results = run_ranks(routed_parity_worker, world_size=2)
+    results = spawn(routed_parity_worker, 2)
     for rank, r in enumerate(results):
         assert r["error"] < 1e-5, (rank, r)
     assert results[0]["ranks"] == results[1]["ranks"]  # every rank gathered the same, full answer

@@ -124,3 +124,84 @@ def test_text_requests_and_string_labels_use_the_tokenizer(model):
 def test_encoder_decoder_models_are_refused():
     with pytest.raises(ValueError, match="encoder-decoder"):
         PrefillEngine(zoo.build("switch_transformers"), compile=False)
+
+
+# -- text prompts are causal-LM prompts (no end token appended) ----------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    """The shipped tiny MoE in fp32 and its ByT5 tokenizer (which appends ``</s>`` when asked for special tokens)."""
+    from transformers import AutoTokenizer
+
+    from moe_compile.predictor import TINY_MOE_DIR, load_model
+
+    return load_model(), AutoTokenizer.from_pretrained(str(TINY_MOE_DIR))
+
+
+def test_text_is_scored_after_the_prompt_not_after_an_end_token(shipped):
+    model, tokenizer = shipped
+    engine = PrefillEngine(model, tokenizer=tokenizer, compile=False)
+    text = "def __init__(sel"
+    ids = [b + 3 for b in text.encode()]  # ByT5: byte + 3, no </s>
+    labels = tuple(tokenizer(c, add_special_tokens=False)["input_ids"][0] for c in "fx")
+    scores = engine.score([
+        Request(id="text", text=text, labels=("f", "x")),
+        Request(id="empty", text="", labels=("f",)),
+    ])  # fmt: skip
+    assert scores[0].tokens == len(ids) and scores[0].error is None
+    expected = eager_value(model, Request(id=0, tokens=tuple(ids), labels=labels))
+    assert rel_err(scores[0].value, expected) < TOL
+    assert scores[0].value[0, 0] > -0.5  # the model, trained on Python, is sure "sel" goes on with "f"
+    assert scores[1].error == "empty text: nothing to score"
+
+
+def test_a_tokenizer_that_adds_a_bos_token_keeps_it_and_nothing_else(model):
+    class BosEosTokenizer:  # like Llama's: BOS in front, and here also an EOS behind, when special tokens are on
+        bos_token_id, eos_token_id = 1, 2
+
+        def __call__(self, text, add_special_tokens=True):
+            ids = [3 + ord(c) % 120 for c in text]
+            return {"input_ids": [1, *ids, 2] if add_special_tokens else ids}
+
+    engine = PrefillEngine(model, tokenizer=BosEosTokenizer(), compile=False)
+    score = engine.score([Request(id=0, text="abc", labels=(5,))])[0]
+    as_ids = Request(id=0, tokens=(1, *[3 + ord(c) % 120 for c in "abc"]), labels=(5,))
+    assert score.tokens == 4 and rel_err(score.value, eager_value(model, as_ids)) < TOL
+
+
+def test_text_the_tokenizer_cannot_encode_is_a_per_request_error(shipped):
+    model, tokenizer = shipped
+    engine = PrefillEngine(model, tokenizer=tokenizer, compile=False)
+    scores = engine.score([Request(id="bad", text="a\ud800b"), Request(id="ok", text="ab")])
+    assert "cannot tokenize the text" in scores[0].error and scores[1].error is None
+
+
+@pytest.mark.parametrize("prefix_cache_tokens", [4096, 0], ids=["prefix-cache", "no-cache"])
+def test_after_warmup_serving_compiles_nothing(model, prefix_cache_tokens):
+    import random
+
+    import torch
+
+    engine = PrefillEngine(model, token_budget=96, block_size=8, prefix_cache_tokens=prefix_cache_tokens)
+    assert engine.warmup() >= 4
+    assert engine.stats.requests == 0 and (engine.cache is None or not engine.cache.lookup(list(range(3, 40)), 39)[0])
+    rng = random.Random(1)
+
+    def toks(n):
+        return tuple(rng.randrange(3, 128) for _ in range(n))
+
+    prefix = toks(30)
+    calls = [
+        [Request(id=0, tokens=toks(2))],  # one prompt, shortest
+        [Request(id=0, tokens=toks(90))],  # one prompt, long
+        [Request(id=i, tokens=toks(3 + i)) for i in range(5)],
+        [Request(id=i, tokens=prefix + toks(1 + i), labels=(5,)) for i in range(4)],  # a shared prefix
+        [Request(id=i, tokens=prefix + toks(2 + i), read="all", output="pooled") for i in range(2)],  # cached now
+        [Request(id=0, tokens=prefix + toks(17))],  # one prompt with a cached prefix
+        [Request(id=i, tokens=toks(8)) for i in range(12)],  # two batches under the budget
+        [Request(id=i, tokens=toks(2)) for i in range(2)],
+    ]
+    with torch.compiler.set_stance("fail_on_recompile"):  # any compile from here on raises
+        for requests in calls:
+            assert max_error(model, requests, engine.score(requests)) < TOL

@@ -39,3 +39,40 @@ def test_family_detected_and_exact(name):
             got = compiled(input_ids).logits
             assert rel_err(got, expected) < 1e-5
     assert len(moe_compile.last_report().blocks) == len(expected_layers)
+
+
+#: (family, config overrides, experts implementation): top-1 routing with and without renormalisation,
+#: softmax and sigmoid routers, group-limited top-1, k = E, and the per-pair gathered (batched_mm) form
+EDGE_K = [
+    ("qwen3_moe", {"num_experts_per_tok": 1, "norm_topk_prob": True}, None),
+    ("qwen3_moe", {"num_experts_per_tok": 1, "norm_topk_prob": False}, None),
+    ("qwen3_moe", {"num_experts_per_tok": 1}, "batched_mm"),
+    ("mixtral", {"num_experts_per_tok": 1}, None),
+    ("olmoe", {"num_experts_per_tok": 1}, None),
+    ("deepseek_v3", {"num_experts_per_tok": 1}, None),
+    ("minimax_m2", {"num_experts_per_tok": 1}, None),  # sigmoid + bias, top-1
+    ("cohere2_moe", {"num_experts_per_tok": 1}, None),  # top-1 then sigmoid
+    ("mixtral", {"num_experts_per_tok": 8}, None),  # k = E
+    ("deepseek_v3", {"num_experts_per_tok": 8, "n_group": 1, "topk_group": 1}, None),  # k = E, sigmoid
+]
+
+
+def _edge_id(case) -> str:
+    name, overrides, impl = case
+    return "-".join([name, *(f"{k}={v}" for k, v in overrides.items()), impl or "grouped"])
+
+
+@pytest.mark.parametrize(("name", "overrides", "impl"), EDGE_K, ids=[_edge_id(c) for c in EDGE_K])
+def test_edge_top_k_detected_and_exact(name, overrides, impl):
+    model = zoo.build(name, overrides=overrides, experts_implementation=impl)
+    k = overrides["num_experts_per_tok"]
+    report = moe_compile.explain(model, zoo.make_inputs(model, seq=6), options={"inductor": False})
+    assert report.skipped == [], report
+    assert len(report.blocks) == len(zoo.moe_layer_indices(name, model.config)), report
+    assert all(b.top_k == k and b.verified.startswith("probe rel err") for b in report.blocks), report
+    compiled = torch.compile(model, backend="moe_prefill", options={"inductor": False})
+    with torch.no_grad():
+        for seq in (5, 11):
+            input_ids = zoo.make_inputs(model, seq=seq, seed=seq)
+            assert rel_err(compiled(input_ids).logits, model(input_ids).logits) < 1e-5
+    assert len(moe_compile.last_report().blocks) == len(report.blocks)

@@ -5,9 +5,11 @@ Order of choice (:func:`select_config`):
 1. under ``TRITON_INTERPRET=1``: :data:`INTERPRETER_CONFIG`, tiny blocks so tests run fast;
 2. ``MOE_COMPILE_AUTOTUNE=1`` (opt-in, never on by default): time :func:`candidates` with the
    caller's benchmark once per key, cache and log the winner;
-3. :data:`SEED_CONFIGS` (bf16): keyed by a device-name substring, then ``(E, N, H)``, then token bucket.
+3. a measured table for this device: ``kernels/tuned/<device>.json`` (or ``$MOE_COMPILE_TUNED_DIR``),
+   written by ``benchmarks/gpu_suite.py --autotune`` from :func:`candidates` (:func:`load_tuned`);
+4. :data:`SEED_CONFIGS` (bf16): keyed by a device-name substring, then ``(E, N, H)``, then token bucket.
    Seeds, never measured on a GPU: starting points until a GPU run writes measured tables;
-4. :func:`heuristic`, from the rows per expert ``T*K/E``; the fallback is logged once per key.
+5. :func:`heuristic`, from the rows per expert ``T*K/E``; the fallback is logged once per key.
 
 Every config this module can return compiles for sm_80 and sm_90 without register spills, within
 shared memory, and (16-bit, ``BLOCK_M >= 64``) with Hopper's wgmma: ``python -m
@@ -173,7 +175,9 @@ def select_config(
         if cache_key not in _AUTOTUNED:
             _AUTOTUNED[cache_key] = _autotune(bench, dtype, cache_key)
         return _AUTOTUNED[cache_key]
-    config = _seeded(device_name, key, num_tokens) if dtype == torch.bfloat16 else None
+    config = tuned_from_file(device_name, key, num_tokens, dtype)  # a measured table for this device first
+    if config is None:
+        config = _seeded(device_name, key, num_tokens) if dtype == torch.bfloat16 else None
     if config is None:
         _log_fallback(device_name, key, dtype)
         config = heuristic(num_experts, num_tokens, top_k, dtype)
@@ -193,3 +197,178 @@ def _autotune(bench: Callable[[KernelConfig], float], dtype: torch.dtype, cache_
     ms, best = min(timings, key=lambda t: t[0])
     logger.warning("moe autotune %s: best %s (%.3f ms)", cache_key, best, ms)
     return best
+
+
+# --- measured tables: one JSON file per device ----------------------------------------------------
+#
+# ``benchmarks/gpu_suite.py --autotune`` writes the winners of the autotune (``MOE_COMPILE_AUTOTUNE=1``)
+# as ``tuned/<device file name>.json`` (as vLLM keeps ``configs/E=..,N=..,device_name=...json``), so
+# measured values are never hand-pasted. :func:`select_config` consults such a file before the seed
+# table above; with no file for the device it falls back to the seeds, then to the heuristic.
+# ``MOE_COMPILE_TUNED_DIR`` names another folder searched before the package's own. File format::
+#
+#     {"format": 1, "device_name": "NVIDIA H200", "dtype": "bfloat16",
+#      "tables": [{"E": 128, "N": 1536, "H": 2048,
+#                  "buckets": [{"max_tokens": 512, "config": {"block_m": 64, "block_n": 128,
+#                               "block_k": 64, "group_m": 8, "num_warps": 4, "num_stages": 4}}, ...]}],
+#      ...provenance fields (versions, date, writer), ignored by the loader}
+#
+# Buckets ascend by ``max_tokens``; the first with ``num_tokens <= max_tokens`` is used, the last covers
+# everything larger (as in the seed table).
+
+TUNED_FORMAT = 1
+TUNED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tuned")
+
+Table = dict[tuple[int, int, int], list[tuple[int, KernelConfig]]]
+
+
+def tuned_file_name(device_name: str) -> str:
+    """``NVIDIA H100 80GB HBM3`` -> ``nvidia_h100_80gb_hbm3.json``."""
+    stem = "".join(c if c.isalnum() else "_" for c in device_name.strip().lower())
+    stem = "_".join(part for part in stem.split("_") if part)
+    if not stem:
+        raise ValueError(f"moe kernels: cannot name a tuned-config file after device name {device_name!r}")
+    return stem + ".json"
+
+
+def _tuned_dirs() -> list[str]:
+    extra = os.environ.get("MOE_COMPILE_TUNED_DIR", "").strip()
+    return [extra, TUNED_DIR] if extra else [TUNED_DIR]
+
+
+def parse_tuned(data: object, source: str = "<data>") -> tuple[str, Table]:
+    """Validate a tuned-config document; ``(dtype name, table)``. Raises ``ValueError`` naming the problem."""
+
+    def bad(what: str) -> ValueError:
+        return ValueError(
+            f"moe kernels: malformed tuned-config file {source}: {what}; "
+            "rewrite it with `python benchmarks/gpu_suite.py --autotune` or delete it to use the seed table"
+        )
+
+    if not isinstance(data, dict):
+        raise bad(f"expected a JSON object, got {type(data).__name__}")
+    if data.get("format") != TUNED_FORMAT:
+        raise bad(f"'format' must be {TUNED_FORMAT}, got {data.get('format')!r}")
+    dtype = data.get("dtype")
+    if dtype not in ("bfloat16", "float16", "float32"):
+        raise bad(f"'dtype' must be 'bfloat16', 'float16' or 'float32', got {dtype!r}")
+    tables = data.get("tables")
+    if not isinstance(tables, list):
+        raise bad("'tables' must be a list")
+    fields = [f.name for f in dataclasses.fields(KernelConfig)]
+    table: Table = {}
+    for i, entry in enumerate(tables):
+        where = f"tables[{i}]"
+        if not isinstance(entry, dict):
+            raise bad(f"{where} must be an object")
+        key = tuple(entry.get(k) for k in ("E", "N", "H"))
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in key):
+            raise bad(f"{where}: 'E', 'N', 'H' must be positive integers, got {key}")
+        if key in table:
+            raise bad(f"{where}: (E, N, H)={key} appears twice")
+        buckets = entry.get("buckets")
+        if not isinstance(buckets, list) or not buckets:
+            raise bad(f"{where}: 'buckets' must be a non-empty list")
+        parsed: list[tuple[int, KernelConfig]] = []
+        for j, bucket in enumerate(buckets):
+            at = f"{where}.buckets[{j}]"
+            if not isinstance(bucket, dict) or not isinstance(bucket.get("config"), dict):
+                raise bad(f"{at} must be an object with 'max_tokens' and 'config'")
+            max_tokens, config = bucket.get("max_tokens"), bucket["config"]
+            if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
+                raise bad(f"{at}: 'max_tokens' must be a positive integer, got {max_tokens!r}")
+            if parsed and max_tokens <= parsed[-1][0]:
+                raise bad(f"{at}: 'max_tokens' must ascend ({max_tokens} after {parsed[-1][0]})")
+            if sorted(config) != sorted(fields):
+                raise bad(f"{at}: 'config' must have exactly the fields {fields}, got {sorted(config)}")
+            values = [config[f] for f in fields]
+            if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values):
+                raise bad(f"{at}: config values must be positive integers, got {config}")
+            powers = ("block_m", "block_n", "block_k", "num_warps")
+            if any(config[f] & (config[f] - 1) for f in powers):
+                raise bad(f"{at}: {', '.join(powers)} must be powers of two, got {config}")
+            parsed.append((max_tokens, KernelConfig(**config)))
+        table[key] = parsed
+    return dtype, table
+
+
+@functools.cache
+def _load_tuned_file(path: str, mtime: float) -> tuple[str, Table]:
+    import json
+
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except json.JSONDecodeError as err:
+        raise ValueError(
+            f"moe kernels: malformed tuned-config file {path}: not JSON ({err}); "
+            "rewrite it with `python benchmarks/gpu_suite.py --autotune` or delete it to use the seed table"
+        ) from None
+    return parse_tuned(data, path)
+
+
+def tuned_file(device_name: str) -> str | None:
+    """The tuned-config file for ``device_name`` (``MOE_COMPILE_TUNED_DIR`` first, then the package's), or None."""
+    name = tuned_file_name(device_name)
+    for folder in _tuned_dirs():
+        path = os.path.join(folder, name)
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+def load_tuned(device_name: str) -> tuple[str, Table] | None:
+    """``(dtype name, table)`` of the device's tuned-config file (validated, cached), or None without one."""
+    path = tuned_file(device_name)
+    return None if path is None else _load_tuned_file(path, os.path.getmtime(path))
+
+
+def tuned_from_file(
+    device_name: str, key: tuple[int, int, int], num_tokens: int, dtype: torch.dtype
+) -> KernelConfig | None:
+    """The measured config for ``key`` at ``num_tokens`` from the device's file, or None."""
+    if not device_name or device_name == "cpu":
+        return None
+    loaded = load_tuned(device_name)
+    if loaded is None or str(dtype).removeprefix("torch.") != loaded[0] or key not in loaded[1]:
+        return None
+    buckets = loaded[1][key]
+    return next((config for max_tokens, config in buckets if num_tokens <= max_tokens), buckets[-1][1])
+
+
+def autotuned_table(device_name: str, dtype: torch.dtype) -> Table:
+    """The winners cached by this process's autotune runs on ``device_name`` in ``dtype``, as a table."""
+    table: Table = {}
+    for (name, key, bucket, _top_k, dt), config in sorted(_AUTOTUNED.items(), key=lambda kv: (kv[0][1], kv[0][2])):
+        if name == device_name and dt == dtype:
+            buckets = table.setdefault(key, [])
+            if not buckets or buckets[-1][0] != bucket:  # one per bucket (the first top_k wins)
+                buckets.append((bucket, config))
+    return table
+
+
+def write_tuned(path: str, device_name: str, dtype: torch.dtype, table: Table, **provenance: object) -> dict:
+    """Write ``table`` as a tuned-config file (validated by reading it back); the document written."""
+    import json
+
+    doc = {
+        "format": TUNED_FORMAT,
+        "device_name": device_name,
+        "dtype": str(dtype).removeprefix("torch."),
+        **provenance,
+        "tables": [
+            {
+                "E": key[0],
+                "N": key[1],
+                "H": key[2],
+                "buckets": [{"max_tokens": m, "config": dataclasses.asdict(c)} for m, c in buckets],
+            }
+            for key, buckets in sorted(table.items())
+        ],
+    }
+    parse_tuned(json.loads(json.dumps(doc)), path)  # never write what the loader would refuse
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(doc, f, indent=1)
+        f.write("\n")
+    return doc

@@ -24,6 +24,8 @@ Each pass is one module; its docstring says what it matches and what it emits.
    layer's experts ahead of use;
    :mod:`.expert_parallel` (``"ep"``) — shard the experts, AllToAll the tokens;
    nothing here when step 2b ran.
+5. :mod:`.causal_attention` — with ``causal_attention`` (the default): attention masks that
+   are only the causal lower triangle of the sequence length become SDPA's ``is_causal``.
 
 Passes hand results to each other in typed fields of :class:`~.base.PassContext`; each
 pass declares the fields it ``requires``, ``uses`` and ``provides``, and
@@ -45,6 +47,7 @@ from ..options import Options
 from .async_expert_parallel import AsyncExpertParallel
 from .base import GraphPass, PassContext, PipelineOrderError, check_order
 from .canonicalize_moe import CanonicalizeMoE
+from .causal_attention import CausalAttention
 from .detect_moe import DetectMoE, MoEMatch
 from .expert_parallel import ExpertParallel
 from .insert_predictors import InsertPredictors
@@ -76,5 +79,7 @@ def build_pipeline(options: Options) -> list[GraphPass]:
         passes = [HideReleasedWeights(), *passes]
     if options.parallel is not None and not predicted_gather:
         passes.append(_PARALLEL[options.parallel]())
+    if options.causal_attention:
+        passes.append(CausalAttention())
     check_order(passes)
     return passes

@@ -77,6 +77,7 @@ and a ``rewrites`` entry). Then the full expert tensors are released
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import operator
 
 import networkx as nx
@@ -105,6 +106,16 @@ class Slot:
     window_flops: int
 
 
+@dataclasses.dataclass
+class _Gather:
+    """The nodes :meth:`AsyncExpertParallel._emit` inserted for one block."""
+
+    gather: fx.Node
+    waits: list[fx.Node]
+    last: fx.Node  # the last node inserted after the issue point
+    router: list[fx.Node]  # the call's hidden, ids and weights as they were (computed before the waits)
+
+
 class AsyncExpertParallel(ShardedExpertsPass):
     name = "async_expert_parallel"
     mode = "aep"
@@ -118,15 +129,19 @@ class AsyncExpertParallel(ShardedExpertsPass):
             Slot(b, blocks[i - depth - 1] if i - depth - 1 >= 0 else None, *deps.window(i, depth))
             for i, b in enumerate(blocks)
         ]
+        emitted: dict[fx.Node, _Gather] = {}
         for slot in slots:
             if not slot.block.shards:  # every expert resident (hot_experts >= E): nothing to gather
                 _use_resident(slot.block)
                 continue
             anchor = slot.issue_after.node if slot.issue_after is not None else start
-            last = self._emit(gm, slot.block, anchor, world)
+            emitted[slot.block.node] = gathered = self._emit(gm, slot.block, anchor, world)
+            last = gathered.last
             if slot.issue_after is None:
                 start = last  # the next block gathered at the start goes after this one
             _report(slot, depth)
+        if ctx.inductor and can_pin_schedule():
+            _pin_schedule(gm, slots, depth, emitted)
         ring = _ring_bytes(blocks, depth)
         ctx.report.notes.append(
             f"aep: prefetch depth {depth} ({why}); at most {min(depth + 1, len(blocks))} gathered layer(s) "
@@ -165,8 +180,8 @@ class AsyncExpertParallel(ShardedExpertsPass):
                 why += f", lowered from {wanted} to fit memory_budget={budget} bytes"
         return depth, why
 
-    def _emit(self, gm: fx.GraphModule, block: ShardedBlock, anchor: fx.Node, world: World) -> fx.Node:
-        """Gather after ``anchor``, wait before the block's call; the last node inserted after ``anchor``."""
+    def _emit(self, gm: fx.GraphModule, block: ShardedBlock, anchor: fx.Node, world: World) -> _Gather:
+        """Gather after ``anchor``, wait before the block's call."""
         graph = gm.graph
         roles = list(block.shards)
         with graph.inserting_after(anchor):
@@ -182,11 +197,14 @@ class AsyncExpertParallel(ShardedExpertsPass):
             set_fake_val(last)
             parts.append(last)
         call = MoECall.from_node(block.node)
+        router = [n for n in (call.hidden, call.topk_ids, call.topk_weights) if isinstance(n, fx.Node)]
         changes: dict[str, fx.Node] = {}
+        waits: list[fx.Node] = []
         with graph.inserting_before(block.node):
             for role, part in zip(roles, parts):
                 wait = graph.call_function(_c10d.wait_tensor.default, (part,))  # [E-R, ...]
                 set_fake_val(wait)
+                waits.append(wait)
                 changes[role] = wait
             if block.resident:  # the full layer in the order resident + gathered, ids remapped to it
                 for role in roles:
@@ -197,7 +215,44 @@ class AsyncExpertParallel(ShardedExpertsPass):
                 set_fake_val(ids)  # [T, K]: ids' = position[ids]
                 changes["topk_ids"] = ids
         call.replace(**changes)
-        return last
+        return _Gather(gather, waits, last, router)
+
+
+def can_pin_schedule() -> bool:
+    """Whether this torch's Inductor has ``control_deps`` (torch >= 2.10), so the schedule can be pinned."""
+    return importlib.util.find_spec("torch._inductor.fx_passes.control_dependencies") is not None
+
+
+def _pin_schedule(gm: fx.GraphModule, slots: list[Slot], depth: int, emitted: dict[fx.Node, _Gather]) -> None:
+    """Make the schedule a set of dependencies that Inductor's scheduler keeps (its ``control_deps``).
+
+    Inductor reorders its nodes (``reorder_for_peak_memory`` sinks each gather to just before its
+    wait, which serialises communication and compute). Three orderings pin the schedule, each a
+    ``control_deps`` edge as Inductor's own overlap scheduler inserts them:
+
+    - block ``i``'s gather comes after block ``i - depth - 1``'s call (the ring stays ``depth + 1``
+      layers: memory is bounded);
+    - it comes before block ``i - depth``'s call (issued ``depth`` MoE layers ahead);
+    - its waits come after block ``i``'s other inputs (the router), just before the experts run.
+    """
+    from torch._inductor.fx_passes.control_dependencies import preserve_node_ordering
+    from torch.utils._ordered_set import OrderedSet
+
+    calls = [slot.block.node for slot in slots]
+    after: dict[fx.Node, list[fx.Node]] = {}  # node -> nodes it must run after
+    for i, slot in enumerate(slots):
+        if slot.block.node not in emitted:  # every expert resident: nothing gathered
+            continue
+        gathered = emitted[slot.block.node]
+        gather, waits = gathered.gather, gathered.waits
+        if slot.issue_after is not None:
+            after.setdefault(gather, []).append(slot.issue_after.node)
+        ahead = calls[max(0, i - depth)]
+        if ahead is not slot.block.node:
+            after.setdefault(ahead, []).append(gather)
+        for wait in waits:
+            after.setdefault(wait, []).extend(gathered.router)
+    preserve_node_ordering(gm.graph, {node: OrderedSet(deps) for node, deps in after.items()})
 
 
 class _Dependencies:

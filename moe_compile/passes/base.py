@@ -61,6 +61,8 @@ class PassContext:
     #: set when autograd is on: the backend then runs no pass
     training: bool = False
     dumper: Any = None  # moe_compile.debug.GraphDumper in debug mode
+    #: the graph is Inductor's post-grad graph (Inductor schedules it next): async_expert_parallel pins its order
+    inductor: bool = False
 
     # --- what passes hand to each other; the comment names the pass that provides each field ---
     #: detect_moe: the MoE blocks found by data flow, and the canonical calls already in the graph

@@ -39,7 +39,7 @@ from ..spec import ExpertSpec
 from .base import GraphPass, MoEBlock, PassContext, reshape_like, set_fake_val
 from .detect_moe import CanonicalCall, MoEMatch
 from .moe_call import MoECall
-from .vocabulary import MATMULS
+from .vocabulary import GATHERS, MATMULS, VIEWS
 
 aten = torch.ops.aten
 
@@ -198,17 +198,76 @@ def _verify(m: MoEMatch, region: _Region, roles: _BiasRoles, ctx: PassContext) -
     b_up, b_down = (value[b] if b is not None else None for b in roles)
     # the tolerance of the least precise dtype involved (bf16 experts may sum in fp32)
     tol = max(TOLERANCE.get(t.dtype, 1e-4) for t in (expected, x, w_up))
-    best = float("inf")
+    best, best_spec = float("inf"), None
     for spec in m.candidates:
         try:
             got = moe_torch(x.reshape(-1, m.hidden_size), ids, weights, w_up, w_down, b_up, b_down, spec)
         except RuntimeError:
             continue
         err = _rel_err(got.reshape(expected.shape).to(expected.dtype), expected)
-        best = min(best, err)
+        if err < best:
+            best, best_spec = err, spec
         if err <= tol:
             return _Choice(spec, f"probe rel err {err:.1e}")
-    raise _NotCanonical(f"no canonical form reproduces the block on probe inputs (best rel err {best:.2g})")
+    closest = f", closest: {best_spec.describe()}" if best_spec is not None else ""
+    raise _NotCanonical(
+        f"{_unmatched_ops(m, region)} (no canonical form reproduces the block: best rel err {best:.2g}{closest})"
+    )
+
+
+#: ops the canonical op's activations and combine are made of (besides views and row gathers)
+_CANONICAL_OPS = {
+    "aten::silu", "aten::gelu", "aten::relu", "aten::sigmoid", "aten::tanh", "aten::mul", "aten::add",
+    "aten::clamp", "aten::clamp_min", "aten::clamp_max", "aten::slice", "aten::split", "aten::split_with_sizes",
+    "aten::chunk", "aten::narrow", "getitem", "aten::sum", "aten::empty_like", "aten::arange", "aten::index_put",
+    "aten::new_zeros", "aten::zeros", "aten::zeros_like", "aten::index_add", "aten::scatter_add", "aten::copy",
+    "aten::sym_size", "aten::select", "aten::histc", "aten::cumsum", "aten::sort", "aten::floor_divide",
+    "aten::div", "aten::full", "aten::scalar_tensor", "aten::ge", "aten::lt", "aten::where", "aten::fill",
+}  # fmt: skip
+
+
+def _unmatched_ops(m: MoEMatch, region: _Region) -> str:
+    """The cause of a failed verification, named by the ops the canonical activations do not contain.
+
+    Between the up and down projections the canonical op computes an activation (optionally
+    gated or clamped); ops beyond those (``pow`` of relu², ``tanh`` with a ``div`` of a
+    softcap, ``erf`` or ``exp`` of a custom one, a norm) are named, and so is anything
+    between the down projection and the block's output other than the routing-weight
+    multiply and the scatter/sum back to tokens.
+    """
+    known = _CANONICAL_OPS | VIEWS | GATHERS | MATMULS
+    nodes = {n for n in region.module.graph.nodes if n.op == "call_function"}
+    names = {op_name(n) for n in nodes}
+    act_ops = {op_name(n) for n in _between(m)}
+    softcap = "aten::tanh" in act_ops and "aten::gelu" not in act_ops and act_ops & {"aten::div", "aten::mul"}
+    odd = sorted(n.removeprefix("aten::") for n in (names | act_ops) - known)
+    if softcap and m.candidates and all(c.gated for c in m.candidates):
+        odd = ["tanh (a softcap on the gate or up projection)", *odd]
+    if "aten::pow" in act_ops and "aten::relu" in act_ops:
+        return "activation relu² (relu then pow) is not a canonical activation"
+    if odd:
+        return f"ops the canonical activations do not contain: {', '.join(odd)}"
+    return "the activation or combine does not match any canonical form (no unknown op: different constants or order)"
+
+
+def _between(m: MoEMatch) -> set[fx.Node]:
+    """The nodes between the up and down projection (the activation)."""
+    after_up, stack = set(), [m.up_mm]
+    while stack and len(after_up) < 2000:  # descendants of the up projection, up to the down projection
+        n = stack.pop()
+        if n in after_up:
+            continue
+        after_up.add(n)
+        if n is not m.down_mm:
+            stack.extend(n.users)
+    seen, stack = set(), [m.down_mm]
+    while stack:  # ... that the down projection depends on
+        n = stack.pop()
+        if n in seen or n not in after_up:
+            continue
+        seen.add(n)
+        stack.extend(n.all_input_nodes)
+    return seen - {m.up_mm, m.down_mm}
 
 
 def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -218,7 +277,11 @@ def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 def _layout(m: MoEMatch, spec: ExpertSpec, has_bias: bool) -> str:
     n = "2I" if spec.gated else "I"
     shapes = f"[E,H,{n}]/[E,I,H] transposed" if spec.transposed else f"[E,{n},H]/[E,H,I]"
-    extra = [s for s, on in (("biases", has_bias), ("interleaved gate/up", spec.gated and spec.gate_layout == "interleaved")) if on]
+    extra = [
+        s
+        for s, on in (("biases", has_bias), ("interleaved gate/up", spec.gated and spec.gate_layout == "interleaved"))
+        if on
+    ]
     source = "per-pair gathered (batched_mm)" if m.source == "batched" else "grouped"
     return f"fused 3D {shapes}" + "".join(f", {e}" for e in extra) + f"; {source}"
 

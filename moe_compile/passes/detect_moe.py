@@ -151,12 +151,37 @@ def _find_routing_weights(down_mm: fx.Node, T: object, K: int, order: dict) -> t
                 for arg in user.all_input_nodes:
                     if arg in downstream:
                         continue
-                    for cand in walk_back(arg, VIEWS | GATHERS):
-                        v = tensor_val(cand)
-                        if v is not None and v.is_floating_point() and same_shape(v.shape, (T, K)):
-                            return cand, user
+                    found = _token_order_weights(arg, T, K)
+                    if found is not None:
+                        return found, user
         frontier = nxt
     return None
+
+
+#: row gathers that reorder rows (the sort permutation), unlike masked_fill / repeat_interleave
+_PERMUTES = {"aten::index", "aten::index_select", "aten::gather"}
+
+
+def _token_order_weights(arg: fx.Node, T: object, K: int) -> fx.Node | None:
+    """The ``[T, K]`` float tensor, in token order, that ``arg`` is a view or row gather of.
+
+    Walking back from the weighting, a ``[T, K]``-shaped value met before a row gather (the
+    sort permutation) is in the experts' order, not the tokens': with ``K = 1`` the sorted
+    weights ``w[perm].unsqueeze(-1)`` are ``[T, 1]`` too. So when the chain passes a gather,
+    the first ``[T, K]`` value after it is taken (not a later one: with ``K = E`` the router's
+    full score matrix, gathered into the top-k weights, is ``[T, K]`` as well).
+    """
+    chain = list(walk_back(arg, VIEWS | GATHERS))
+    fits = [i for i, n in enumerate(chain) if (v := tensor_val(n)) is not None and v.is_floating_point()
+            and same_shape(v.shape, (T, K))]  # fmt: skip
+    if not fits:
+        return None
+    gathers = [i for i, n in enumerate(chain[:-1]) if op_name(n) in _PERMUTES]
+    if gathers:
+        after = [i for i in fits if i > gathers[0]]
+        if after:
+            return chain[after[0]]
+    return chain[fits[0]]
 
 
 def _find_output(down_mm: fx.Node, ipdom: dict, T: object, H: int) -> fx.Node | None:
@@ -220,7 +245,7 @@ def describe_router(ids: fx.Node, weights: fx.Node, hidden: fx.Node, order: dict
     names = {op_name(n) for n in region}
     if "aten::sigmoid" in names:
         parts.append("sigmoid")
-    elif any(op_name(n) == "aten::_softmax" for n in before):
+    elif any(_is_softmax(n) for n in before):
         parts.append("softmax")
     if any(op_name(n) == "aten::add" and any(a.op == "placeholder" for a in n.all_input_nodes) for n in before):
         parts[-1:] = [(parts[-1] if parts else "logits") + " + bias correction"]
@@ -231,7 +256,7 @@ def describe_router(ids: fx.Node, weights: fx.Node, hidden: fx.Node, order: dict
     else:
         picks = sorted(n.split("::")[-1] for n in names if "max" in n)
         parts.append(f"custom selection ({', '.join(picks)}; e.g. sparsemixer)" if picks else "custom selection")
-    if any(op_name(n) == "aten::_softmax" for n in after):
+    if any(_is_softmax(n) for n in after):
         parts.append("softmax")
     if any(op_name(n) == "aten::div" and _is_sum(n.args[1]) for n in after):
         parts.append("renormalise")
@@ -239,6 +264,16 @@ def describe_router(ids: fx.Node, weights: fx.Node, hidden: fx.Node, order: dict
     if scales:
         parts.append(f"x {scales[-1]:g}")
     return " -> ".join(parts)
+
+
+def _is_softmax(node: fx.Node) -> bool:
+    """``_softmax``, or its decomposition in Inductor's graph: ``exp(x - max) / sum(exp(x - max))``."""
+    if op_name(node) == "aten::_softmax":
+        return True
+    if op_name(node) != "aten::div" or not all(isinstance(a, fx.Node) for a in node.args[:2]):
+        return False
+    num, den = node.args[:2]
+    return op_name(num) == "aten::exp" and op_name(den) == "aten::sum" and den.args[0] is num
 
 
 def _is_sum(node: object) -> bool:

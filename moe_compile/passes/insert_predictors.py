@@ -43,7 +43,8 @@ The prefetch token is a data dependency of the call: it orders the copy before t
 keeps the prefetch alive. The four weights are buffers of the graph module, read through two
 views (Inductor hands a bare constant given to a custom op to its fake mode, and fails).
 
-Without ``offload`` or ``parallel="aep"`` nothing consumes predictions: the file is still checked
+``predictor=`` alone is refused by the options (nothing would consume predictions). When no block
+is served by an expert store (offload or AEP left every block untouched), the file is still checked
 against the graph's routers, no node is inserted and the report says so.
 """
 
@@ -108,7 +109,7 @@ class InsertPredictors(GraphPass):
         if not consumed:
             ctx.report.notes.append(
                 f"predictor {ctx.options.predictor}: checked against {len(sites)} router(s); no node inserted: "
-                "nothing consumes predictions without offload='cpu' or parallel='aep'"
+                "no block is served by an expert store (offload or AEP left them untouched: see the skipped blocks)"
             )
             return False
         for site in consumed:
@@ -132,9 +133,7 @@ class InsertPredictors(GraphPass):
             )
             set_fake_val(pred)  # int64 [T, K]
             call = MoECall.from_node(site.node)
-            token = graph.call_function(
-                torch.ops.moe_compile.offload_prefetch.default, (pred, call.store, call.layer)
-            )
+            token = graph.call_function(torch.ops.moe_compile.offload_prefetch.default, (pred, call.store, call.layer))
             set_fake_val(token)  # int64 [1]
         call.replace(token=token)
         site.report.predictor = f"{site.where}: {pred.name}({site.activation.name})"

@@ -333,4 +333,3 @@ class RecognizeExpertParallel(GraphPass):
         ep.out.replace_all_uses_with(result)
         _remove_old_chain(gm, ep)
         return moe
-

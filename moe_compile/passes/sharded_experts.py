@@ -114,9 +114,7 @@ class ShardedExpertsPass(GraphPass):
         )
         return True
 
-    def _hot_experts(
-        self, ctx: PassContext, calls: list[MoEBlock], world: rdist.World
-    ) -> dict[str, tuple[int, ...]]:
+    def _hot_experts(self, ctx: PassContext, calls: list[MoEBlock], world: rdist.World) -> dict[str, tuple[int, ...]]:
         """Block path -> its resident experts (``hot_experts``), checked against the graph and across ranks."""
         r = ctx.options.hot_experts
         if r == 0:
@@ -127,8 +125,10 @@ class ShardedExpertsPass(GraphPass):
             params = {
                 name: value
                 for i, name in ctx.param_names.items()
-                if ctx.real_inputs is not None and i < len(ctx.real_inputs)
-                and isinstance(value := ctx.real_inputs[i], torch.Tensor) and not value.is_meta
+                if ctx.real_inputs is not None
+                and i < len(ctx.real_inputs)
+                and isinstance(value := ctx.real_inputs[i], torch.Tensor)
+                and not value.is_meta
             }
             for _, report in calls:
                 stats.check_block(report.path, report.num_experts, params)

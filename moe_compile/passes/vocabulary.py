@@ -17,11 +17,14 @@ FLOP_MATMULS = {"aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm", "aten::
 VIEWS = {
     "aten::view", "aten::_unsafe_view", "aten::reshape", "aten::unsqueeze", "aten::squeeze",
     "aten::expand", "aten::clone", "aten::alias", "aten::t", "aten::transpose", "aten::permute",
-    "aten::contiguous", "aten::_to_copy", "aten::to",
+    "aten::contiguous", "aten::_to_copy", "aten::to", "prims::convert_element_type",
 }  # fmt: skip
 #: row gathers: ``index(x, [rows])`` and friends keep x's values, reordered or repeated;
-#: ``masked_fill`` zeroes expert-parallel sentinel rows (ids >= E, never true for a local model)
-GATHERS = {"aten::index", "aten::index_select", "aten::repeat_interleave", "aten::gather", "aten::masked_fill"}
+#: ``masked_fill`` zeroes expert-parallel sentinel rows (ids >= E, never true for a local model);
+#: ``where`` only as a masked fill, ``where(mask, 0.0, x)``: Inductor's post-grad graph spells masked_fill so
+GATHERS = {
+    "aten::index", "aten::index_select", "aten::repeat_interleave", "aten::gather", "aten::masked_fill", "aten::where",
+}  # fmt: skip
 #: elementwise activations -> the :class:`~moe_compile.spec.ExpertSpec` activation they suggest
 ACTIVATION_OPS = {"aten::silu": "silu", "aten::gelu": "gelu", "aten::relu": "relu", "aten::tanh": "gelu_tanh"}
 #: functional collectives (``torch.ops._c10d_functional``)

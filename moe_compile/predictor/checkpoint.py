@@ -110,9 +110,45 @@ def _check_model(path: Path, metadata: dict[str, Any], model: nn.Module) -> dict
     )
 
 
+_SIZES = ("hidden_size", "num_experts", "top_k", "width")
+
+
+def _layout(path: Path, metadata: dict[str, Any]) -> tuple[dict[str, int], dict[str, list[int]]]:
+    """The file's predictor sizes and layer lists, checked to be plain bounded values (nothing allocated yet)."""
+    sizes, layers = metadata["predictor"], metadata["layers"]
+    if not isinstance(sizes, dict) or not all(_small_int(sizes.get(key), 1) for key in _SIZES):
+        raise PredictorFileError(
+            f"{path}: metadata 'predictor' must give {', '.join(_SIZES)} as integers >= 1; {_RETRAIN}"
+        )
+    if sizes["top_k"] > sizes["num_experts"]:
+        raise PredictorFileError(f"{path}: metadata 'predictor' has top_k > num_experts; {_RETRAIN}")
+    kinds = (*KINDS, "frequency")
+    if not isinstance(layers, dict) or not all(
+        isinstance(layers.get(kind), list) and all(_small_int(layer, 0) for layer in layers[kind]) for kind in kinds
+    ):
+        raise PredictorFileError(
+            f"{path}: metadata 'layers' must map {', '.join(kinds)} to lists of layer indices; {_RETRAIN}"
+        )
+    return sizes, layers
+
+
+def _small_int(value: Any, low: int) -> bool:
+    return type(value) is int and low <= value < 2**31
+
+
 def _build(path: Path, tensors: dict[str, torch.Tensor], kind: str, layers: list[int], sizes: dict) -> ExpertPredictors:
     predictors = {}
+    H, E, width = sizes["hidden_size"], sizes["num_experts"], sizes["width"]
     for layer in layers:
+        # the sizes must be the tensors' own before a predictor of those sizes is allocated
+        expected = {"up.weight": (width, H), "up.bias": (width,), "down.weight": (E, width), "down.bias": (E,)}
+        for name, shape in expected.items():
+            tensor = tensors.get(f"{kind}.{layer}.{name}")
+            if tensor is not None and tuple(tensor.shape) != shape:
+                raise PredictorFileError(
+                    f"{path}: metadata 'predictor' sizes (hidden_size {H}, num_experts {E}, width {width}) do not "
+                    f"match the tensors ({kind}.{layer}.{name} is {list(tensor.shape)}); {_RETRAIN}"
+                )
         predictor = ExpertPredictor(sizes["hidden_size"], sizes["num_experts"], sizes["top_k"], sizes["width"])
         prefix = f"{kind}.{layer}."
         state = {name[len(prefix) :]: tensor for name, tensor in tensors.items() if name.startswith(prefix)}
@@ -129,7 +165,7 @@ def load_bundle(path: str | Path, model: nn.Module) -> PredictorBundle:
     path = Path(path)
     tensors, metadata = read_file(path, PREDICTOR_FORMAT)
     identity = _check_model(path, metadata, model)
-    sizes, layers = metadata["predictor"], metadata["layers"]
+    sizes, layers = _layout(path, metadata)
     kinds = {kind: _build(path, tensors, kind, layers[kind], sizes) for kind in KINDS}
     missing = [layer for layer in layers["frequency"] if f"frequency.{layer}" not in tensors]
     if missing:
@@ -170,5 +206,5 @@ def load_predictors_for_routers(path: str | Path, router_weights: Mapping[int, t
         raise PredictorFileError(
             f"{path}: predictors made for another model: router weights differ in layer(s) {', '.join(changed)}"
         )
-    sizes, layers = metadata["predictor"], metadata["layers"]
+    sizes, layers = _layout(path, metadata)
     return _build(path, tensors, "pre_attention", layers["pre_attention"], sizes)

@@ -103,8 +103,13 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
         p.add_argument(
             "--model", default=str(TINY_MOE_DIR), help="checkpoint directory (default: the shipped tiny MoE)"
         )
-        p.add_argument("--texts", nargs="+", default=None, metavar="PATH",
-                       help=f"text files or directories (.py/.txt/.md/.rst); default: the stdlib's {split} files")  # fmt: skip
+        p.add_argument(
+            "--texts",
+            nargs="+",
+            default=None,
+            metavar="PATH",
+            help=f"text files or directories (.py/.txt/.md/.rst); default: the stdlib's {split} files",
+        )
         p.add_argument("--max-tokens", type=_positive_int, default=tokens, help=f"tokens to use (default {tokens})")
         p.add_argument(
             "--seq-len", type=_positive_int, default=SEQ_LEN, help=f"tokens per sequence (default {SEQ_LEN})"

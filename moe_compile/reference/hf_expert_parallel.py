@@ -126,8 +126,9 @@ def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
 @torch.no_grad()
 def _same_local_experts(module: nn.Module, implementation, candidate: ExpertParallelExperts, gen) -> bool:
     """The local experts alone, one expert per row with random weights: HF's forward vs the candidate's."""
-    from .expert_parallel import batched_experts
     from transformers.distributed.parallel_utils import _use_local_dtensor_params
+
+    from .expert_parallel import batched_experts
 
     w = candidate.w_up
     R, E_r, H = 11, w.shape[0], w.shape[1] if candidate.spec.transposed else w.shape[2]

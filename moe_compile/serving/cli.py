@@ -9,7 +9,10 @@
 shows a progress bar and ends with a summary: requests/s, tokens/s, prefix-cache hit rate,
 and per-rank load. Malformed input lines are reported on stderr with their line numbers
 and skipped (the exit status is then 1). Rerunning with the same output resumes: ids
-already in it are not scored again. Launched by ``torchrun --nproc-per-node W``, every
+already in it are not scored again. The output is checked and locked before the model
+loads: never the input, only a scores file of this tool, one run at a time
+(:class:`~moe_compile.serving.jsonl.ScoresOutput`). The model runs in ``--dtype``, float32
+by default, where scores do not depend on batching. Launched by ``torchrun --nproc-per-node W``, every
 process is one data-parallel rank (gloo): requests are routed by prefix and true FLOPs,
 and rank 0 writes the output.
 """
@@ -17,6 +20,7 @@ and rank 0 writes the output.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -26,71 +30,186 @@ from pathlib import Path
 CHUNK = 256
 
 
+#: --dtype choices; the default, float32, gives scores that do not depend on batching (docs/serving.md)
+DTYPES = ("float32", "bfloat16", "float16", "auto")
+
+
+def at_least(kind: type, low: float, high: float | None = None):
+    """An argparse ``type``: ``kind(text)`` within ``[low, high]``, else argparse's error naming the range."""
+    noun = "an integer" if kind is int else "a number"
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {noun}, got {text!r}") from None
+        if math.isnan(value) or value < low or (high is not None and value > high):  # NaN too
+            shown = f"in [{low}, {high}]" if high is not None else f">= {low}"
+            raise argparse.ArgumentTypeError(f"must be {noun} {shown}, got {text}")
+        return value
+
+    return parse
+
+
 def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
     """Add ``score`` and ``serve`` to the ``moe-compile`` parser's subcommands."""
     p = subparsers.add_parser("score", help="score a JSON-lines file of prefill requests")
     _engine_args(p)
     p.add_argument("--input", required=True, help="requests, one JSON object per line")
-    p.add_argument("--output", required=True, help="scores, one JSON object per line (appended to: resumes)")
-    p.add_argument("--chunk", type=int, default=CHUNK, help=f"requests scored per write (default {CHUNK})")
+    p.add_argument("--output", required=True,
+                   help="scores, one JSON object per line (appended to: resumes; never the input)")  # fmt: skip
+    p.add_argument("--chunk", type=at_least(int, 1), default=CHUNK,
+                   help=f"requests scored per write (default {CHUNK})")  # fmt: skip
     p.add_argument("--policy", default="prefix_flops", choices=("prefix_flops", "round_robin", "tokens"),
                    help="routing over ranks (default prefix_flops)")  # fmt: skip
-    p.add_argument("--slack", type=float, default=0.25, help="routing: tolerated load excess of the prefix rank")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=cmd_score)
+    p.add_argument("--slack", type=at_least(float, 0), default=0.25,
+                   help="routing: tolerated load excess of the prefix rank (>= 0, default 0.25)")  # fmt: skip
+    p.add_argument("--quiet", action="store_true", help="no progress bar (there is none when stderr is not a terminal)")
+    p.set_defaults(func=cmd_score, parser=p)
     p = subparsers.add_parser("serve", help="serve prefill scoring over HTTP (needs the serve extra)")
     _engine_args(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    p.set_defaults(func=cmd_serve)
+    p.add_argument("--port", type=at_least(int, 0, 65535), default=8000, help="port (default 8000)")
+    p.add_argument("--no-warmup", action="store_true",
+                   help="report ready at once; compile on the first calls instead of before")  # fmt: skip
+    p.add_argument("--served-model-name", default=None,
+                   help="the model name of the rerank/score APIs (default: the --model directory's name); "
+                   "a call naming another model gets 404")  # fmt: skip
+    p.add_argument("--rerank-template", default=None,
+                   help="prompt of the rerank/score APIs, with {query} and {document} (default: "
+                   "$MOE_COMPILE_RERANK_TEMPLATE, else "
+                   "'Query: {query}\\nDocument: {document}\\nRelevant:')")  # fmt: skip
+    p.add_argument("--rerank-positive", default=None,
+                   help="label whose probability after the template is the relevance (default: $"
+                   "MOE_COMPILE_RERANK_POSITIVE, else ' yes')")  # fmt: skip
+    p.add_argument("--rerank-negative", default=None,
+                   help="label it is weighed against: relevance = p(pos) / (p(pos) + p(neg)); '' for p(pos) alone "
+                   "(default: $MOE_COMPILE_RERANK_NEGATIVE, else ' no')")  # fmt: skip
+    p.set_defaults(func=cmd_serve, parser=p)
 
 
 def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="a transformers checkpoint directory (causal LM)")
-    p.add_argument("--token-budget", type=int, default=2048, help="padded tokens per forward pass (default 2048)")
-    p.add_argument("--prefix-cache-tokens", type=int, default=65536, help="prefix cache capacity (0: off)")
-    p.add_argument("--block-size", type=int, default=16, help="prefix cache block size in tokens (default 16)")
+    p.add_argument("--dtype", choices=DTYPES, default="float32",
+                   help="weights and compute (default float32: scores do not depend on batching; "
+                   "bfloat16/float16/auto are faster but batch-dependent, see docs/serving.md)")  # fmt: skip
+    p.add_argument("--token-budget", type=at_least(int, 1), default=2048,
+                   help="padded tokens per forward pass (default 2048)")  # fmt: skip
+    p.add_argument("--prefix-cache-tokens", type=at_least(int, 0), default=65536,
+                   help="prefix cache capacity (0: off)")  # fmt: skip
+    p.add_argument("--block-size", type=at_least(int, 1), default=16,
+                   help="prefix cache block size in tokens (default 16)")  # fmt: skip
     p.add_argument("--no-compile", action="store_true", help="run the model eagerly (no moe_prefill compile)")
+    p.add_argument("--parallel", choices=("none", "aep"), default="none",
+                   help="none (default): every torchrun rank is a full replica; aep: every rank holds 1/W of the "
+                   "experts and gathers them ahead of use, all ranks step in lockstep behind rank 0 "
+                   "(start with torchrun --nproc-per-node W --no-python moe-compile ...)")  # fmt: skip
+    p.add_argument("--dist-timeout", type=at_least(float, 1), default=60.0,
+                   help="seconds a collective waits for the other ranks before the run (or server) fails "
+                   "(default 60)")  # fmt: skip
+
+
+def _check_model_dir(args: argparse.Namespace) -> Path:
+    path = Path(args.model)
+    if not (path / "config.json").is_file():
+        args.parser.error(f"argument --model: {args.model} is not a checkpoint directory (no config.json)")
+    return path
 
 
 def _engine(args: argparse.Namespace):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     from .engine import PrefillEngine
 
-    path = Path(args.model)
-    if not (path / "config.json").exists():
-        raise SystemExit(f"moe-compile: {args.model} is not a checkpoint directory (no config.json)")
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype="auto").eval()
+    path = _check_model_dir(args)
+    dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
+    restore = not sys.stderr.isatty() and hf_logging.is_progress_bar_enabled()
+    if restore:
+        hf_logging.disable_progress_bar()  # a log file gets no "Loading weights" bar
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).eval()
+    finally:
+        if restore:
+            hf_logging.enable_progress_bar()
     has_tokenizer = any((path / name).exists() for name in ("tokenizer.json", "tokenizer_config.json"))
     tokenizer = AutoTokenizer.from_pretrained(str(path)) if has_tokenizer else None
+    options = None
+    if getattr(args, "parallel", "none") == "aep":
+        if args.no_compile:
+            args.parser.error("argument --parallel aep: the experts are sharded by the compile; drop --no-compile")
+        options = {"parallel": "aep"}
+        if model.device.type == "cpu":
+            options["inductor"] = False
     with torch.no_grad():
         return PrefillEngine(
             model,
             tokenizer=tokenizer,
             token_budget=args.token_budget,
             compile=not args.no_compile,
+            options=options,
             prefix_cache_tokens=args.prefix_cache_tokens,
             block_size=args.block_size,
         )
 
 
+def _init_ranks(args: argparse.Namespace) -> tuple[int, int]:
+    """Join torchrun's group (gloo on CPU) with ``--dist-timeout``; ``(world_size, rank)``."""
+    import torch.distributed as dist
+
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.parallel == "aep" and world_size < 2:
+        args.parser.error("argument --parallel aep: needs 2 or more ranks: start with torchrun --nproc-per-node W "
+                          "--no-python moe-compile ...")  # fmt: skip
+    if world_size > 1 and not dist.is_initialized():
+        from ..runtime.dist import init_distributed
+
+        init_distributed("gloo", timeout_s=args.dist_timeout)  # torchrun sets the rendezvous variables
+    return world_size, (dist.get_rank() if world_size > 1 else 0)
+
+
 def cmd_score(args: argparse.Namespace) -> int:
+    import torch.distributed as dist
+
+    from .jsonl import OutputError, ScoresOutput
+
+    if not Path(args.input).is_file():
+        args.parser.error(f"argument --input: no such input file: {args.input}")
+    _check_model_dir(args)
+    world_size, rank = _init_ranks(args)
+    output, problem = None, None
+    if rank == 0:  # checked and locked before the model loads: a bad --output stops the run at once
+        try:
+            output = ScoresOutput(args.output, args.input)
+        except OutputError as e:
+            problem = str(e)
+    done = output.done if output is not None else set()
+    if world_size > 1:
+        shared = [done, problem]
+        dist.broadcast_object_list(shared, src=0)  # NOTE: rank 0 read the output before anyone writes
+        done, problem = shared
+    if problem is not None:
+        if world_size > 1:
+            dist.destroy_process_group()
+        args.parser.error(f"argument --output: {problem}")
+    try:
+        return _score(args, rank, world_size, output, done)
+    finally:
+        if output is not None:
+            output.close()
+
+
+def _score(args: argparse.Namespace, rank: int, world_size: int, output, done: set) -> int:
+    """Score the input's requests not in ``done``; rank 0 appends them to ``output`` (a ScoresOutput)."""
     import torch.distributed as dist
     from tqdm import tqdm
 
     from .distributed import score_routed
     from .flops import FlopsModel
-    from .jsonl import append_scores, done_ids, read_requests
+    from .jsonl import read_requests
     from .routing import Router
 
-    if not Path(args.input).exists():
-        raise SystemExit(f"moe-compile: no such input file: {args.input}")
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group("gloo")  # torchrun sets the rendezvous variables
-    rank = dist.get_rank() if world_size > 1 else 0
     engine = _engine(args)
     router = Router(
         world_size,
@@ -100,11 +219,19 @@ def cmd_score(args: argparse.Namespace) -> int:
         block_size=args.block_size,
         cache_tokens=args.prefix_cache_tokens,
     )
-    done = done_ids(args.output) if rank == 0 else set()
-    if world_size > 1:
-        shared = [done]
-        dist.broadcast_object_list(shared, src=0)  # NOTE: rank 0 read the output before anyone writes
-        done = shared[0]
+    lockstep = None
+    if args.parallel == "aep":
+        from .aep import LockstepScorer, ServingFailed
+
+        lockstep = LockstepScorer(engine, router)
+        if rank != 0:  # follows rank 0's steps; rank 0 reads the input and writes the output
+            try:
+                lockstep.serve_worker()
+            finally:
+                dist.destroy_process_group()
+            return 0
+        lockstep.start()
+        lockstep.warmup()  # every rank compiles the same graphs at the same time
     todo, malformed, skipped = [], 0, 0
     for number, request in read_requests(args.input):
         if isinstance(request, str):
@@ -117,17 +244,29 @@ def cmd_score(args: argparse.Namespace) -> int:
             todo.append(request)
     start = time.perf_counter()
     scored = errors = tokens = cached = 0
-    with tqdm(total=len(todo), unit="req", disable=args.quiet or rank != 0, file=sys.stderr) as bar:
+    # disable=None: tqdm's own rule, no bar when stderr is not a terminal (a log file gets no bar updates)
+    disable = True if args.quiet or rank != 0 else None
+    with tqdm(total=len(todo), unit="req", disable=disable, file=sys.stderr) as bar:
         for lo in range(0, len(todo), args.chunk):
-            scores = score_routed(engine, todo[lo : lo + args.chunk], router)
+            chunk = todo[lo : lo + args.chunk]
+            if lockstep is not None:
+                try:
+                    scores = lockstep.score(chunk)
+                except ServingFailed as e:  # a rank died or hung: the chunks written so far stay
+                    print(f"moe-compile score: {e}", file=sys.stderr)
+                    return 2
+            else:
+                scores = score_routed(engine, chunk, router)
             if rank == 0:
-                append_scores(args.output, scores)
+                output.append(scores)
             scored += len(scores)
             errors += sum(s.error is not None for s in scores)
             tokens += sum(s.tokens for s in scores)
             cached += sum(s.cached_tokens for s in scores)
             bar.update(len(scores))
     wall = time.perf_counter() - start
+    if lockstep is not None:
+        lockstep.stop()
     if rank == 0:
         _summary(scored, errors, tokens, cached, wall, skipped, malformed, router)
     if world_size > 1:
@@ -150,8 +289,48 @@ def _summary(scored, errors, tokens, cached, wall, skipped, malformed, router) -
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from .http import serve
+    from .relevance import RelevanceTemplate
 
+    if args.parallel == "aep" and args.no_warmup:
+        args.parser.error("argument --no-warmup: AEP ranks warm up together before serving")
+    world_size, rank = _init_ranks(args) if args.parallel == "aep" else (1, 0)
+
+    try:
+        relevance = RelevanceTemplate.from_env(args.rerank_template, args.rerank_positive, args.rerank_negative)
+    except ValueError as e:
+        args.parser.error(str(e))
+    model_name = args.served_model_name or Path(args.model).resolve().name
     engine = _engine(args)
-    print(f"serving on http://{args.host}:{args.port} (POST /score, GET /health)", file=sys.stderr)
-    serve(engine, args.host, args.port)
+    runner = None
+    if args.parallel == "aep":
+        import torch.distributed as dist
+
+        from .aep import LockstepScorer
+        from .flops import FlopsModel
+        from .routing import Router
+
+        router = Router(world_size, FlopsModel.from_model(engine.model), block_size=args.block_size,
+                        cache_tokens=args.prefix_cache_tokens)  # fmt: skip
+        runner = LockstepScorer(engine, router)
+        if rank != 0:  # rank 0 takes the requests; this rank follows its steps
+            try:
+                runner.serve_worker()
+            finally:
+                dist.destroy_process_group()
+            return 0
+        runner.start()
+    print(f"serving {model_name} on http://{args.host}:{args.port} "
+          "(POST /score, /rerank, /v1/rerank, /v2/rerank, /v1/score; GET /health)", file=sys.stderr)  # fmt: skip
+    if not args.no_warmup:
+        print("warming up: compiling the batch shapes serving runs; GET /health answers 503 until ready",
+              file=sys.stderr)  # fmt: skip
+    try:
+        serve(engine, args.host, args.port, warmup=not args.no_warmup, relevance=relevance, model_name=model_name,
+              runner=runner)  # fmt: skip
+    finally:
+        if runner is not None:
+            runner.stop()
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
     return 0

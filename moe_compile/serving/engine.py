@@ -60,6 +60,7 @@ class EngineStats:
     computed_tokens: int = 0  # tokens run, shared-prefix passes included, padding excluded
     padded_tokens: int = 0  # tokens run, padding included
     batches: int = 0
+    padding_batches: int = 0  # decoder calls on padding only (lockstep AEP serving: a rank with nothing to run)
     forward_s: float = 0.0  # wall time of the decoder calls
 
     @property
@@ -138,6 +139,42 @@ class PrefillEngine:
             self.cache = PrefixCache(self.cache.capacity_blocks * self.cache.block_size, self.cache.block_size)
         self.stats = EngineStats()
 
+    @torch.no_grad()
+    def warmup(self) -> int:
+        """Run every kind of batch this engine will run, so that serving compiles nothing more.
+
+        The compiled decoder takes one graph for batches of two or more prompts and one for a
+        batch of a single prompt (Dynamo specialises size 1), each with and without cached
+        prefixes; sizes are dynamic, so these serve every length. Warm-up runs each kind on
+        random prompts of sizes that differ from each other and from the model's own sizes
+        (no coincidental size equality gets baked into a graph), then empties the prefix
+        cache and zeroes the counters. Returns the number of decoder calls it made.
+        """
+        limit = self.max_tokens or 4 * self.token_budget
+        block = self.cache.block_size if self.cache is not None else 16
+        gen = torch.Generator().manual_seed(0)
+
+        def prompt(n: int) -> tuple[int, ...]:
+            low = min(3, self.vocab_in - 1)
+            return tuple(torch.randint(low, self.vocab_in, (max(2, min(n, limit)),), generator=gen).tolist())
+
+        # a batch of three (or two) prompts of distinct lengths that fits the token budget together
+        rows = 3 if self.token_budget >= 3 * 4 else 2
+        longest = max(2, min(2 * block + 13, self.token_budget // rows))
+        shared = prompt(2 * block + 3)
+        groups = [
+            [prompt(2 * block + 5)],  # one prompt alone
+            [prompt(max(2, longest - 2 * i)) for i in range(rows)],  # several in one batch
+            [shared + prompt(5), shared + prompt(9), shared + prompt(3)],  # a shared prefix (computed once)
+        ]
+        batches = self.stats.batches
+        for _ in range(2):  # the second time, with the prompts' prefixes in the cache
+            for group in groups:
+                self.score([Request(id=i, tokens=tokens) for i, tokens in enumerate(group)])
+        calls = self.stats.batches - batches
+        self.reset()
+        return calls
+
     def prepare(self, request: Request) -> PreparedRequest | Score:
         """Tokenize and check ``request``: the prepared prompt, or a :class:`Score` with the error."""
 
@@ -147,7 +184,14 @@ class PrefillEngine:
         if request.text is not None:
             if self.tokenizer is None:
                 return fail("the request has 'text' but the engine has no tokenizer; send 'tokens'")
-            tokens = list(self.tokenizer(request.text)["input_ids"])
+            if not request.text:
+                return fail("empty text: nothing to score")
+            try:
+                tokens = self._encode_prompt(request.text)
+            except Exception as e:  # noqa: BLE001  (a tokenizer's own error, e.g. text it cannot encode)
+                return fail(f"cannot tokenize the text: {type(e).__name__}: {e}")
+            if not tokens:
+                return fail("empty text: the tokenizer gives no tokens")
         else:
             tokens = list(request.tokens)
         n = len(tokens)
@@ -198,6 +242,30 @@ class PrefillEngine:
         for i in where:
             self.stats.cached_tokens += scores[i].cached_tokens
         return scores
+
+    @torch.no_grad()
+    def pad_forward(self, decoder: Any = None) -> None:
+        """One decoder call on a minimal padding batch (two rows of two padding tokens); nothing is read or stored.
+
+        Lockstep AEP serving (:mod:`~moe_compile.serving.aep`) runs it on a rank that has no
+        batch of its own while another rank runs one: every rank must call the compiled
+        decoder equally often, so that the collectives inside it pair up.
+        """
+        rows = [Row([self.pad_id] * 2), Row([self.pad_id] * 2)]  # B >= 2: the graph real batches use
+        batch = collate(rows, self.pad_id, self._kv_template if self.cache is not None else None)
+        cache = None
+        if batch.past is not None:
+            cache = DynamicCache(config=self.model.config)
+            for layer, (k, v) in enumerate(batch.past):
+                cache.update(k, v, layer)  # [B, Hkv, P, D]
+        (decoder if decoder is not None else self._decoder)(
+            input_ids=batch.input_ids.to(self.device),  # [2, 2]
+            attention_mask=batch.attention_mask.to(self.device),
+            position_ids=batch.position_ids.to(self.device),
+            past_key_values=cache,
+            use_cache=cache is not None,
+        )
+        self.stats.padding_batches += 1
 
     # -- batches -----------------------------------------------------------------------------------------------
 
@@ -285,6 +353,20 @@ class PrefillEngine:
         return scores
 
     # -- setup -------------------------------------------------------------------------------------------------
+
+    def _encode_prompt(self, text: str) -> list[int]:
+        """``text`` as a causal-LM prompt: its tokens, after a BOS only where the tokenizer adds one.
+
+        Never an end-of-sequence token (a seq2seq tokenizer such as ByT5 appends ``</s>`` when asked
+        for special tokens; the default read position -1 must read after the prompt itself).
+        """
+        ids = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        bos = getattr(self.tokenizer, "bos_token_id", None)
+        if bos is not None and (not ids or ids[0] != bos):
+            with_special = self.tokenizer(text, add_special_tokens=True)["input_ids"]
+            if len(with_special) and with_special[0] == bos:
+                ids.insert(0, bos)
+        return ids
 
     def _label_id(self, label: int | str) -> int | str:
         """The token id of ``label``, or an error message."""

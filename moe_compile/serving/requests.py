@@ -82,6 +82,8 @@ class Request:
         rid = obj["id"]
         if not isinstance(rid, (str, int)) or isinstance(rid, bool):
             raise MalformedRequest(f"'id' must be a string or an integer, not {type(rid).__name__}")
+        for key in ("id", "text", "labels"):
+            _check_unicode(obj.get(key), key)
         tokens = obj.get("tokens")
         if tokens is not None:
             tokens = tuple(_int_list(tokens, "tokens"))
@@ -134,3 +136,18 @@ def _int_list(value: Any, key: str) -> list[int]:
     if not isinstance(value, list) or not all(_is_int(x) for x in value):
         raise MalformedRequest(f"'{key}' must be a list of integers")
     return value
+
+
+def _check_unicode(value: Any, key: str) -> None:
+    """:class:`MalformedRequest` if a string in ``value`` (a string or a list) holds a lone surrogate.
+
+    JSON lets ``"\\ud800"`` through; no tokenizer or UTF-8 writer takes it.
+    """
+    for text in value if isinstance(value, list) else [value]:
+        if isinstance(text, str):
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise MalformedRequest(
+                    f"'{key}' holds a lone surrogate ({text[e.start]!r} at character {e.start}): not valid Unicode"
+                ) from None

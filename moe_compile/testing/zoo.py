@@ -682,11 +682,16 @@ def build(
     seed: int = 0,
     num_layers: int | None = None,
     experts_implementation: str | None = None,
+    overrides: dict[str, Any] | None = None,
 ) -> PreTrainedModel:
-    """Build the tiny model ``name`` in eval mode with deterministic, non-degenerate random weights."""
-    return _build(
-        get(name), dtype=dtype, seed=seed, num_layers=num_layers, experts_implementation=experts_implementation
-    )
+    """Build the tiny model ``name`` in eval mode with deterministic, non-degenerate random weights.
+
+    ``overrides`` replaces config kwargs of the entry (e.g. ``{"num_experts_per_tok": 1}``).
+    """
+    entry = get(name)
+    if overrides:
+        entry = dataclasses.replace(entry, kwargs={**entry.kwargs, **overrides})
+    return _build(entry, dtype=dtype, seed=seed, num_layers=num_layers, experts_implementation=experts_implementation)
 
 
 def build_dense(*, dtype: torch.dtype = torch.float32, seed: int = 0) -> PreTrainedModel:

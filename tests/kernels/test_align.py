@@ -2,9 +2,10 @@
 
 import pytest
 import torch
-from .kernel_testing import DEVICE
 
 from moe_compile.kernels.align import align, align_reference, padded_bound
+
+from .kernel_testing import DEVICE
 
 _GEN = torch.Generator().manual_seed(0)  # never the global RNG: other test files rely on it
 CASES = {

@@ -17,6 +17,8 @@ def on_gpu(monkeypatch):
     monkeypatch.setattr(configs, "interpreting", lambda: False)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
     monkeypatch.delenv("MOE_COMPILE_AUTOTUNE", raising=False)
+    monkeypatch.delenv("MOE_COMPILE_TUNED_DIR", raising=False)  # the seed table, whatever tuned files exist
+    monkeypatch.setattr(configs, "TUNED_DIR", "/nonexistent")
 
 
 def _never(config: KernelConfig) -> float:

@@ -4,17 +4,19 @@ import itertools
 
 import pytest
 import torch
-from .kernel_testing import DEVICE, TOLERANCE, make_experts, rel_err, route
 
 from moe_compile import ops
 from moe_compile.kernels import fused_moe
-from moe_compile.kernels.fused_moe import moe_triton
 from moe_compile.spec import ExpertSpec
+
+from .kernel_testing import DEVICE, TOLERANCE, make_experts, rel_err, route
 
 GATED_ACTS = ["silu", "gelu", "gelu_tanh", "relu", "swiglu_oai"]
 PLAIN_ACTS = ["silu", "gelu", "gelu_tanh", "relu"]
 VARIANTS = [
-    pytest.param(ExpertSpec(activation=act, gate_layout=layout, transposed=tr), bias, id=f"{act}-{layout}-t{tr:d}-b{bias:d}")
+    pytest.param(
+        ExpertSpec(activation=act, gate_layout=layout, transposed=tr), bias, id=f"{act}-{layout}-t{tr:d}-b{bias:d}"
+    )
     for act, layout, tr, bias in itertools.product(GATED_ACTS, ["concat", "interleaved"], [False, True], [False, True])
 ] + [
     pytest.param(ExpertSpec(activation=act, gated=False, transposed=tr), bias, id=f"{act}-plain-t{tr:d}-b{bias:d}")
@@ -133,7 +135,9 @@ def test_torch_compile_fullgraph(device):
 
     def block(x_TH: torch.Tensor) -> torch.Tensor:
         weights_TK, ids_TK = torch.topk((x_TH @ router_HE).softmax(-1), 2)
-        return torch.ops.moe_compile.moe_triton(x_TH, ids_TK, weights_TK, w_up, w_down, None, None, spec.encode()) + x_TH
+        return (
+            torch.ops.moe_compile.moe_triton(x_TH, ids_TK, weights_TK, w_up, w_down, None, None, spec.encode()) + x_TH
+        )
 
     compiled = torch.compile(block, backend="eager", fullgraph=True)
     torch.testing.assert_close(compiled(hidden_TH), block(hidden_TH))
@@ -147,7 +151,3 @@ def test_fused_moe_checks_inputs(device):
     args[0] = args[0][:, :8]
     with pytest.raises(RuntimeError, match="do not match hidden size"):
         fused_moe(*args, ExpertSpec())
-
-
-def test_op_registered_by_import():
-    assert moe_triton is not None and hasattr(torch.ops.moe_compile, "moe_triton")

@@ -36,11 +36,12 @@ def test_each_offloaded_layer_gets_a_predictor_and_a_prefetch(model_and_file):
     assert all(s.bytes_on_demand == 0 and s.bytes_ahead_used > 0 for s in store.stats())  # right predictions
 
 
-def test_near_miss_without_offload_nothing_consumes_predictions(model_and_file):
-    """The file is still checked against the routers; no node is inserted, and the report says why."""
+def test_near_miss_no_block_in_a_store_nothing_consumes_predictions(model_and_file):
+    """No expert store serves a block (offload_experts did not run): the file is still checked against
+    the routers, no node is inserted, and the report says why."""
     model, ids, path = model_and_file
     harness = PassHarness(DetectMoE(), CanonicalizeMoE(), InsertPredictors())
-    run(harness, model, ids, options={"predictor": path})
+    run(harness, model, ids, options={"offload": "cpu", "predictor": path})
     assert harness.record.changed["insert_predictors"] is False
     harness.check_after_ops({PREDICT: 0, PREFETCH: 0, "moe_compile::moe": 2})
-    assert any("nothing consumes predictions" in n for n in harness.report.notes)
+    assert any("no block is served by an expert store" in n for n in harness.report.notes), harness.report.notes

@@ -35,7 +35,9 @@ class LayerStats:
         return self.bytes_ahead_used / self.bytes_needed if self.bytes_needed else 0.0
 
     def __str__(self) -> str:
-        mib = lambda n: f"{n / 2**20:.2f} MiB" if n >= 2**20 or not n else f"{n / 2**10:.1f} KiB"
+        def mib(n: int) -> str:
+            return f"{n / 2**20:.2f} MiB" if n >= 2**20 or not n else f"{n / 2**10:.1f} KiB"
+
         padding = f", padding {mib(self.bytes_padding)}" if self.bytes_padding else ""
         return (
             f"{self.kind} layer {self.layer} ({self.path}): ahead {mib(self.bytes_ahead)} "

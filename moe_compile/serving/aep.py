@@ -1,0 +1,286 @@
+"""AEP serving: W ranks, each a data-parallel replica holding 1/W of the experts, behind one endpoint.
+
+::
+
+    torchrun --nproc-per-node W --no-python moe-compile serve --model DIR --parallel aep --port P
+    torchrun --nproc-per-node W --no-python moe-compile score --model DIR --parallel aep --input I --output O
+
+Every rank runs the decoder compiled with ``parallel="aep"``: its MoE layers gather the
+expert weights of all ranks ahead of use, so every call of the compiled decoder issues the
+same collectives on every rank, and **every rank must call it equally often**. This module
+keeps the ranks in that lockstep:
+
+- **rank 0 takes requests** (HTTP or JSON lines) and hands each call to
+  :meth:`LockstepScorer.score`. A driver thread on rank 0 turns calls into *steps*: it checks
+  each request on rank 0 (:meth:`PrefillEngine.prepare`: tokenizing, lengths, vocabulary,
+  read positions; a bad request is answered there and never reaches another rank, so it
+  cannot stall the lockstep), routes the good ones by cached prefix and true FLOPs
+  (:class:`~moe_compile.serving.routing.Router`, which mirrors which rank holds which
+  prefix), and broadcasts the step's plan (``broadcast_object_list``).
+- **every rank runs its share** with its own engine and its own prefix cache. Before each
+  real decoder call a rank all-reduces "I have a batch" (1); a rank that has finished its
+  share keeps all-reducing 0 and runs a minimal padding batch
+  (:meth:`PrefillEngine.pad_forward`) as long as any rank still has one. So each rank runs
+  one batch per round, its own or padding, and the compiled graphs' collectives always pair up,
+  however uneven the load (a rank with no requests at all runs only padding).
+- **answers return to rank 0** (``gather_object``) in the call's order.
+- **idle**: while no call arrives, rank 0 broadcasts a heartbeat every ``heartbeat_s``
+  seconds, so the other ranks' waits never reach the process group's timeout.
+
+Failure: every collective runs under the process group's timeout (``moe-compile ... --dist-timeout``,
+:func:`moe_compile.runtime.init_distributed`). A rank that dies makes the next collective fail
+at once (its connections close); one that hangs makes it fail after the timeout. Rank 0 then
+marks the scorer failed: the call in flight and every later call raise :class:`ServingFailed`
+naming the failure (HTTP: 503; ``/health``: 503 ``{"status": "failed"}``), within at most
+``heartbeat_s + timeout`` even when idle. The other ranks leave their loop with the error.
+
+Exactness: each request is scored by one rank's engine exactly as a single engine would
+(padding batches touch no request and no cache), so every score equals a plain eager
+forward of that request within float32 rounding.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import queue
+import threading
+import traceback
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from .engine import PrefillEngine
+from .requests import Request, Score
+from .routing import Router
+
+#: seconds between heartbeats of an idle rank 0 (well under any sensible process-group timeout)
+HEARTBEAT_S = 2.0
+
+
+class ServingFailed(RuntimeError):
+    """A rank died, hung or failed: the lockstep is broken and no more requests can be scored."""
+
+
+class LockstepScorer:
+    """Scores calls over the ranks of the default process group in lockstep (see the module docstring).
+
+    Build one on every rank with an engine compiled with ``parallel="aep"``. On rank 0 call
+    :meth:`start`, then :meth:`warmup` / :meth:`score` (from any thread) and finally :meth:`stop`;
+    on the other ranks call :meth:`serve_worker`, which returns when rank 0 stops (or raises
+    when the lockstep breaks).
+    """
+
+    def __init__(self, engine: PrefillEngine, router: Router, heartbeat_s: float = HEARTBEAT_S) -> None:
+        if not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError("lockstep serving needs torch.distributed initialised (start the ranks with torchrun)")
+        self.engine = engine
+        self.router = router
+        self.rank = dist.get_rank()
+        self.world_size = dist.get_world_size()
+        if router.world_size != self.world_size:
+            raise ValueError(f"the router spreads over {router.world_size} ranks but the group has {self.world_size}")
+        self.heartbeat_s = heartbeat_s
+        self.failed: str | None = None
+        self.steps = 0
+        self._real = engine._decoder
+        engine._decoder = self._stepped  # every real decoder call first says "I have a batch"
+        self._jobs: queue.Queue = queue.Queue()
+        self._thread: threading.Thread | None = None
+
+    # -- every rank --------------------------------------------------------------------------------------------
+
+    @property
+    def model(self):
+        return self.engine.model
+
+    @property
+    def stats(self):
+        return self.engine.stats
+
+    def _sync(self, active: int) -> bool:
+        """All-reduce (sum) whether each rank has a batch to run now; True while any has."""
+        flag = torch.tensor([active], dtype=torch.int64)
+        dist.all_reduce(flag)  # NOTE: collective, one per round on every rank
+        return flag.item() > 0
+
+    def _stepped(self, **kwargs: Any) -> Any:
+        self._sync(1)
+        return self._real(**kwargs)
+
+    def _drain(self) -> None:
+        """Run padding batches until no rank has a batch left."""
+        while self._sync(0):
+            self.engine.pad_forward(self._real)
+
+    def _run_step(self, message: tuple) -> list[tuple[int, Score]] | None:
+        """One step of the plan ``message`` on this rank; its scores (index, score), or None for no scores."""
+        kind = message[0]
+        if kind == "warmup":
+            self.engine.warmup()  # the same decoder calls on every rank
+            self._drain()
+            return None
+        if kind == "reset":
+            self.engine.reset()
+            return None
+        _, plan = message
+        mine = [(i, request) for i, request, rank in plan if rank == self.rank]
+        try:
+            local = self.engine.score([request for _, request in mine])
+        except Exception as e:  # a collective failure propagates from _drain's next all-reduce
+            if _is_transport(e):
+                raise
+            message_ = f"internal error on rank {self.rank}: {type(e).__name__}: {e}"
+            local = [Score(request.id, request.output, error=message_) for _, request in mine]
+        self._drain()
+        for score in local:
+            score.rank = self.rank
+        return [(i, s) for (i, _), s in zip(mine, local)]
+
+    # -- ranks other than 0 ------------------------------------------------------------------------------------
+
+    def serve_worker(self) -> None:
+        """Follow rank 0's steps until it stops; :class:`ServingFailed` when the lockstep breaks."""
+        if self.rank == 0:
+            raise RuntimeError("serve_worker runs on the ranks other than 0; rank 0 calls start()")
+        try:
+            while True:
+                box: list[Any] = [None]
+                dist.broadcast_object_list(box, src=0)
+                message = box[0]
+                if message[0] == "stop":
+                    return
+                if message[0] == "noop":
+                    continue
+                scores = self._run_step(message)
+                if scores is not None:
+                    dist.gather_object(scores, None, dst=0)
+                else:
+                    dist.barrier()
+                self.steps += 1
+        except Exception as e:
+            raise ServingFailed(f"rank {self.rank} of {self.world_size}: the lockstep broke: {e}") from e
+
+    # -- rank 0 ------------------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start rank 0's driver thread (steps and heartbeats)."""
+        if self.rank != 0:
+            raise RuntimeError("start() runs on rank 0; the other ranks call serve_worker()")
+        self._thread = threading.Thread(target=self._drive, name="moe-compile-lockstep", daemon=True)
+        self._thread.start()
+
+    def warmup(self) -> int:
+        """Compile every batch kind on every rank (in lockstep); :class:`ServingFailed` if a rank failed."""
+        self._submit(("warmup",))
+        return 0
+
+    def reset(self) -> None:
+        """Empty every rank's prefix cache and zero its counters (and the router's view of them)."""
+        self._submit(("reset",))
+        old, cache = self.router, self.router.caches[0]
+        self.router = Router(
+            self.world_size,
+            old.flops_model,
+            policy=old.policy,
+            slack=old.slack,
+            block_size=cache.block_size,
+            cache_tokens=cache.capacity_blocks * cache.block_size,
+        )
+
+    def score(self, requests: Sequence[Request]) -> list[Score]:
+        """Scores of ``requests`` in order, each computed on the rank the router chose; :class:`ServingFailed`."""
+        return self._submit(("score", list(requests)))
+
+    def stop(self) -> None:
+        """Tell every rank to leave its loop; waits for the driver thread."""
+        if self._thread is not None and self._thread.is_alive():
+            self._jobs.put(None)
+            self._thread.join()
+
+    def health(self) -> str | None:
+        """None while the lockstep holds, else the failure."""
+        return self.failed
+
+    def _submit(self, job: tuple) -> Any:
+        if self.failed is not None:
+            raise ServingFailed(self.failed)
+        if self._thread is None or not self._thread.is_alive():
+            raise ServingFailed("the lockstep driver is not running (start() was not called, or it stopped)")
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self._jobs.put((job, future))
+        return future.result()
+
+    def _drive(self) -> None:
+        while True:
+            try:
+                item = self._jobs.get(timeout=self.heartbeat_s)
+            except queue.Empty:
+                item = "noop"
+            if self.failed is not None:  # answer whatever is queued, then stop driving
+                if item not in (None, "noop"):
+                    item[1].set_exception(ServingFailed(self.failed))
+                if item is None:
+                    return
+                continue
+            try:
+                if item == "noop":
+                    dist.broadcast_object_list([("noop",)], src=0)
+                    continue
+                if item is None:
+                    dist.broadcast_object_list([("stop",)], src=0)
+                    return
+                job, future = item
+                try:
+                    future.set_result(self._step0(job))
+                except Exception as e:  # noqa: BLE001  (a broken lockstep: every rank's collective failed)
+                    self._fail(e)
+                    future.set_exception(ServingFailed(self.failed))
+            except Exception as e:  # noqa: BLE001  (a heartbeat or stop that failed)
+                self._fail(e)
+
+    def _fail(self, exc: BaseException) -> None:
+        self.failed = (
+            f"AEP serving failed on rank 0 of {self.world_size}: a rank died, hung for longer than the process "
+            f"group's timeout, or failed; no more requests can be scored (restart the ranks): "
+            f"{type(exc).__name__}: {exc}"
+        )
+        traceback.print_exc()
+
+    def _step0(self, job: tuple) -> Any:
+        """One step driven by rank 0: check and route, broadcast the plan, run the local share, gather."""
+        if job[0] in ("warmup", "reset"):
+            dist.broadcast_object_list([job], src=0)
+            self._run_step(job)
+            dist.barrier()
+            self.steps += 1
+            return 0
+        requests = job[1]
+        answers: list[Score | None] = [None] * len(requests)
+        plan = []
+        for i, request in enumerate(requests):
+            prepared = self.engine.prepare(request)  # checked here: a bad request never reaches a rank
+            if isinstance(prepared, Score):
+                answers[i] = prepared
+            else:
+                plan.append((i, request, self.router.assign(prepared.tokens, prepared.limit, len(prepared.reads)).rank))
+        if plan:
+            message = ("score", plan)
+            dist.broadcast_object_list([message], src=0)
+            local = self._run_step(message)
+            gathered: list[Any] = [None] * self.world_size
+            dist.gather_object(local, gathered, dst=0)
+            for part in gathered:
+                for i, score in part:
+                    answers[i] = score
+            self.steps += 1
+        self.engine.stats.requests += len(requests) - len(plan)  # the others were counted by the ranks' engines
+        self.engine.stats.errors += len(requests) - len(plan)
+        return answers
+
+
+def _is_transport(exc: BaseException) -> bool:
+    from ..runtime.dist import CollectiveError, _is_collective_failure
+
+    return isinstance(exc, CollectiveError) or _is_collective_failure(exc)

@@ -1,0 +1,149 @@
+"""Workers for the AEP serving tests (spawned by :func:`dist_workers.spawn`): lockstep ranks behind rank 0.
+
+Every rank builds the same model, compiles its engine with ``parallel="aep"`` (1/W of the
+experts per rank) and joins a :class:`~moe_compile.serving.aep.LockstepScorer`; rank 0 drives
+the calls, the others follow. Rank 0 compares every score with a plain eager forward of a
+second, uncompiled copy of the model (the compile releases the engine model's full experts).
+"""
+
+from __future__ import annotations
+
+import datetime
+import random
+import time
+
+import torch
+import torch.distributed as dist
+
+from moe_compile.serving import Request
+
+BLOCK = 8
+
+
+def _model(name: str):
+    if name == "tiny_moe":
+        from transformers import AutoModelForCausalLM
+
+        from moe_compile.predictor import TINY_MOE_DIR
+
+        return AutoModelForCausalLM.from_pretrained(str(TINY_MOE_DIR), dtype=torch.float32).eval()
+    from moe_compile.testing import zoo
+
+    return zoo.build(name, seed=0, num_layers=2)
+
+
+def _lockstep(model, world_size: int, slack: float = 100.0):
+    from moe_compile.serving import FlopsModel, PrefillEngine, Router
+    from moe_compile.serving.aep import LockstepScorer
+
+    engine = PrefillEngine(model, token_budget=48, block_size=BLOCK, options={"parallel": "aep", "inductor": False})
+    router = Router(world_size, FlopsModel.from_model(model), block_size=BLOCK, slack=slack)
+    return engine, LockstepScorer(engine, router, heartbeat_s=0.5)
+
+
+def uneven_calls(vocab: int, seed: int = 0) -> list[list[Request]]:
+    """Five calls: four whose prompts all share one prefix (one rank takes them all, the other
+    idles), then one with fresh prompts (the idle rank gets work), the shared prefix again and
+    two bad requests (answered on rank 0, never routed)."""
+    rng = random.Random(seed)
+
+    def toks(n: int) -> list[int]:
+        return [rng.randrange(3, vocab) for _ in range(n)]
+
+    shared = toks(2 * BLOCK + 3)
+    calls = []
+    for c in range(4):
+        calls.append([Request(id=f"c{c}r{i}", tokens=tuple(shared + toks(2 + 3 * i + c)), labels=(5, 17, 42))
+                      for i in range(3)])  # fmt: skip
+    last = [Request(id=f"new{i}", tokens=tuple(toks(5 + 7 * i)), read=(-1, -3)) for i in range(4)]
+    last.append(Request(id="pooled", tokens=tuple(shared + toks(4)), read="all", output="pooled"))
+    last.append(Request(id="bad-token", tokens=(5, vocab + 7)))
+    last.append(Request(id="bad-read", tokens=(5, 6), read=(9,)))
+    calls.append(last)
+    return calls
+
+
+def aep_parity_worker(rank: int, world_size: int, families: tuple[str, ...]) -> dict:
+    """Per family: rank 0 drives the uneven calls; every score vs eager, who scored what, padding per rank."""
+    from serving_helpers import eager_value, rel_err
+
+    out = {}
+    for name in families:
+        torch._dynamo.reset()
+        model = _model(name)
+        engine, lockstep = _lockstep(model, world_size)
+        if rank != 0:
+            lockstep.serve_worker()
+            out[name] = {"padding_batches": engine.stats.padding_batches, "steps": lockstep.steps,
+                         "requests": engine.stats.requests}  # fmt: skip
+            continue
+        lockstep.start()
+        lockstep.warmup()  # compiles every graph kind on both ranks together: a lazy compile on one rank
+        # while the other waits inside a compiled gather can outlast the group's timeout on a loaded machine
+        calls = uneven_calls(model.config.get_text_config().vocab_size)
+        answers = [lockstep.score(call) for call in calls]
+        lockstep.stop()
+        reference = _model(name)
+        errors, ranks, messages = [], [], {}
+        for call, scores in zip(calls, answers):
+            assert [s.id for s in scores] == [r.id for r in call]
+            for request, score in zip(call, scores):
+                if score.error is not None:
+                    messages[request.id] = score.error
+                    continue
+                errors.append(rel_err(score.value, eager_value(reference, request)))
+                ranks.append((request.id, score.rank))
+        out[name] = {"errors": errors, "ranks": ranks, "messages": messages, "steps": lockstep.steps,
+                     "padding_batches": engine.stats.padding_batches}  # fmt: skip
+    return out
+
+
+class _Leave(Exception):
+    """Raised on the failing rank to leave its loop at the first scoring step."""
+
+
+def dead_rank_worker(rank: int, world_size: int, how: str) -> dict:
+    """Rank 1 leaves ("exit") or stalls ("hang") at the first scoring step; rank 0 serves HTTP and must
+    answer that call, a later call and /health with clear 503 errors within a bounded time."""
+    from test_serving_cli import http, serving
+
+    from moe_compile.serving.aep import ServingFailed
+    from moe_compile.serving.http import create_app
+
+    store = dist.distributed_c10d._get_default_store()
+    model = _model("qwen3_moe")
+    engine, lockstep = _lockstep(model, world_size)
+    if rank == 1:
+        real = lockstep._run_step
+
+        def run_step(message):
+            if message[0] != "score":
+                return real(message)
+            if how == "hang":
+                store.wait(["rank0_failed"], datetime.timedelta(seconds=120))
+            raise _Leave
+
+        lockstep._run_step = run_step
+        try:
+            lockstep.serve_worker()
+        except ServingFailed as e:
+            assert isinstance(e.__cause__, _Leave), e
+        if how == "hang":
+            store.set("rank1_saw_it", "1")
+        return {"left": True}
+    lockstep.start()
+    out = {}
+    # no warm-up: the failing rank leaves at the first call, before any compile would pair up
+    with serving(create_app(engine, runner=lockstep, warmup=False)) as url:
+        assert http(f"{url}/health")[0] == 200
+        start = time.monotonic()
+        out["call"] = http(f"{url}/score", {"requests": [{"id": "a", "tokens": [5, 6, 7], "labels": [5]}]})
+        out["seconds"] = time.monotonic() - start
+        out["later"] = http(f"{url}/score", {"requests": [{"id": "b", "tokens": [5, 6], "labels": [5]}]})
+        out["rerank"] = http(f"{url}/v1/score", {"text_1": "a", "text_2": "b"})
+        out["health"] = http(f"{url}/health")
+    if how == "hang":
+        store.set("rank0_failed", "1")
+        store.wait(["rank1_saw_it"], datetime.timedelta(seconds=120))
+    lockstep.stop()
+    return out
