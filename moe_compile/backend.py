@@ -102,7 +102,9 @@ def compile_graph(
     if options.use_inductor(on_cuda):
         from torch._inductor.compile_fx import compile_fx
 
-        hook = _InductorPostGradHook(run_passes, inductor_cache.pass_uuid(options))
+        # a caller's own pipeline (PassHarness: chosen passes, graphs recorded) is never served from the cache
+        uuid = inductor_cache.pass_uuid(options) if pipeline is build_pipeline else None
+        hook = _InductorPostGradHook(run_passes, uuid)
         patches = {"post_grad_custom_pre_pass": hook, **_parallel_config_patches(options)}
         key = inductor_cache.report_key(hook.uuid(), gm, example_inputs) if hook.uuid() else None
         compiled = compile_fx(gm, example_inputs, config_patches=patches)

@@ -14,7 +14,8 @@ their ``uuid`` (:func:`pass_uuid`) is a hash of
 No identity (no caching) when the passes leave runtime state that a cached graph would not
 recreate: ``offload`` and ``predictor`` (expert stores, referenced by handle from the graph),
 ``parallel`` (shards kept as constants, the world-size check wrapped around the compiled callable),
-``debug`` (the dumps are written by the passes).
+``debug`` (the dumps are written by the passes), and a pipeline other than the default
+(:class:`moe_compile.testing.pass_harness.PassHarness` records the graphs as the passes run).
 
 On a cache hit the passes do not run, so the report is stored beside the cache entry: a JSON file
 under ``<TORCHINDUCTOR_CACHE_DIR>/moe_compile_reports/``, keyed by :func:`report_key` (the pass

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import moe_compile
 from moe_compile import inductor_cache
@@ -88,3 +89,23 @@ def test_report_round_trips_beside_the_cache_entry(tmp_path, monkeypatch):
     assert "graph_7: served by Inductor's cache" in back.notes[-1]
     missing = inductor_cache.load_report("other", "graph_8")
     assert missing.blocks == [] and "report was not found" in missing.notes[0]
+
+
+def test_a_pass_harness_is_never_served_from_the_cache(monkeypatch, tmp_path):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    from moe_compile import backend
+    from moe_compile.testing.pass_harness import PassHarness
+
+    uuids = []
+    original = backend._InductorPostGradHook.__init__
+
+    def recording(self, run, uuid):
+        uuids.append(uuid)
+        original(self, run, uuid)
+
+    monkeypatch.setattr(backend._InductorPostGradHook, "__init__", recording)
+    monkeypatch.setattr("torch._inductor.compile_fx.compile_fx", lambda gm, inputs, config_patches: gm)
+    gm = torch.fx.symbolic_trace(torch.nn.Linear(2, 2))
+    backend.compile_graph(gm, [torch.randn(1, 2)], {"inductor": True})
+    backend.compile_graph(gm, [torch.randn(1, 2)], {"inductor": True}, pipeline=PassHarness()._pipeline)
+    assert uuids[0] is not None and uuids[1] is None
