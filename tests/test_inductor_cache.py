@@ -24,9 +24,10 @@ torch.manual_seed(0)
 model = zoo.build("qwen3_moe", num_layers=2)
 ids = zoo.make_inputs(model, seq=5)
 compiled = torch.compile(model, backend="moe_prefill", options={"inductor": True, **options})
+with torch.no_grad():
+    expected = model(ids).logits  # before compiling: offload releases the model's experts
 with torch.no_grad(), moe_compile.backend.collect_reports() as report:
     got = compiled(ids).logits
-    expected = model(ids).logits
 print(json.dumps({
     "err": float((got - expected).abs().max() / expected.abs().max()),
     "blocks": [[b.path, b.implementation, b.rewrites, b.activation] for b in report.blocks],
@@ -34,6 +35,8 @@ print(json.dumps({
     "fx_hit": counters["inductor"]["fxgraph_cache_hit"],
     "fx_miss": counters["inductor"]["fxgraph_cache_miss"],
     "aot_hit": counters["aot_autograd"]["autograd_cache_hit"],
+    "fx_bypass": counters["inductor"]["fxgraph_cache_bypass"],
+    "aot_bypass": counters["aot_autograd"]["autograd_cache_bypass"],
 }))
 """
 
@@ -60,6 +63,14 @@ def test_second_process_hits_the_cache_and_reports_the_same_blocks(tmp_path):
     other = _run(tmp_path, {"kernels": "torch"})  # an option that changes the passes' identity: a miss
     assert other["fx_hit"] == other["aot_hit"] == 0 and other["fx_miss"] >= 1, other
     assert other["err"] < 1e-5 and other["blocks"] == first["blocks"]
+
+
+@pytest.mark.slow  # one Inductor compile
+def test_offload_is_never_cached(tmp_path):
+    """The graph calls an expert store by handle: a cached graph would not recreate the store."""
+    got = _run(tmp_path, {"offload": "cpu"})
+    assert got["err"] < 1e-5 and got["fx_bypass"] >= 1 and got["aot_bypass"] >= 1, got
+    assert got["fx_hit"] == got["aot_hit"] == 0
 
 
 def test_pass_identity_follows_the_options_and_the_sources(monkeypatch):
