@@ -32,6 +32,7 @@ model on the standard library's train files, then prints, on its held-out files:
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import json
 import os
@@ -145,7 +146,10 @@ def offload_table(model: torch.nn.Module, predictor: Path, lengths: list[int], r
         prompt = text_chunks(None, "heldout", length, length)  # [1, length]
         for mode, options in OFFLOAD_MODES.items():
             torch._dynamo.reset()
-            compiled = torch.compile(model, backend="moe_prefill", options={"inductor": False, **options(predictor)})
+            # a copy: offload releases the compiled model's expert tensors (the resident mode needs them)
+            compiled = torch.compile(
+                copy.deepcopy(model), backend="moe_prefill", options={"inductor": False, **options(predictor)}
+            )
             report, times = _timed_prefills(compiled, prompt, repeats)
             stats = [s for store in report.offload for s in store.stats()]
             ahead, used, demand, needed = (

@@ -7,6 +7,9 @@
       -> passes (moe_compile.passes.build_pipeline): detect -> canonicalize -> lower
       -> Inductor (post-grad custom pass) or eager execution of the rewritten graph
 
+Under Inductor the passes have a stable identity (:mod:`.inductor_cache`), so Inductor's FX graph
+cache and AOTAutograd's cache serve a second process; the report is stored beside the cache entry.
+
 Options arrive through ``torch.compile(..., options={...})`` and are validated by
 :class:`~moe_compile.options.Options`. The backend is registered under the name
 ``moe_prefill`` on import and through the ``torch_dynamo_backends`` entry point,
@@ -25,7 +28,9 @@ from typing import Any
 
 import torch
 import torch.fx as fx
+from torch._inductor.custom_graph_pass import CustomGraphPass
 
+from . import inductor_cache
 from .debug import GraphDumper
 from .graph import normalize_module_path
 from .options import Options
@@ -97,9 +102,18 @@ def compile_graph(
     if options.use_inductor(on_cuda):
         from torch._inductor.compile_fx import compile_fx
 
-        hook = _InductorPostGradHook(run_passes)
-        patches = {"post_grad_custom_pre_pass": hook, "fx_graph_cache": False, **_parallel_config_patches(options)}
-        return _wrapped(compile_fx(gm, example_inputs, config_patches=patches), ctx)
+        # a caller's own pipeline (PassHarness: chosen passes, graphs recorded) is never served from the cache
+        uuid = inductor_cache.pass_uuid(options) if pipeline is build_pipeline else None
+        hook = _InductorPostGradHook(run_passes, uuid)
+        patches = {"post_grad_custom_pre_pass": hook, **_parallel_config_patches(options)}
+        key = inductor_cache.report_key(hook.uuid(), gm, example_inputs) if hook.uuid() else None
+        compiled = compile_fx(gm, example_inputs, config_patches=patches)
+        if key is not None:
+            if hook.ran:
+                inductor_cache.save_report(key, report)
+            else:  # Inductor's (or AOTAutograd's) cache hit: the passes did not run in this process
+                _publish(inductor_cache.load_report(key, graph_name))
+        return _wrapped(compiled, ctx)
 
     from functorch.compile import make_boxed_func
     from torch._dynamo.backends.common import aot_autograd
@@ -160,17 +174,25 @@ def _parallel_config_patches(options: Options) -> dict[str, Any]:
     return {"reorder_for_peak_memory": False, "reorder_for_compute_comm_overlap": False}
 
 
-class _InductorPostGradHook:
-    """Runs the passes inside Inductor, on its post-grad ATen graph."""
+class _InductorPostGradHook(CustomGraphPass):
+    """Runs the passes inside Inductor, on its post-grad ATen graph.
 
-    def __init__(self, run: Callable[[fx.GraphModule], None]):
+    ``uuid``: the passes' identity for Inductor's FX graph cache and AOTAutograd's cache
+    (:func:`moe_compile.inductor_cache.pass_uuid`); None (no caching) when the passes leave runtime
+    state behind that a cached graph would not recreate (offload, parallel, predictor, debug).
+    """
+
+    def __init__(self, run: Callable[[fx.GraphModule], None], uuid: str | None):
         self.run = run
+        self._uuid = uuid
+        self.ran = False
 
     def __call__(self, graph: fx.Graph) -> None:
+        self.ran = True
         self.run(graph.owning_module)
 
-    def uuid(self) -> None:  # never cache: the passes fill the report
-        return None
+    def uuid(self) -> str | None:
+        return self._uuid
 
 
 def _param_names(gm: fx.GraphModule) -> dict[int, str]:

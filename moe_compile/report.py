@@ -68,6 +68,9 @@ class Report:
     #: offload="cpu", or parallel="aep" with a predictor: the expert stores
     #: (moe_compile.runtime.expert_store.ExpertStore), copy counts per layer; weakly held: only the live ones
     offload: WeakList = dataclasses.field(default_factory=lambda: WeakList())
+    #: bytes of the model's expert tensors whose storage the passes released (offload; parallel: the full
+    #: tensors), i.e. device memory saved on a GPU (on CPU an offloaded tensor's host copy takes the same memory)
+    released_bytes: int = 0
 
     def merge(self, other: Report) -> None:
         self.blocks.extend(other.blocks)
@@ -75,6 +78,7 @@ class Report:
         self.graphs += other.graphs
         self.notes.extend(other.notes)
         self.offload.extend(other.offload)
+        self.released_bytes += other.released_bytes
         for name, seconds in other.pass_times.items():
             self.pass_times[name] = self.pass_times.get(name, 0.0) + seconds
 
@@ -92,6 +96,8 @@ class Report:
         for s in self.skipped:
             lines.append(f"skipped {s.where}: {s.reason}")
         lines.extend(f"note: {n}" for n in self.notes)
+        if self.released_bytes:
+            lines.append(f"released: {self.released_bytes / 2**20:.2f} MiB of the model's expert tensors")
         lines.extend(str(store) for store in self.offload)
         return "\n".join(lines)
 

@@ -9,6 +9,7 @@ prefetch and one offloaded call per layer, and the copy counts say where the byt
 from __future__ import annotations
 
 import collections
+import copy
 
 import pytest
 import torch
@@ -35,13 +36,19 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def tiny():
+def pristine():
+    """The shipped model, never compiled (offload releases a compiled model's expert tensors)."""
     return load_model()
 
 
+@pytest.fixture
+def tiny(pristine):
+    return copy.deepcopy(pristine)
+
+
 @pytest.fixture(scope="module")
-def trained_file(tiny, tmp_path_factory):
-    bundle = train_predictors(tiny, text_chunks(None, "train", 128, 32 * 128), TrainConfig(epochs=2), progress=False)
+def trained_file(pristine, tmp_path_factory):
+    bundle = train_predictors(pristine, text_chunks(None, "train", 128, 32 * 128), TrainConfig(epochs=2), progress=False)
     path = tmp_path_factory.mktemp("predictor") / "tiny.safetensors"
     save_bundle(bundle, path)
     return path
@@ -59,12 +66,13 @@ def harness():
 
 
 def _compile_and_compare(model, input_ids, options, backend="moe_prefill"):
-    """Compiled logits vs eager's (fp32 rel err < 1e-5); the merged report."""
+    """Compiled logits vs eager's (fp32 rel err < 1e-5; eager first: offload releases the model's experts); the
+    merged report."""
+    with torch.no_grad():
+        expected = model(input_ids).logits
     compiled = torch.compile(model, backend=backend, options={"inductor": False, **options})
     with torch.no_grad(), moe_compile.backend.collect_reports() as report:
         got = compiled(input_ids).logits
-    with torch.no_grad():
-        expected = model(input_ids).logits
     assert rel_err(got, expected) < 1e-5
     return report
 
@@ -229,3 +237,55 @@ def test_predict_experts_op_matches_predict_topk():
     got = torch.ops.moe_compile.predict_experts(hidden, w1, b1, w2, b2, 2, 1e-6)  # [T, K]
     torch.testing.assert_close(got, predict_topk(hidden, w1, b1, w2, b2, 2, 1e-6))
     torch.library.opcheck(torch.ops.moe_compile.predict_experts.default, (hidden, w1, b1, w2, b2, 2, 1e-6))
+
+
+# --- the model's expert tensors are released --------------------------------------------------------
+
+
+def test_offload_releases_the_model_experts_and_stays_exact():
+    model = zoo.build("qwen3_moe", num_layers=3)
+    reference = copy.deepcopy(model)  # never compiled: eager on any input, before and after
+    compiled = torch.compile(model, backend="moe_prefill", options={"inductor": False, "offload": "cpu"})
+    with torch.no_grad(), moe_compile.backend.collect_reports() as report:
+        for seq in (5, 9):  # the second shape recompiles: the released tensors' host copies are found again
+            ids = zoo.make_inputs(model, seq=seq)
+            assert rel_err(compiled(ids).logits, reference(ids).logits) < 1e-5
+    names = [name for b in report.blocks for name in b.weights.values()]
+    experts = [model.get_parameter(name) for name in dict.fromkeys(names)]
+    assert len(experts) == 6  # gate_up_proj, down_proj of 3 layers
+    assert all(t.untyped_storage().nbytes() == 0 and t.numel() > 0 for t in experts)  # no storage, same shape
+    assert all(p.untyped_storage().nbytes() > 0 for n, p in model.named_parameters() if n not in names)
+    full = sum(t.numel() * t.element_size() for t in experts)
+    assert report.released_bytes == full  # released at the first compile; the recompile finds nothing to release
+    assert "released: " in str(report) and "released by an earlier offload compile" in str(report)
+    with torch.no_grad(), pytest.raises(RuntimeError, match="storage of size 0|not allocated"):
+        model(zoo.make_inputs(model, seq=4))  # the eager model raises, it computes nothing
+
+
+def test_one_transfer_per_weight_role_and_fetch(tmp_path):
+    model = zoo.build("qwen3_moe", num_layers=3)
+    ids = zoo.make_inputs(model, batch=1, seq=2)
+    wrong = {layer: sorted(set(range(8)) - r)[:2] for layer, r in routed_experts(model, ids).items()}
+    constant_predictors(model, tmp_path / "p.safetensors", wrong)  # prefetch 2 wrong experts, the rest on demand
+    report = _compile_and_compare(model, ids, {"offload": "cpu", "predictor": str(tmp_path / "p.safetensors")})
+    (store,) = report.offload
+    for stats in store.stats():
+        # two fetches (ahead, on demand), each one copy per role (w_up, w_down), whatever the number of experts
+        assert (stats.fetches, stats.transfers) == (2, 4), stats
+        assert stats.bytes_ahead == 2 * stats.expert_bytes and stats.bytes_on_demand >= 2 * stats.expert_bytes
+    assert "4 transfer(s) in 2 fetch(es)" in str(report)
+
+
+def test_host_source_copies_each_role_once_per_fetch():
+    host = expert_store.HostSource(torch.device("cpu"))
+    w_up, w_down = torch.randn(6, 4, 3), torch.randn(6, 3, 2)
+    host.add_layer(0, {"w_up": w_up, "w_down": w_down})
+    buffer = {"w_up": torch.full_like(w_up, float("nan")), "w_down": torch.full_like(w_down, float("nan"))}
+    fetch = host.fetch(0, buffer, [1, 4, 5], ahead=False)
+    assert fetch.transfers == 2 and fetch.experts == [1, 4, 5]
+    assert torch.equal(buffer["w_up"][[1, 4, 5]], w_up[[1, 4, 5]]) and buffer["w_up"][[0, 2, 3]].isnan().all()
+    assert torch.equal(buffer["w_down"][[1, 4, 5]], w_down[[1, 4, 5]])
+    assert host.fetch(0, buffer, list(range(6)), ahead=False).transfers == 2  # the whole layer: straight copies
+    assert torch.equal(buffer["w_up"], w_up) and torch.equal(buffer["w_down"], w_down)
+    assert host.fetch(0, buffer, [], ahead=False).transfers == 0
+    assert host.host[0]["w_up"].untyped_storage().data_ptr() != w_up.untyped_storage().data_ptr()  # its own copy

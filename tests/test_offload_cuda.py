@@ -21,7 +21,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 @pytest.fixture
 def copies(monkeypatch):
-    """Every expert copy the host source makes: (stream it ran on, the current stream outside fetch, pinned)."""
+    """The host source's copies, one entry per expert asked for: (stream it ran on, pinned)."""
     seen: list[tuple[int, bool]] = []
     copy = expert_store.HostSource._copy
 
@@ -41,12 +41,20 @@ def test_prefetch_copies_pinned_memory_on_a_side_stream(dtype, copies, tmp_path)
     ids = zoo.make_inputs(model, batch=2, seq=64)  # 128 tokens: the random predictor's union covers most experts
     random_predictors(model, tmp_path / "p.safetensors")
     options = {"inductor": False, "offload": "cpu", "predictor": str(tmp_path / "p.safetensors")}
+    with torch.no_grad():
+        expected = model(ids).logits  # before compiling: offload releases the model's expert tensors
+    allocated = torch.cuda.memory_allocated()
     compiled = torch.compile(model, backend="moe_prefill", options=options)
     main = torch.cuda.current_stream().cuda_stream
     with torch.no_grad(), moe_compile.backend.collect_reports() as report:
         got = compiled(ids).logits
-        expected = model(ids).logits
     assert rel_err(got, expected) < (1e-5 if dtype == torch.float32 else 2e-2)
+    experts = [p for n, p in model.named_parameters() if n.endswith(("gate_up_proj", "down_proj")) and p.dim() == 3]
+    assert experts and all(p.untyped_storage().nbytes() == 0 for p in experts)  # device copies freed
+    assert report.released_bytes == sum(p.numel() * p.element_size() for p in experts)
+    del got
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_allocated() < allocated  # the experts' device memory went back (the ring is smaller)
     (store,) = report.offload
     assert store.device.type == "cuda" and all(
         t.is_pinned() for layer in store.source.host.values() for t in layer.values()
@@ -64,6 +72,7 @@ def test_no_predictor_copies_on_demand_on_the_compute_stream(copies):
     compiled = torch.compile(model, backend="moe_prefill", options={"inductor": False, "offload": "cpu"})
     main = torch.cuda.current_stream().cuda_stream
     with torch.no_grad():
+        expected = model(ids).logits  # before compiling: offload releases the model's expert tensors
         got = compiled(ids).logits
-        assert rel_err(got, model(ids).logits) < 1e-5
+        assert rel_err(got, expected) < 1e-5
     assert copies and all(s == main for s, _ in copies)

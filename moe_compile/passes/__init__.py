@@ -2,8 +2,8 @@
 
 Each pass is one module; its docstring says what it matches and what it emits.
 
-0. :mod:`.released_weights` — only with ``parallel``: on a recompile, hide the
-   expert weights the first compile released (analysis only).
+0. :mod:`.released_weights` — only with ``parallel`` or ``offload``: on a recompile,
+   hide the expert weights the first compile released (analysis only).
 1. :mod:`.detect_moe` — find MoE blocks by data flow (analysis only).
 2. :mod:`.canonicalize_moe` — verify each block on probe inputs and replace it
    with one ``moe_compile::moe`` call.
@@ -75,10 +75,10 @@ def build_pipeline(options: Options) -> list[GraphPass]:
     if options.predictor is not None:
         passes.append(InsertPredictors())
     passes.append(LowerToTriton())
-    if options.parallel is not None:
+    if options.parallel is not None or options.offload is not None:
         passes = [HideReleasedWeights(), *passes]
-        if not predicted_gather:
-            passes.append(_PARALLEL[options.parallel]())
+    if options.parallel is not None and not predicted_gather:
+        passes.append(_PARALLEL[options.parallel]())
     if options.causal_attention:
         passes.append(CausalAttention())
     check_order(passes)

@@ -6,8 +6,8 @@ Matches: the canonical calls of ``ctx.moe_blocks`` (``moe_compile.moe``), in gra
 whose expert tensors are graph inputs with known values.
 
 Emits: one :class:`~moe_compile.runtime.expert_store.ExpertStore` for the graph, which takes the
-expert tensors of each block (host memory: pinned copies on CUDA, the parameters themselves on
-CPU) and holds two device buffers, one per layer parity. Each call is retargeted to
+expert tensors of each block (host copies it owns: pinned on CUDA, plain on CPU) and holds two
+device buffers, one per layer parity. Each call is retargeted to
 ``moe_compile.moe_offload``, which fetches the routed experts into the buffer and computes there;
 the expert placeholders are no longer read by the graph (shown for the second MoE layer, ``layer=1``)::
 
@@ -21,6 +21,17 @@ the expert placeholders are no longer read by the graph (shown for the second Mo
 The ``None`` token means "everything on demand"; :mod:`.insert_predictors` (next in the pipeline)
 replaces it with a prefetch driven by the layer's predictor. ``moe_offload`` runs the torch
 implementation of the canonical op (no Triton lowering in this mode).
+
+Release: once the store holds a layer's host copies, the model's own expert tensors are released
+(``untyped_storage().resize_(0)``, :func:`moe_compile.runtime.shards.release`, as the parallel
+passes do): shape, dtype and strides stay, which is all Dynamo's guards read, so the compiled model
+keeps running, and the device memory they held is freed (``report.released_bytes``; on CPU the host
+copy takes the same memory, so nothing is saved there). **The eager model cannot run afterwards**:
+PyTorch raises on the first read of a released tensor ("... out of bounds for storage of size 0"
+or "... data is not allocated yet"). A tensor that shares its storage, or whose storage cannot be
+resized (memory-mapped), is kept, with a note. A recompile (a new input shape) sees the released
+tensors through :mod:`.released_weights` and the store takes the cached host copies again
+(:func:`~moe_compile.runtime.expert_store.sources.host_copy`).
 
 Requires: no ``parallel`` option (checked by :class:`~moe_compile.options.Options`). A block whose
 expert tensors are unknown (meta device, placeholders not lining up) stays resident, with the
@@ -37,7 +48,7 @@ from torch._subclasses.fake_tensor import FakeTensor, unset_fake_temporarily
 
 from ..graph import tensor_val
 from ..report import BlockReport, Skipped
-from ..runtime import expert_store
+from ..runtime import expert_store, shards
 from .base import GraphPass, PassContext, set_fake_val
 from .moe_call import MoECall
 
@@ -45,6 +56,7 @@ from .moe_call import MoECall
 class OffloadExperts(GraphPass):
     name = "offload_experts"
     requires = ("moe_blocks",)
+    uses = ("released_inputs",)  # a recompile: the tensors the first compile released
     provides = ("stores",)
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> bool:
@@ -53,6 +65,7 @@ class OffloadExperts(GraphPass):
             return False
         order = {n: i for i, n in enumerate(gm.graph.nodes)}
         store = expert_store.new_store(tensor_val(MoECall.from_node(blocks[0].node).hidden).device)
+        released = 0
         for node, report in sorted(blocks, key=lambda b: order[b.node]):
             tensors = {role: _real(ctx, arg) for role, arg in MoECall.from_node(node).experts().items()}
             unknown = [role for role, t in tensors.items() if t is None]
@@ -61,13 +74,20 @@ class OffloadExperts(GraphPass):
                 ctx.report.skipped.append(Skipped(report.path, reason))
                 continue
             to_store_call(node, report, store, tensors, f"offload={ctx.options.offload}")
+            released += _release(ctx, report.path, tensors)
         if not store.layers:
             return False
         keep_store(ctx, store)
-        where = "pinned host copies" if store.device.type == "cuda" else "the parameters, in host memory"
+        where = "pinned host copies" if store.device.type == "cuda" else "host copies (on CPU: no memory saved)"
+        ctx.report.released_bytes += released
         ctx.report.notes.append(
             f"offload={ctx.options.offload}: {len(store.layers)} MoE layer(s), {store.host_bytes / 2**20:.2f} MiB of "
-            f"experts kept as {where}; device ring of 2 layer buffers, {store.buffer_bytes / 2**20:.2f} MiB"
+            f"experts kept as {where}; device ring of 2 layer buffers, {store.buffer_bytes / 2**20:.2f} MiB; "
+            + (
+                f"{released / 2**20:.2f} MiB of the model's expert tensors released (the eager model can no longer run)"
+                if released or not ctx.released_inputs
+                else "the model's expert tensors were released by an earlier compile"
+            )
         )
         return True
 
@@ -94,8 +114,23 @@ def keep_store(ctx: PassContext, store: expert_store.ExpertStore) -> None:
     ctx.report.offload.append(store)
 
 
+def _release(ctx: PassContext, path: str, tensors: dict[str, torch.Tensor]) -> int:
+    """Release the model's expert tensors the store now holds copies of; the bytes freed."""
+    freed = 0
+    with unset_fake_temporarily():
+        for role, tensor in tensors.items():
+            n = shards.release(tensor)
+            if not n and not shards.is_released(tensor):
+                ctx.report.notes.append(f"{path}: {role} kept (its storage is shared or cannot be resized)")
+            freed += n
+    return freed
+
+
 def _real(ctx: PassContext, node: fx.Node) -> torch.Tensor | None:
+    """The real tensor behind a placeholder, including one an earlier offload compile released."""
     value = ctx.real_value(node)
+    if value is None and (index := ctx.placeholder_index(node)) is not None:
+        value = ctx.released_inputs.get(index)
     if isinstance(value, torch.Tensor) and not isinstance(value, FakeTensor) and not value.is_meta:
         return value
     return None

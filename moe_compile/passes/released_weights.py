@@ -1,18 +1,19 @@
-"""Hide expert weights that an earlier parallel compile released, so no pass reads freed memory.
+"""Hide expert weights that an earlier parallel or offload compile released, so no pass reads freed memory.
 
-Runs first, only with ``parallel="aep"`` or ``"ep"``.
+Runs first, only with ``parallel="aep"`` / ``"ep"`` or ``offload="cpu"``.
 
 Matches: graph inputs whose real value is a tensor with elements but no storage:
-the full expert weights that :mod:`.async_expert_parallel` or :mod:`.expert_parallel`
-released when this model was first compiled (``storage().resize_(0)``). A
-recompile (a new input shape, say) sees them again.
+the full expert weights that :mod:`.async_expert_parallel`, :mod:`.expert_parallel`
+or :mod:`.offload_experts` released when this model was first compiled
+(``storage().resize_(0)``). A recompile (a new input shape, say) sees them again.
 
 Emits: nothing in the graph. In ``ctx.real_inputs`` their values become unknown
 (``None``), so :mod:`.canonicalize_moe` verifies its rewrites with random weights
 of the same shapes instead of the freed ones; the tensors themselves go to
 ``ctx.released_inputs`` (placeholder index -> tensor), where the parallel
 passes find them and, through them, the shards cached at the first compile
-(:mod:`moe_compile.runtime.shards`).
+(:mod:`moe_compile.runtime.shards`), and the offload pass the host copies
+(:func:`moe_compile.runtime.expert_store.sources.host_copy`).
 """
 
 from __future__ import annotations
@@ -46,5 +47,8 @@ class HideReleasedWeights(GraphPass):
             ctx.report.notes.append(
                 f"{len(released)} expert tensor(s) were released by an earlier parallel compile: "
                 "rewrites verified with random weights, shards reused"
+                if ctx.options.offload is None
+                else f"{len(released)} expert tensor(s) were released by an earlier offload compile: "
+                "rewrites verified with random weights, host copies reused"
             )
         return False

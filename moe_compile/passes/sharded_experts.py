@@ -103,6 +103,7 @@ class ShardedExpertsPass(GraphPass):
             return False
         self.rewrite(gm, ctx, blocks, world, start=first.prev)
         released = self._release(ctx, blocks)
+        ctx.report.released_bytes += released
         ctx.wrap_compiled = functools.partial(rdist.guard_compiled, mode=self.mode, world=world)
         shard_mb = sum(b.shard_bytes for b in blocks) / 2**20
         ctx.report.notes.append(

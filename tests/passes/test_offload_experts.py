@@ -25,9 +25,11 @@ def test_calls_read_their_experts_from_one_store():
     offload = torch.ops.moe_compile.moe_offload.default
     calls = [MoECall.from_node(n) for n in harness.record.after.nodes if n.target is offload]
     assert [(c.store, c.layer, c.token) for c in calls] == [(store.handle, 0, None), (store.handle, 1, None)]
-    assert [s.calls for s in store.stats()] == [1, 1] and store.host_bytes == sum(
-        b.w_up.numel() * 4 + b.w_down.numel() * 4 for b in model.blocks
-    )
+    full = sum(b.w_up.numel() * 4 + b.w_down.numel() * 4 for b in model.blocks)
+    assert [s.calls for s in store.stats()] == [1, 1] and store.host_bytes == full
+    # the store holds its own copies; the model's expert tensors were released
+    assert all(t.untyped_storage().nbytes() == 0 for b in model.blocks for t in (b.w_up, b.w_down))
+    assert harness.report.released_bytes == full
 
 
 def test_near_miss_nothing_canonical_nothing_offloaded():

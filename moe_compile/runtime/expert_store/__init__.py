@@ -12,7 +12,7 @@ Where the experts come from is the store's *source*; the ring, the prefetch / on
 and the byte counts are the store's and the same for both:
 
 - :class:`~.sources.HostSource` (``offload="cpu"``, :mod:`moe_compile.passes.offload_experts`): every expert
-  tensor in host memory (pinned copies on CUDA; on CPU the parameters themselves), copied row by row;
+  tensor in host copies it owns (pinned on CUDA), the model's tensors released; one transfer per weight role;
 - :class:`~.ranks.RanksSource` (``parallel="aep"`` with a predictor,
   :mod:`moe_compile.passes.predicted_gather`): each rank keeps its shard of every layer; the union
   over ranks of the wanted experts is all-gathered (a collective: every rank takes part in every fetch).

@@ -130,7 +130,7 @@ class RanksSource:
                 got = rows_SB[:, role.offset : role.offset + role.nbytes].view(role.shard.dtype)  # [S, numel]
                 target.index_copy_(0, ids_S, got.view(len(ids), *target.shape[1:]))  # rows at their expert ids
 
-        return Fetch(ids, finish, padding_rows=W * m - len(ids))
+        return Fetch(ids, finish, padding_rows=W * m - len(ids), transfers=1)
 
     def _gather_all(self, spec: _Layer, buffer: dict[str, torch.Tensor]) -> Fetch:
         """Every rank's whole shard, gathered in rank order straight into ``buffer`` (``[E, ...]``, expert order)."""
@@ -141,4 +141,4 @@ class RanksSource:
             for work in works:
                 work.wait()
 
-        return Fetch(list(range(self.world.size * spec.per_rank)), finish)
+        return Fetch(list(range(self.world.size * spec.per_rank)), finish, transfers=len(works))

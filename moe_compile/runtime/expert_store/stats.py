@@ -21,6 +21,8 @@ class LayerStats:
     bytes_on_demand: int = 0  # brought by moe_offload: not resident when the layer's MoE ran
     bytes_on_demand_used: int = 0  # of those, experts this router picked (less under RanksSource: other ranks' too)
     bytes_padding: int = 0  # RanksSource: padding rows of uneven gathers (moved, never resident)
+    transfers: int = 0  # copies (HostSource: one per weight role and fetch) or collectives (RanksSource) issued
+    fetches: int = 0  # fetches that moved something (ahead or on demand)
 
     @property
     def bytes_needed(self) -> int:
@@ -40,5 +42,6 @@ class LayerStats:
         return (
             f"{self.kind} layer {self.layer} ({self.path}): ahead {mib(self.bytes_ahead)} "
             f"(used {mib(self.bytes_ahead_used)}), on demand {mib(self.bytes_on_demand)}{padding}, "
-            f"{self.share_ahead:.0%} of needed bytes ahead, {self.calls} call(s)"
+            f"{self.share_ahead:.0%} of needed bytes ahead, {self.calls} call(s), "
+            f"{self.transfers} transfer(s) in {self.fetches} fetch(es)"
         )

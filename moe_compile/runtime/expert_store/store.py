@@ -121,6 +121,8 @@ class ExpertStore:
         stats = self.layers[layer].stats
         setattr(stats, field, getattr(stats, field) + len(fetch.experts) * stats.expert_bytes)
         stats.bytes_padding += fetch.padding_rows * stats.expert_bytes
+        stats.transfers += fetch.transfers
+        stats.fetches += 1 if fetch.transfers else 0
         return stats
 
     def _claim(self, layer: int, seq: int | None) -> _Buffer:
