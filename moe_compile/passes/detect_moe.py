@@ -94,7 +94,10 @@ def _expert_weight_uses(gm: fx.GraphModule) -> dict[fx.Node, tuple[fx.Node, int,
     uses: dict[fx.Node, tuple[fx.Node, int, bool]] = {}
     for ph in gm.graph.find_nodes(op="placeholder"):
         v = tensor_val(ph)
-        if v is None or v.dim() != 3 or not v.is_floating_point() or not isinstance(v.shape[0], int) or v.shape[0] < 2:
+        if v is None or v.dim() != 3 or not v.is_floating_point() or not all(isinstance(d, int) for d in v.shape):
+            continue  # expert weights are static [E, ., .]; a dynamic dim is a sequence length
+        E = v.shape[0]
+        if E < 2:
             continue
         frontier = [(ph, False)]
         while frontier:
@@ -106,10 +109,17 @@ def _expert_weight_uses(gm: fx.GraphModule) -> dict[fx.Node, tuple[fx.Node, int,
                     if pos < 2 or (name == "aten::addmm" and pos < 3):
                         uses.setdefault(user, (ph, pos, gathered))
                 elif name in VIEWS:
-                    frontier.append((user, gathered))
+                    if gathered or _keeps_experts(user, E):  # hidden states [B, S, H] are flattened to [B*S, H]
+                        frontier.append((user, gathered))
                 elif name == "aten::index" and user.args[0] is node:
                     frontier.append((user, True))
     return uses
+
+
+def _keeps_experts(node: fx.Node, E: int) -> bool:
+    """An expert weight [E, ., .] keeps its expert dimension until a row gather picks experts."""
+    v = tensor_val(node)
+    return v is not None and v.dim() >= 3 and isinstance(v.shape[0], int) and v.shape[0] == E
 
 
 def _find_hidden(mm: fx.Node, weight_pos: int) -> fx.Node | None:

@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import inspect
 import io
 import logging
 import multiprocessing
@@ -279,12 +280,27 @@ def _zoo_entry(model_type: str):
 
 #: config kwargs the generic shrink cannot guess (nested sizes that must agree, and so on)
 _GLM4V_ROPE = {"rope_parameters": {"mrope_section": [2, 1, 1]}}  # head 16, partial rotary 0.5: sections sum to 4
+_QWEN4_INDEXER = {
+    "indexer_n_heads": 2,
+    "indexer_kv_heads": 1,
+    "indexer_head_dim": 16,
+    "indexer_budget": 8,
+    "indexer_compress_ratio": 2,
+}
 TINY_OVERRIDES: dict[str, dict[str, Any]] = {
     "glm4v_moe_text": _GLM4V_ROPE,
     "glm4v_moe": {"text_config": _GLM4V_ROPE},
     "deepseek_ocr2_text": {"mlp_layer_types": ["dense", "sparse"]},  # None in the default config
     "deepseek_ocr2": {"text_config": {"mlp_layer_types": ["dense", "sparse"]}},
     "dbrx": {"attn_config": {"rope_theta": 10000.0, "clip_qkv": 8.0}},  # lost when the nested config is rebuilt
+    # the model builds a sliding-window mask whatever its layer types are: None in the default config
+    "step3p5": {"sliding_window": 8},
+    "step3p7": {"text_config": {"sliding_window": 8}},
+    "qwen4_exp_text": _QWEN4_INDEXER,  # the indexer sizes are None in the default config
+    "qwen4_exp": {"text_config": _QWEN4_INDEXER},
+    # the default picks the last of 12 (24) layers: the tiny backbone has two
+    "vitpose_backbone": {"out_indices": [2], "out_features": ["stage2"], "part_features": 8},
+    "vitpose": {"backbone_config": {"out_indices": [2], "out_features": ["stage2"], "part_features": 8}},
 }
 
 
@@ -392,7 +408,10 @@ def _inputs(model: Any, seq: int, seed: int) -> dict[str, Any]:
         size = getattr(config, "image_size", 32)
         size = size if isinstance(size, (list, tuple)) else (size, size)
         channels = getattr(config, "num_channels", 3)
-        return {"pixel_values": torch.randn(2, channels, *size, generator=gen)}
+        kwargs = {"pixel_values": torch.randn(2, channels, *size, generator=gen)}
+        if "dataset_index" in inspect.signature(model.forward).parameters:  # vitpose: the expert is picked per image
+            kwargs["dataset_index"] = torch.randint(0, TINY_EXPERTS, (2,), generator=gen)
+        return kwargs
     raise ValueError(f"main input {name!r} (not text or images): no generic inputs")
 
 
@@ -628,6 +647,26 @@ KNOWN_GAPS: dict[str, Gap] = {
         _LOOP + "; also identity/zero experts (`zero_expert_num`) the canonical op has no form for",
     ),
     "step3p7": Gap("missed", "not found, no reason given", _LOOP + " (`Step3p7Experts`, one-hot over E + 1 classes)"),
+    "step3p5": Gap("missed", "not found, no reason given", "as `step3p7` (built as `Step3p7TextModel`)"),
+    "openai_privacy_filter": Gap(
+        "missed",
+        "not found, no reason given",
+        _LOOP + " (`OpenAIPrivacyFilterExperts`, the gpt-oss clamped SwiGLU `(up+1)*gate*sigmoid(alpha*gate)` "
+        "with biases, computed and accumulated in fp32)",
+    ),
+    "switch_transformers": Gap(
+        "missed",
+        "not found, no reason given",
+        _LOOP + " (`SwitchTransformersExperts`, a `ModuleDict` of dense MLPs); the top-1 router also drops "
+        "tokens over the expert capacity (`expert_capacity`), which the canonical op has no form for",
+    ),
+    "vitpose_backbone": Gap(
+        "missed",
+        "not found, no reason given",
+        "no router: `VitPoseNaiveMoe` picks one expert per image from the `dataset_index` input (a mask "
+        "`indices == i` over a dense loop of E `nn.Linear`), and the expert output is concatenated (`cat`) "
+        "after a shared `fc2`'s, not summed: outside the canonical op",
+    ),
     "doge": Gap(
         "missed",
         "not found, no reason given",
@@ -710,11 +749,29 @@ KNOWN_GAPS: dict[str, Gap] = {
     "mistral4": Gap("not-built", "must match the size of tensor b", "generic tiny config: attention sizes disagree"),
     "nemo_speechlm": Gap("not-built", "audio_hidden_size", "generic tiny config: nested audio sizes must agree"),
     "nemotron_h_omni": Gap("not-built", "no model class registered", "no model class in the auto mappings"),
-    "glm5_next": Gap(
+    "qwen3_5_moe": Gap(
         "not-built",
-        "timed out",
-        "the tiny model compiles for minutes on 2 cores (its text part `glm5_next_text` alone took "
-        "450 s on a loaded machine); needs a smaller tiny config",
+        "vocab_size",
+        "the causal-LM class registered for `qwen3_5_moe` is the text model, built here from the composite "
+        "config, which has no `vocab_size` (the text part `qwen3_5_moe_text` is covered)",
+    ),
+    "qwen4_exp": Gap(
+        "not-built",
+        "vocab_size",
+        "the causal-LM class registered for `qwen4_exp` is the text model, built here from the composite "
+        "config, which has no `vocab_size` (the text part `qwen4_exp_text` is covered)",
+    ),
+    "qwen3_omni_moe": Gap(
+        "not-built",
+        "no model class registered",
+        "no model class in the auto mappings (its MoE thinker, `qwen3_omni_moe_thinker`, is covered)",
+    ),
+    "qwen3_omni_moe_text": Gap("not-built", "no model class registered", "as `qwen3_omni_moe`"),
+    "qwen3_omni_moe_talker_text": Gap("not-built", "no model class registered", "as `qwen3_omni_moe`"),
+    "vitpose": Gap(
+        "not-built",
+        "no model class registered",
+        "no model class in the auto mappings (its MoE backbone is `vitpose_backbone`)",
     ),
 }
 

@@ -34,3 +34,17 @@ def test_dense_model_has_nothing_to_find():
     model = zoo.build_dense()
     harness = run(PassHarness(DetectMoE()), model, zoo.make_inputs(model, seq=4))
     assert harness.record.ctx.detected.matches == [] and harness.report.skipped == []
+
+
+def test_a_batched_input_is_not_taken_for_expert_weights():
+    """A graph whose input is the hidden states [B, S, H] (a MoE layer compiled alone, or a graph after a break):
+    with B >= 2 the input is 3-D like an expert weight [E, ., .], but it is flattened across its first dimension
+    before any matmul, so it is no expert weight and must neither be paired with the experts' matmuls nor hide them."""
+    from custom_moe import CustomMoE
+
+    for batch in (2, 4):  # 4: as many rows as the layer has experts
+        torch.manual_seed(0)
+        harness = run(PassHarness(DetectMoE()), CustomMoE().eval(), torch.randn(batch, 5, 32))
+        matches = harness.record.ctx.detected.matches
+        assert [(m.num_experts, m.top_k, m.hidden_size, m.intermediate_size) for m in matches] == [(4, 2, 32, 16)]
+        assert harness.report.skipped == [], harness.report.skipped
