@@ -26,15 +26,21 @@ The model is a small random-weight Qwen3-MoE (hidden 256, 4 layers, 16 experts, 
 4 heads of 64, vocab 4096) in fp32, small enough for a CPU.
 
 A third table (``--ranks 2``, gloo on 127.0.0.1, spawned processes) serves the same kind of
-workload from rank 0 over 2 ranks three ways: ``replicas`` (every rank holds the full model,
-``score_routed``), ``aep`` (every rank holds 1/W of the experts, lockstep behind rank 0:
-:mod:`moe_compile.serving.aep`) and ``ep`` (``parallel="ep"``: experts sharded, tokens moved by
-AllToAll, the same lockstep), at 0/50/90% shared prefixes: requests/s and tokens/s on rank 0
-(calls of ``--chunk`` requests, after a warm-up), expert bytes held per rank, the prefix
-cache hit rate and the requests/tokens each rank scored (prefix-aware routing).
+workload from rank 0 over 2 ranks three ways, one after the other in one run, on copies of
+one model: ``replicas`` (every rank holds the full model; ``score_routed``), ``aep`` (every
+rank holds 1/W of the experts and gathers the rest ahead of use, lockstep behind rank 0:
+:mod:`moe_compile.serving.aep`) and ``ep`` (``parallel="ep"``: experts sharded, tokens moved
+by AllToAll, the same lockstep), at 0/50/90% shared prefixes: requests/s and tokens/s on
+rank 0 (calls of ``--chunk`` requests, after a warm-up that compiles every batch kind, each
+level starting with empty prefix caches), the ratio to ``replicas``, expert bytes held per
+rank (full tensors plus shards), the prefix cache hit rate, and per rank the requests
+scored, tokens computed and padding batches run (prefix-aware routing). Every mode's scores
+are compared with the others' and with the HF loop. ``--smoke`` runs it on a 2-layer model
+and 8 short requests (a few minutes at most, mostly compiles); ``--json`` writes the results.
 
     python benchmarks/serving.py [--threads 1] [--requests 64] [--tokens 256]
-    python benchmarks/serving.py --ranks 2 [--requests 48] [--tokens 96]
+    python benchmarks/serving.py --ranks 2 --requests 48 --tokens 96 [--json out.json]
+    python benchmarks/serving.py --smoke
 """
 
 from __future__ import annotations
