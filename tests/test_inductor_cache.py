@@ -88,9 +88,7 @@ def test_pass_identity_follows_the_options_and_the_sources(monkeypatch):
 def test_report_round_trips_beside_the_cache_entry(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
     report = moe_compile.Report(
-        blocks=[
-            moe_compile.BlockReport("model.layers.0.mlp", 8, 2, 32, 16, "SiLU-gated", "fused", "softmax", False)
-        ],
+        blocks=[moe_compile.BlockReport("model.layers.0.mlp", 8, 2, 32, 16, "SiLU-gated", "fused", "softmax", False)],
         skipped=[moe_compile.Skipped("model.layers.1.mlp", "why")],
         notes=["a note"],
     )

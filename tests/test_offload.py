@@ -48,7 +48,9 @@ def tiny(pristine):
 
 @pytest.fixture(scope="module")
 def trained_file(pristine, tmp_path_factory):
-    bundle = train_predictors(pristine, text_chunks(None, "train", 128, 32 * 128), TrainConfig(epochs=2), progress=False)
+    bundle = train_predictors(
+        pristine, text_chunks(None, "train", 128, 32 * 128), TrainConfig(epochs=2), progress=False
+    )
     path = tmp_path_factory.mktemp("predictor") / "tiny.safetensors"
     save_bundle(bundle, path)
     return path
