@@ -219,19 +219,8 @@ def moe_impl(
     return moe_torch(hidden, topk_ids, topk_weights, w_up, w_down, b_up, b_down, s)
 
 
-@torch.library.custom_op("moe_compile::moe", mutates_args=())
-def moe(
-    hidden: torch.Tensor,
-    topk_ids: torch.Tensor,
-    topk_weights: torch.Tensor,
-    w_up: torch.Tensor,
-    w_down: torch.Tensor,
-    b_up: torch.Tensor | None,
-    b_down: torch.Tensor | None,
-    spec: str,
-) -> torch.Tensor:
-    """``hidden [T, H]``, ``topk_ids [T, K]``, ``topk_weights [T, K]`` and the expert weights -> ``[T, H]``."""
-    return moe_impl(hidden, topk_ids, topk_weights, w_up, w_down, b_up, b_down, spec)
+#: ``hidden [T, H]``, ``topk_ids [T, K]``, ``topk_weights [T, K]`` and the expert weights -> ``[T, H]``
+moe = torch.library.custom_op("moe_compile::moe", mutates_args=())(moe_impl)
 
 
 @moe.register_fake
