@@ -37,6 +37,8 @@ class ExpertSpec:
     transposed: bool = False  # weights stored [E, in, out] instead of [E, out, in]
     alpha: float = 1.702  # swiglu_oai: glu = gate * sigmoid(alpha * gate)
     limit: float = 7.0  # swiglu_oai: gate clamped above, up clamped to [-limit, limit]
+    #: the routing weight scales the expert's *input* (``expert(w * x)``, Llama 4) instead of its output
+    scale_input: bool = False
 
     def __post_init__(self) -> None:
         if self.activation not in ACTIVATIONS:
@@ -69,7 +71,8 @@ class ExpertSpec:
 
     def describe(self) -> str:
         """Human-readable activation, e.g. ``SiLU-gated`` or ``clamped SwiGLU (alpha=1.702, limit=7)``."""
+        scaled = ", routing weight scales the input" if self.scale_input else ""
         if self.activation == "swiglu_oai":
-            return f"clamped SwiGLU (alpha={self.alpha:g}, limit={self.limit:g})"
+            return f"clamped SwiGLU (alpha={self.alpha:g}, limit={self.limit:g}){scaled}"
         name = {"silu": "SiLU", "gelu": "GELU", "gelu_tanh": "GELU-tanh", "relu": "ReLU"}[self.activation]
-        return f"{name}-gated" if self.gated else f"{name} (non-gated)"
+        return (f"{name}-gated" if self.gated else f"{name} (non-gated)") + scaled

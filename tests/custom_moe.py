@@ -14,9 +14,13 @@ class CustomMoE(nn.Module):
     ``sentinel="zero"`` zeroes the rows of ids ``>= experts`` (expert-parallel sentinels, never
     present here) with ``torch.where(mask, 0.0, x)``, the form Inductor gives ``masked_fill``;
     ``sentinel="rows"`` replaces them with other rows instead (not a masked fill).
+    ``pre_norm=True`` routes on the block's input but feeds the experts its LayerNorm, computed
+    after the router (Gemma 4's order: the ids come before the experts' input in the graph).
     """
 
-    def __init__(self, hidden=32, inter=16, experts=4, k=2, post_norm=False, weight_input=False, sentinel=None):
+    def __init__(
+        self, hidden=32, inter=16, experts=4, k=2, post_norm=False, weight_input=False, sentinel=None, pre_norm=False
+    ):
         super().__init__()
         self.k = k
         self.experts = experts
@@ -25,6 +29,7 @@ class CustomMoE(nn.Module):
         self.w_up = nn.Parameter(torch.randn(experts, 2 * inter, hidden) * 0.2)
         self.w_down = nn.Parameter(torch.randn(experts, hidden, inter) * 0.2)
         self.norm = nn.LayerNorm(hidden) if post_norm else None
+        self.pre_norm = nn.LayerNorm(hidden) if pre_norm else None
         self.weight_input = weight_input
 
     def forward(self, x_BSH: torch.Tensor) -> torch.Tensor:
@@ -34,6 +39,8 @@ class CustomMoE(nn.Module):
         w_TK, ids_TK = scores_TE.topk(self.k, dim=-1)
         w_TK = w_TK / w_TK.sum(-1, keepdim=True)
         ids_P = ids_TK.reshape(-1)  # P = T*k pairs
+        if self.pre_norm is not None:
+            x_TH = self.pre_norm(x_TH)
         x_PH = x_TH.repeat_interleave(self.k, dim=0)
         if self.weight_input:
             x_PH = x_PH * w_TK.reshape(-1, 1)
@@ -54,14 +61,15 @@ class CustomMoE(nn.Module):
 class TinyLM(nn.Module):
     """Embedding, ``layers`` residual MoE blocks (dense MLP in ``dense_layers``), a head."""
 
-    def __init__(self, vocab=64, hidden=32, layers=2, dense_layers=(), **moe_kwargs):
+    def __init__(self, vocab=64, hidden=32, layers=2, dense_layers=(), block=None, **moe_kwargs):
         super().__init__()
+        block = block or CustomMoE
         self.embed = nn.Embedding(vocab, hidden)
         self.norms = nn.ModuleList(nn.LayerNorm(hidden) for _ in range(layers))
         self.blocks = nn.ModuleList(
             nn.Sequential(nn.Linear(hidden, 2 * hidden), nn.GELU(), nn.Linear(2 * hidden, hidden))
             if i in dense_layers
-            else CustomMoE(hidden=hidden, **moe_kwargs)
+            else block(hidden=hidden, **moe_kwargs)
             for i in range(layers)
         )
         self.head = nn.Linear(hidden, vocab)
@@ -71,6 +79,38 @@ class TinyLM(nn.Module):
         for norm, block in zip(self.norms, self.blocks):
             x = x + block(norm(x))
         return self.head(x)
+
+
+class DenseScoredMoE(nn.Module):
+    """Llama 4's form: every expert runs on every token, its input scaled by a dense ``[T, E]`` score.
+
+    The score is ``sigmoid(scatter(full(fill), top-k ids, top-k logits))``: with ``fill=-inf`` it is exactly
+    zero off the top k (a top-k MoE in dense form); with ``fill=0.0`` it is 0.5 there, so every expert
+    contributes (dense compute, no MoE). ``bias=True`` gives the experts an up bias, so an expert with a zero
+    input still adds ``down(act(b))`` (not a top-k MoE either).
+    """
+
+    def __init__(self, hidden=32, inter=16, experts=4, k=2, fill=float("-inf"), bias=False):
+        super().__init__()
+        self.k, self.experts, self.fill = k, experts, fill
+        self.router = nn.Linear(hidden, experts, bias=False)
+        self.gate_up = nn.Parameter(torch.randn(experts, hidden, 2 * inter) * 0.2)  # [E, H, 2I] as Llama 4
+        self.down = nn.Parameter(torch.randn(experts, inter, hidden) * 0.2)
+        self.b_up = nn.Parameter(torch.randn(experts, 2 * inter) * 0.2) if bias else None
+
+    def forward(self, x_BSH):
+        B, S, H = x_BSH.shape
+        x_TH = x_BSH.reshape(-1, H)
+        logits_TE = self.router(x_TH)
+        top_TK, ids_TK = torch.topk(logits_TE, self.k, dim=1)
+        scores_TE = torch.sigmoid(torch.full_like(logits_TE, self.fill).scatter_(1, ids_TK, top_TK))
+        routed_in = x_TH.repeat(self.experts, 1) * scores_TE.transpose(0, 1).reshape(-1, 1)
+        gate_up = torch.bmm(routed_in.view(self.experts, -1, H), self.gate_up)
+        if self.b_up is not None:
+            gate_up = gate_up + self.b_up.unsqueeze(1)
+        gate, up = gate_up.chunk(2, dim=-1)
+        out = torch.bmm(up * F.silu(gate), self.down)
+        return out.view(self.experts, -1, H).sum(dim=0).view(B, S, H)
 
 
 class SwiGLUExpert(nn.Module):

@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 from conftest import rel_err
-from custom_moe import TinyLM
+from custom_moe import DenseScoredMoE, TinyLM
 
 import moe_compile
 from moe_compile.testing import zoo
@@ -182,13 +182,49 @@ def test_triton_kernels_end_to_end(name):
     assert {b.implementation for b in torch_report.blocks} == {"torch"}
 
 
-def test_llama4_input_scaled_experts_are_skipped_and_exact():
+@pytest.mark.parametrize("kernels", ["torch", "triton"])
+def test_llama4_dense_input_scaled_experts_become_the_input_scaled_op(kernels):
+    """Llama 4 runs every expert on every token, scaled by a score zero off the top k: one sparse op call."""
     model = zoo.build("llama4")
     input_ids = zoo.make_inputs(model, seq=6)
-    report = moe_compile.explain(model, input_ids)
-    assert report.blocks == [] and len(report.skipped) == len(zoo.moe_layer_indices("llama4", model.config))
-    assert all("scaled before the experts" in s.reason for s in report.skipped), report
-    _compare(model, input_ids)
+    report = moe_compile.explain(model, input_ids, options={"kernels": kernels})
+    assert len(report.blocks) == len(zoo.moe_layer_indices("llama4", model.config)) and not report.skipped, report
+    block = report.blocks[0]
+    assert block.activation == "SiLU-gated, routing weight scales the input", block
+    assert block.top_k == model.config.num_experts_per_tok, block
+    assert "every expert on every token" in block.layout and block.shared_experts, block
+    _compare(model, input_ids, zoo.make_inputs(model, seq=9), options={"kernels": kernels})
+
+
+@pytest.mark.parametrize(
+    "kwargs, reason",
+    [
+        ({}, None),
+        ({"k": 1}, None),
+        ({"fill": 0.0}, "is 0.5, not 0, outside the top k"),  # every expert contributes: dense, not top-k
+        ({"bias": True}, "no canonical form reproduces the block"),  # expert(0) = down(act(b)) != 0
+    ],
+)
+def test_dense_scored_experts_are_rewritten_only_when_zero_off_the_top_k(kwargs, reason):
+    torch.manual_seed(0)
+    model = TinyLM(block=DenseScoredMoE, **kwargs).eval()
+    report = moe_compile.explain(model, torch.randint(0, 64, (2, 5)), options={"inductor": False})
+    if reason is None:
+        assert len(report.blocks) == 2 and not report.skipped, report
+        assert all(b.top_k == kwargs.get("k", 2) and "scales the input" in b.activation for b in report.blocks)
+    else:
+        assert report.blocks == [] and len(report.skipped) == 2, report
+        assert all(reason in s.reason for s in report.skipped), report.skipped
+    _compare(model, torch.randint(0, 64, (2, 5)), torch.randint(0, 64, (3, 8)), options={"inductor": False})
+
+
+def test_router_before_the_experts_pre_norm_is_found():
+    """Gemma 4's order: the router reads the block input, the experts a norm of it computed after the router."""
+    torch.manual_seed(0)
+    model = TinyLM(pre_norm=True).eval()
+    report = moe_compile.explain(model, torch.randint(0, 64, (2, 5)), options={"inductor": False})
+    assert [b.path for b in report.blocks] == ["blocks.0", "blocks.1"] and not report.skipped, report
+    _compare(model, torch.randint(0, 64, (2, 5)), options={"inductor": False})
 
 
 @pytest.mark.parametrize("name", ["qwen3_moe", "gpt_oss"])

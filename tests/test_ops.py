@@ -18,6 +18,8 @@ SPECS = [
     ExpertSpec(activation="relu", gated=False),
     ExpertSpec(activation="silu", transposed=True),
     ExpertSpec(activation="swiglu_oai", gate_layout="interleaved", transposed=True, alpha=1.5, limit=3.0),
+    ExpertSpec(scale_input=True),  # Llama 4: the routing weight scales the experts' input
+    ExpertSpec(activation="gelu", gated=False, transposed=True, scale_input=True),
 ]
 
 
@@ -76,9 +78,35 @@ def test_shape_errors_are_clear():
         torch.ops.moe_compile.moe(x, ids, w[:, :1], w_up, w_down, None, None, spec.encode())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_scale_input_is_llama4s_dense_experts_on_scaled_inputs(dtype):
+    """``scale_input``: sum_k expert(w_k * x), which is every expert run on ``x`` scaled by a score zero off the top k."""
+    spec = ExpertSpec(transposed=True, scale_input=True)
+    x, ids, w, w_up, w_down, _, _ = _inputs(spec, T=9, K=2, E=6, dtype=dtype)
+    scores_TE = torch.zeros(9, 6, dtype=dtype).scatter(1, ids, w)  # as Llama4Router builds them
+    dense = torch.zeros(9, x.shape[1])
+    for e in range(6):  # Llama4TextExperts: bmm over all experts
+        gate, up = (x * scores_TE[:, e : e + 1]).float().matmul(w_up[e].float()).chunk(2, dim=-1)
+        dense += (torch.nn.functional.silu(gate) * up).matmul(w_down[e].float())
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert rel_err(moe_torch(x, ids, w, w_up, w_down, None, None, spec), dense) < tol
+    # and it is another function than weighting the output (the spec is not ignored)
+    plain = ExpertSpec(transposed=True)
+    assert rel_err(moe_torch(x, ids, w, w_up, w_down, None, None, plain), dense) > 0.05
+
+
+def test_up_and_down_weights_must_pair():
+    spec = ExpertSpec()
+    x, ids, w, w_up, w_down, _, _ = _inputs(spec)
+    with pytest.raises(RuntimeError, match="are not an up/down pair"):
+        torch.ops.moe_compile.moe(x, ids, w, w_up, w_down[..., :-1], None, None, spec.encode())
+
+
 def test_spec_round_trip_and_validation():
     spec = ExpertSpec(activation="gelu_tanh", gated=False, transposed=True)
     assert ExpertSpec.decode(spec.encode()) == spec
+    scaled = ExpertSpec(scale_input=True)
+    assert ExpertSpec.decode(scaled.encode()) == scaled and "scales the input" in scaled.describe()
     with pytest.raises(ValueError, match="unknown activation 'swish'"):
         ExpertSpec(activation="swish")
 

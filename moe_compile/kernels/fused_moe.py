@@ -53,6 +53,13 @@ def fused_moe(
             bench=lambda c: triton.testing.do_bench(lambda: fused_moe(*args, config=c)),
         )  # fmt: skip
     alignment = align(topk_ids_TK, w_up.shape[0], config.block_m)  # [P], [B], [1]
-    act_SI = up_projection(hidden_TH, alignment, w_up, b_up_EN, spec, K, config)  # [S, I]
+    if spec.scale_input:
+        # the weight scales each pair's input row: the up kernel reads row p of [S, H] (top-1 indexing), the
+        # down kernel weighs by one. NOTE: the [S, H] copy could be a per-row scale in the up epilogue instead.
+        hidden_SH = (hidden_TH.unsqueeze(1) * topk_weights_TK.unsqueeze(-1).to(hidden_TH.dtype)).reshape(T * K, H)
+        act_SI = up_projection(hidden_SH, alignment, w_up, b_up_EN, spec, 1, config)  # [S, I]
+        topk_weights_TK = torch.ones_like(topk_weights_TK)
+    else:
+        act_SI = up_projection(hidden_TH, alignment, w_up, b_up_EN, spec, K, config)  # [S, I]
     y_SH = down_projection(act_SI, alignment, topk_weights_TK, w_down, b_down_EH, spec, config)  # [S, H]
     return reduce_topk(y_SH, K, hidden_TH.dtype)  # [T, H]

@@ -9,6 +9,10 @@ Semantics (what every implementation must compute)::
     out[t] = sum_k  topk_weights[t, k] * expert_{topk_ids[t, k]}(hidden[t])
     expert_e(x) = down_e(act(up_e(x)))
 
+or, with ``spec.scale_input`` (Llama 4, whose router scales the experts' input)::
+
+    out[t] = sum_k  expert_{topk_ids[t, k]}(topk_weights[t, k] * hidden[t])
+
 The router is *not* part of the op: it stays as ordinary graph nodes, so every
 router kind (softmax/sigmoid, renormalised or not, group-limited, biased, scaled)
 is preserved exactly. Expert weights are passed as they are stored (see
@@ -132,8 +136,11 @@ def moe_torch(
     counts_E = torch.diff(ends_E, prepend=ends_E.new_zeros(1))
     offs_E = ends_E.to(torch.int32)
 
+    weights_S1 = topk_weights_TK.reshape(-1)[order_S].unsqueeze(-1)
     # index_select, not advanced indexing: the same rows, 2-4x faster on CPU for [S, H] rows
     x_SH = x_TH.index_select(0, order_S // K)
+    if spec.scale_input:
+        x_SH = x_SH * weights_S1.to(x_SH.dtype)
     up_SN = _grouped_linear(x_SH, w_up, counts_E, offs_E, spec.transposed)
     if b_up_EN is not None:
         up_SN = up_SN + b_up_EN.index_select(0, sorted_ids_S)
@@ -142,7 +149,7 @@ def moe_torch(
     if b_down_EH is not None:
         down_SH = down_SH + b_down_EH.index_select(0, sorted_ids_S)
 
-    weighted_SH = down_SH * topk_weights_TK.reshape(-1)[order_S].unsqueeze(-1)
+    weighted_SH = down_SH if spec.scale_input else down_SH * weights_S1
     # back to token order: row s of the result is sorted row inverse[s] (a gather, cheaper than index_copy_)
     inverse_S = torch.empty_like(order_S).scatter_(0, order_S, torch.arange(order_S.numel(), device=order_S.device))
     unsorted_SH = weighted_SH.index_select(0, inverse_S)
@@ -166,13 +173,16 @@ def moe_reference(
         for k in range(K):
             e = int(topk_ids_TK[t, k])
             x_1H = hidden_TH[t : t + 1].float()
+            w = topk_weights_TK[t, k].float()
+            if spec.scale_input:
+                x_1H, w = w * x_1H, torch.ones_like(w)
             up_1N = _expert_linear(x_1H, w_up[e].float(), spec.transposed)
             if b_up_EN is not None:
                 up_1N = up_1N + b_up_EN[e].float()
             y_1H = _expert_linear(activate(up_1N, spec), w_down[e].float(), spec.transposed)
             if b_down_EH is not None:
                 y_1H = y_1H + b_down_EH[e].float()
-            out_TH[t] += topk_weights_TK[t, k].float() * y_1H[0]
+            out_TH[t] += w * y_1H[0]
     return out_TH.to(hidden_TH.dtype)
 
 
@@ -195,6 +205,12 @@ def check_inputs(
     up_in = w_up.shape[1] if spec.transposed else w_up.shape[2]
     down_out = w_down.shape[2] if spec.transposed else w_down.shape[1]
     torch._check(up_in == H and down_out == H, lambda: f"moe: expert weights do not match hidden size {H}")
+    N = w_up.shape[2] if spec.transposed else w_up.shape[1]
+    down_in = w_down.shape[1] if spec.transposed else w_down.shape[2]
+    torch._check(
+        down_in * (2 if spec.gated else 1) == N,
+        lambda: f"moe: w_up {tuple(w_up.shape)} and w_down {tuple(w_down.shape)} are not an up/down pair for {spec}",
+    )
 
 
 def moe_impl(

@@ -33,7 +33,7 @@ import torch.fx as fx
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 from ..graph import backward_region, hint, op_name, same, tensor_val
-from ..ops import moe_torch
+from ..ops import check_inputs, moe_torch
 from ..report import BlockReport, Skipped
 from ..spec import ExpertSpec
 from .base import GraphPass, MoEBlock, PassContext, reshape_like, set_fake_val
@@ -150,7 +150,7 @@ def _depends_on(node: fx.Node, source: fx.Node) -> bool:
 def _probe_inputs(m: MoEMatch, region: _Region, ctx: PassContext, seed: int = 0) -> list | None:
     """Random hidden states, routing and weights, real expert weights (None when on meta)."""
     gen = torch.Generator().manual_seed(seed)
-    values = []
+    values, ids_value = [], None
     for node in region.inputs:
         v = node.meta["val"]
         if isinstance(v, torch.SymInt):
@@ -165,7 +165,11 @@ def _probe_inputs(m: MoEMatch, region: _Region, ctx: PassContext, seed: int = 0)
         else:
             if node is m.topk_ids:  # k distinct experts per token
                 T, K = shape
-                value = torch.rand(T, m.num_experts, generator=gen).argsort(-1)[:, :K]
+                value = ids_value = torch.rand(T, m.num_experts, generator=gen).argsort(-1)[:, :K]
+            elif node is m.topk_weights and m.dense_scores:  # [T, E]: positive at the ids, zero elsewhere
+                assert ids_value is not None  # the ids come first in region.inputs
+                picked = torch.rand(ids_value.shape, generator=gen, dtype=v.dtype)
+                value = torch.zeros(shape, dtype=v.dtype).scatter(1, ids_value, picked)
             elif node is m.topk_weights:  # positive, like a router's
                 value = torch.rand(shape, generator=gen)
             else:
@@ -195,14 +199,17 @@ def _verify(m: MoEMatch, region: _Region, roles: _BiasRoles, ctx: PassContext) -
     value = dict(zip(region.inputs, probe))
     expected = region.module(*probe)
     x, ids, weights, w_up, w_down = (value[n] for n in (m.hidden, m.topk_ids, m.topk_weights, m.w_up, m.w_down))
+    if m.dense_scores:
+        weights = weights.gather(1, ids)  # what the rewrite passes the op
     b_up, b_down = (value[b] if b is not None else None for b in roles)
     # the tolerance of the least precise dtype involved (bf16 experts may sum in fp32)
     tol = max(TOLERANCE.get(t.dtype, 1e-4) for t in (expected, x, w_up))
     best, best_spec = float("inf"), None
     for spec in m.candidates:
         try:
+            check_inputs(x.reshape(-1, m.hidden_size), ids, weights, w_up, w_down, b_up, b_down, spec)
             got = moe_torch(x.reshape(-1, m.hidden_size), ids, weights, w_up, w_down, b_up, b_down, spec)
-        except RuntimeError:
+        except RuntimeError:  # the weights do not fit this layout
             continue
         err = _rel_err(got.reshape(expected.shape).to(expected.dtype), expected)
         if err < best:
@@ -282,7 +289,9 @@ def _layout(m: MoEMatch, spec: ExpertSpec, has_bias: bool) -> str:
         for s, on in (("biases", has_bias), ("interleaved gate/up", spec.gated and spec.gate_layout == "interleaved"))
         if on
     ]
-    source = "per-pair gathered (batched_mm)" if m.source == "batched" else "grouped"
+    source = {"batched": "per-pair gathered (batched_mm)", "dense": "every expert on every token (bmm over E)"}.get(
+        m.source, "grouped"
+    )
     return f"fused 3D {shapes}" + "".join(f", {e}" for e in extra) + f"; {source}"
 
 
@@ -353,12 +362,16 @@ class CanonicalizeMoE(GraphPass):
         with graph.inserting_before(m.out):
             x = graph.call_function(aten.reshape.default, (m.hidden, [-1, m.hidden_size]))
             set_fake_val(x)
+            weights = m.topk_weights
+            if m.dense_scores:  # [T, E] score, zero outside the ids: the op takes its [T, K] values at the ids
+                weights = graph.call_function(aten.gather.default, (weights, 1, m.topk_ids))
+                set_fake_val(weights)
             moe = MoECall.insert(
                 graph,
                 torch.ops.moe_compile.moe.default,
                 hidden=x,
                 topk_ids=m.topk_ids,
-                topk_weights=m.topk_weights,
+                topk_weights=weights,
                 w_up=m.w_up,
                 w_down=m.w_down,
                 b_up=roles.b_up,

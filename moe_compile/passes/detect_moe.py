@@ -18,13 +18,25 @@ Found by structure, never by class name:
    views and row gathers; ``T`` and ``H`` follow from its shape;
 4. ``topk_ids`` is the latest integer ``[T, K]`` tensor that the up or the down
    matmul depends on (looked for among the ancestors of both, from ``x`` on:
-   the ids may reach the block only through the down matmul's grouping); the
+   the ids may reach the block only through the down matmul's grouping; else
+   among those that ``x`` does not depend on: a router that reads the residual
+   stream before the experts' own pre-norm, as in Gemma 4); the
    routing weights are the ``[T, K]`` float tensor that
    multiplies the down matmul's output (walking back through views, casts and
    the sort permutation);
 5. the block's output is the first node, on the down matmul's post-dominator
    chain, holding ``T*H`` elements (for ``K = 1``: on the chain after the
    multiplication by the routing weights).
+
+Dense, input-scaled form (Llama 4)::
+
+    up/down         bmm over all E experts of repeat(x, [E, 1]) * scores.T.reshape(-1, 1)
+    scores [T, E]   f(scatter(full(c), 1, ids, topk values)), f elementwise with f(c) == 0
+    combine         sum over E
+
+is matched when no ids feed the experts and the input is such a product
+(:func:`_input_scaled`): the experts outside a token's top k get an exactly zero
+input, so the block is the canonical op with ``scale_input`` on the same ids.
 
 Emits: nothing in the graph. Provides ``ctx.detected``
 (:class:`~.base.DetectedMoE`): each match (:class:`MoEMatch`) in ``matches``; a
@@ -40,6 +52,7 @@ import dataclasses
 
 import torch
 import torch.fx as fx
+from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 from ..graph import (
     ancestors_since,
@@ -87,6 +100,9 @@ class MoEMatch:
     router: str
     shared_experts: bool
     source: str  # "grouped" (sort + grouped matmul) or "batched" (weights gathered per pair)
+    #: ``topk_weights`` is a dense ``[T, E]`` score, zero outside ``topk_ids``, that scales the experts'
+    #: input (Llama 4); the rewrite gathers it at the ids (:func:`_input_scaled`)
+    dense_scores: bool = False
 
 
 def _expert_weight_uses(gm: fx.GraphModule) -> dict[fx.Node, tuple[fx.Node, int, bool]]:
@@ -144,6 +160,17 @@ def _find_ids(ancestors: set[fx.Node], T: object, E: int, order: dict) -> fx.Nod
     return best
 
 
+def _not_through(hidden: fx.Node, nodes: list[fx.Node], order: dict) -> set[fx.Node]:
+    """Ancestors of ``nodes`` that are not ancestors of ``hidden``: computed beside the experts' input.
+
+    Gemma 4 and MuseSpark route from the residual stream and then norm (or project) it for the
+    experts, so this block's ids are computed *before* ``hidden`` in graph order yet do not feed it,
+    while every earlier layer's ids do feed it (through the residual). Unbounded: only used when the
+    windowed search after ``hidden`` found nothing.
+    """
+    return ancestors_since(nodes, 0, order) - ancestors_since([hidden], 0, order)
+
+
 def _find_routing_weights(down_mm: fx.Node, T: object, K: int, order: dict) -> tuple[fx.Node, fx.Node] | None:
     """The [T, K] float tensor multiplied into the down projection's output, and the ``mul`` node."""
     downstream = descendants_until(down_mm, order[down_mm] + 64, order)
@@ -192,6 +219,80 @@ def _token_order_weights(arg: fx.Node, T: object, K: int) -> fx.Node | None:
         if after:
             return chain[after[0]]
     return chain[fits[0]]
+
+
+#: elementwise ops a routing score may pass through after the scatter (the value outside the top k is mapped too)
+_SCORE_MAPS = {"aten::sigmoid", "aten::_to_copy", "prims::convert_element_type", "aten::clone", "aten::mul",
+               "aten::div", "aten::relu", "aten::exp"}  # fmt: skip
+#: how the dense score starts: filled with one constant (argument 1), then the top-k values scattered in
+_FILLS = {"aten::full_like": 1, "aten::full": 1, "aten::new_full": 1}
+_ZERO_FILLS = {"aten::zeros_like", "aten::zeros", "aten::new_zeros"}
+
+
+def _input_scaled(mul: fx.Node, E: int) -> tuple[fx.Node, fx.Node, fx.Node]:
+    """``(x [T, H], ids [T, K], scores [T, E])`` of experts run densely on a score-scaled input (Llama 4).
+
+    Matches ``repeat(x, [E, 1]) * scores.transpose(0, 1).reshape(-1, 1)`` where ``scores`` is an
+    elementwise map ``f`` of ``scatter(full(c), 1, ids, values)`` with ``f(c) == 0``: every token is
+    run through every expert, scaled by a score that is exactly zero for the experts outside its top k,
+    so (with no biases, checked by the probe) those experts add exactly zero and the block is
+    ``sum_k expert_{ids[t,k]}(scores[t, ids[t,k]] * x[t])``. Raises :class:`_NotMoE` saying which
+    piece is missing.
+    """
+    pieces = [a for a in mul.args if isinstance(a, fx.Node)]
+    if len(pieces) != 2:
+        raise _NotMoE("the experts' input is scaled by a constant, and no expert ids feed the experts")
+    roots = [list(walk_back(a, VIEWS)) for a in pieces]
+    rep = next((i for i, chain in enumerate(roots) if op_name(chain[-1]) == "aten::repeat"), None)
+    if rep is None:
+        raise _NotMoE(
+            "the experts' input is scaled before the experts and no expert ids feed them; the scaled input is "
+            "not a token-for-every-expert repeat (as in Llama 4), so which expert a row belongs to is unknown"
+        )
+    repeat = roots[rep][-1]
+    reps = list(repeat.args[1])
+    x = repeat.args[0]
+    xv = tensor_val(x)
+    if xv is None or xv.dim() != 2 or len(reps) != 2 or reps[0] != E or reps[1] != 1:
+        raise _NotMoE(f"the experts' input repeats the tokens {reps} times, not once per expert ([{E}, 1])")
+    chain = roots[1 - rep]
+    scores = next((n for n in chain if (v := tensor_val(n)) is not None and v.dim() == 2
+                   and same_shape(v.shape, (xv.shape[0], E))), None)  # fmt: skip
+    if scores is None or not any(op_name(n) in ("aten::transpose", "aten::t", "aten::permute") for n in chain):
+        raise _NotMoE("the experts' input is scaled by something other than a transposed [tokens, experts] score")
+    # back from the score through elementwise maps to the scatter of the top-k values
+    maps, node = [], scores
+    while op_name(node) in _SCORE_MAPS:
+        tensors = [a for a in node.args if isinstance(a, fx.Node)]
+        if len(tensors) != 1:
+            break
+        maps.append(node)
+        node = tensors[0]
+    if op_name(node) != "aten::scatter" or node.args[1] not in (1, -1) or not isinstance(node.args[2], fx.Node):
+        raise _NotMoE("the experts' input is scaled by a dense score that is not a scatter of top-k values")
+    base, ids = node.args[0], node.args[2]
+    if op_name(base) in _FILLS:
+        fill = base.args[_FILLS[op_name(base)]]
+    elif op_name(base) in _ZERO_FILLS:
+        fill = 0.0
+    else:
+        raise _NotMoE("the dense score's entries outside the top k are not one constant (not a full/zeros)")
+    with unset_fake_temporarily():  # f(c): the score of an expert outside the top k, computed for real
+        outside = torch.full((1,), float(fill), dtype=tensor_val(base).dtype)
+        for m in reversed(maps):
+            prev = next(a for a in m.args if isinstance(a, fx.Node))
+            kwargs = {k: v for k, v in m.kwargs.items() if k != "device"}
+            outside = m.target(*[outside if a is prev else a for a in m.args], **kwargs)
+        outside = outside.item()
+    if outside != 0.0:
+        raise _NotMoE(
+            f"the experts' input is scaled by a dense score that is {outside:g}, not 0, outside the top k: "
+            "every expert contributes, which is dense compute, not a top-k MoE"
+        )
+    iv = tensor_val(ids)
+    if iv is None or iv.is_floating_point() or iv.dim() != 2 or not same(iv.shape[0], xv.shape[0]):
+        raise _NotMoE("the dense score is scattered at indices that are not [tokens, k]")
+    return x, ids, scores
 
 
 def _find_output(down_mm: fx.Node, ipdom: dict, T: object, H: int) -> fx.Node | None:
@@ -384,24 +485,32 @@ class DetectMoE(GraphPass):
         if hv is None or not hv.is_floating_point():
             raise _NotMoE("could not find the hidden states that enter the experts")
         H = hv.shape[-1]
-        transposed = [t for t, ok in ((False, same(up_v.shape[2], H)), (True, same(up_v.shape[1], H))) if ok]
+        # the layouts whose up weight takes H and whose down weight gives H ([E, N, H]/[E, H, I], or transposed)
+        layouts = ((False, up_v.shape[2], down_v.shape[1]), (True, up_v.shape[1], down_v.shape[2]))
+        transposed = [t for t, up_in, down_out in layouts if same(up_in, H) and same(down_out, H)]
         if not transposed:
             raise _NotMoE(f"expert weight {tuple(up_v.shape)} does not contract the hidden size {H}")
         T = numel(hv.shape[:-1])
         ids = _find_ids(ancestors_since([up_mm, down_mm], order[hidden], order), T, E, order)
-        if ids is None and op_name(hidden) in ("aten::mul", "aten::div"):
-            raise _NotMoE(
-                "the experts' input is scaled before the experts (e.g. by the routing weights, as in Llama 4)"
-            )
-        if ids is None:
+        if ids is None:  # routed before the experts' input was computed (a router reading the un-normed residual)
+            ids = _find_ids(_not_through(hidden, [up_mm, down_mm], order), T, E, order)
+        dense_scores = ids is None and op_name(hidden) == "aten::mul"
+        if dense_scores:  # every expert on every token, input scaled by a mostly-zero score (Llama 4)
+            hidden, ids, weights = _input_scaled(hidden, E)
+            T = numel(tensor_val(hidden).shape[:-1])
+            weighting = None
+        elif ids is None:
             raise _NotMoE("no integer [tokens, k] expert-index tensor feeds the experts (routing not top-k style)")
         K = tensor_val(ids).shape[1]
-        found = _find_routing_weights(down_mm, T, K, order)
-        if found is None:
-            raise _NotMoE("routing weights are not applied to the experts' outputs (e.g. they scale the input instead)")
-        weights, weighting = found
+        if not dense_scores:
+            found = _find_routing_weights(down_mm, T, K, order)
+            if found is None:
+                raise _NotMoE(
+                    "routing weights are not applied to the experts' outputs (e.g. they scale the input instead)"
+                )
+            weights, weighting = found
         # with one expert per token the down matmul's output already has T*H elements: start after the weighting
-        out = _find_output(weighting if K == 1 else down_mm, ipdom, T, H)
+        out = _find_output(weighting if K == 1 and weighting is not None else down_mm, ipdom, T, H)
         if out is None:
             raise _NotMoE(
                 "the experts' outputs do not merge into one [tokens, hidden] tensor (something else uses them)"
@@ -412,6 +521,9 @@ class DetectMoE(GraphPass):
             raise _NotMoE(f"expert weight shapes {tuple(up_v.shape)} / {tuple(down_v.shape)} are not an up/down pair")
         between = descendants_until(up_mm, order[down_mm], order) & ancestors_since([down_mm], order[up_mm], order)
         between -= {up_mm, down_mm}
+        candidates = _spec_candidates(between, N == 2 * I, transposed)
+        if dense_scores:
+            candidates = [dataclasses.replace(c, scale_input=True) for c in candidates]
         return MoEMatch(
             path=common_module_path([ids, out]) or where,
             hidden=hidden,
@@ -426,8 +538,9 @@ class DetectMoE(GraphPass):
             top_k=K,
             hidden_size=int(H),
             intermediate_size=int(I),
-            candidates=_spec_candidates(between, N == 2 * I, transposed),
+            candidates=candidates,
             router=describe_router(ids, weights, hidden, order),
             shared_experts=_has_shared_experts(out, hidden, order),
-            source="batched" if gathered else "grouped",
+            source="dense" if dense_scores else "batched" if gathered else "grouped",
+            dense_scores=dense_scores,
         )

@@ -29,6 +29,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from ..spec import ExpertSpec
+
 _c10d = torch.ops._c10d_functional
 
 
@@ -103,12 +105,15 @@ def expert_parallel_moe(
     dest_S = sorted_ids_S // E_r  # owning rank of each pair
     send, recv = exchange_counts(dest_S, world_size, group_name)
 
+    weights_S1 = topk_weights.reshape(-1)[order_S].unsqueeze(-1)
     x_SH = hidden[order_S // K]
+    if ExpertSpec.decode(spec).scale_input:  # the weight scales the input, on the sender; the output is not weighted
+        x_SH, weights_S1 = x_SH * weights_S1.to(x_SH.dtype), torch.ones_like(weights_S1)
     x_RH, ids_R = dispatch(x_SH, sorted_ids_S - dest_S * E_r, send, recv, group_name)
     y_RH = _local_experts(x_RH, ids_R, w_up, w_down, b_up, b_down, spec, impl)
     y_SH = combine(y_RH, send, recv, group_name)
 
     # weight and sum over K as moe_compile.ops.moe_torch does, so the results match it
-    weighted_SH = y_SH.to(w_up.dtype) * topk_weights.reshape(-1)[order_S].unsqueeze(-1)
+    weighted_SH = y_SH.to(w_up.dtype) * weights_S1
     unsorted_SH = torch.empty_like(weighted_SH).index_copy_(0, order_S, weighted_SH)
     return unsorted_SH.view(T, K, hidden.shape[1]).sum(dim=1).to(hidden.dtype)

@@ -115,7 +115,7 @@ _SIZES: dict[str, int] = {
     # widths
     "hidden_size": 32, "d_model": 32, "n_embd": 32, "embed_dim": 32, "out_hidden_size": 32,
     "intermediate_size": 32, "ffn_dim": 32, "d_ff": 32, "encoder_ffn_dim": 32, "decoder_ffn_dim": 32,
-    "ffn_hidden_size": 32, "intermediate_size_mlp": 32, "moe_intermediate_size": 16,
+    "ffn_hidden_size": 32, "intermediate_size_mlp": 32, "moe_intermediate_size": 16, "moe_hidden_size": 32,
     "expert_ffn_hidden_size": 16, "shared_expert_intermediate_size": 32, "moe_shared_expert_intermediate_size": 32,
     "shared_experts_intermediate_size": 32, "share_expert_dim": 32, "expert_intermediate_size": 16,
     # depth
@@ -341,8 +341,10 @@ def _model_class(model_type: str, config: Any):
         name = getattr(auto, mapping, {}).get(model_type)
         if isinstance(name, (list, tuple)):
             name = name[0]
-        if name and hasattr(transformers, name):
-            return getattr(transformers, name)
+        cls = getattr(transformers, name, None) if name else None
+        # a composite config (llama4, qwen3_5_moe) registers its text model as the causal LM: not built from it
+        if cls is not None and isinstance(config, getattr(cls, "config_class", None) or type(config)):
+            return cls
     base = type(config).__name__.removesuffix("Config")
     for suffix in ("ForCausalLM", "Model"):
         if hasattr(transformers, base + suffix):
@@ -391,7 +393,8 @@ def _expert_modules(model: Any) -> int:
         for pname, p in module.named_parameters(recurse=False):
             if p.dim() == 3 and p.shape[0] == E and "embed" not in pname:
                 counts.add(name)
-            elif "expert" in name and "shared" not in name and p.dim() == 2 and p.shape[0] % E == 0 and p.shape[0] > E:
+            elif (any(part.startswith("expert") for part in name.split(".")) and "shared" not in name
+                  and p.dim() == 2 and p.shape[0] % E == 0 and p.shape[0] > E):  # fmt: skip
                 counts.add(name)  # experts flattened into [E * I, H] (dbrx)
     return len(counts)
 
@@ -644,12 +647,6 @@ _LOOP = (
     "the experts run in a Python loop over the experts hit (`nonzero`, `torch.where` on the routing mask): "
     "Dynamo breaks the graph in every MoE layer, and `prepare` has no rewrite for this loop form"
 )
-_INPUT_SCALED = (
-    'skipped with "input scaled before the experts", but the cause is the order: the router reads '
-    "the residual and runs before the experts' own pre-norm (`pre_feedforward_layernorm_2`), so the "
-    "expert ids are computed before the experts' input in graph order, outside the detector's search; "
-    "the message is misleading (the experts' input is an RMSNorm output, a `mul`)"
-)
 _SOFTCAP = (
     "softcapped SwiGLU (`Inkling2SoftcappedSwiGLU`): `c_g*tanh(gate/c_g) * sigmoid(gate) * c_u*tanh(up/c_u)`; "
     "the canonical op has no softcapped activation (closest, SiLU-gated, is off by ~1e-3)"
@@ -690,14 +687,6 @@ KNOWN_GAPS: dict[str, Gap] = {
         "(silently); the capacity-limited top-2 loop graph-breaks; `moe_token_dropout` scales outputs",
     ),
     # --- skipped with a reason ---
-    "gemma4": Gap("skipped", "scaled before the experts", _INPUT_SCALED),
-    "gemma4_text": Gap("skipped", "scaled before the experts", _INPUT_SCALED),
-    "llama4_text": Gap(
-        "skipped",
-        "scaled before the experts",
-        "`Llama4TextMoe` multiplies the experts' *input* by the sigmoid router score and runs every "
-        "expert on every token (`bmm` over E); needs an input-scale variant of the op",
-    ),
     "inkling2": Gap("skipped", "tanh (a softcap", _SOFTCAP),
     "inkling2_loop": Gap("skipped", "tanh (a softcap", _SOFTCAP),
     "inkling2_text": Gap("skipped", "tanh (a softcap", _SOFTCAP),
@@ -710,10 +699,11 @@ KNOWN_GAPS: dict[str, Gap] = {
     ),
     "muse_spark": Gap(
         "skipped",
-        "scaled before the experts",
-        "skipped as input scaled before the experts (as in the issue-11 sweep); cause not yet read",
+        "post-expert norm",
+        "each expert's output passes through its own RMSNorm (`post_expert_norm`, a weight of the experts module) "
+        "before the routing weight: `w * norm(down(act(up(x))))` is outside the canonical op",
     ),
-    "muse_spark_text": Gap("skipped", "scaled before the experts", "as `muse_spark`"),
+    "muse_spark_text": Gap("skipped", "post-expert norm", "as `muse_spark`"),
     "nemotron_h": Gap(
         "skipped",
         "relu²",
@@ -748,9 +738,10 @@ KNOWN_GAPS: dict[str, Gap] = {
     "ernie4_5_vl_moe_text": Gap("not-built", "expanded size of the tensor", "as `ernie4_5_vl_moe`"),
     "llama4": Gap(
         "not-built",
-        "pad_token_id",
-        "the causal-LM class registered for `llama4` is the text model, built here from the composite "
-        "config, which has no `pad_token_id`/`vocab_size` (the text part is `llama4_text`)",
+        "image_outputs",
+        "transformers' `Llama4ForConditionalGeneration.forward` reads `outputs.image_outputs` from its text "
+        "model's output, which has none: a text-only forward fails in eager too (the text part `llama4_text` "
+        "is exact)",
     ),
     "inkling_mm_model": Gap("not-built", "scipy", "its modeling code imports scipy, not installed here"),
     "mimo_v2_flash": Gap(
@@ -759,18 +750,6 @@ KNOWN_GAPS: dict[str, Gap] = {
     "mistral4": Gap("not-built", "must match the size of tensor b", "generic tiny config: attention sizes disagree"),
     "nemo_speechlm": Gap("not-built", "audio_hidden_size", "generic tiny config: nested audio sizes must agree"),
     "nemotron_h_omni": Gap("not-built", "no model class registered", "no model class in the auto mappings"),
-    "qwen3_5_moe": Gap(
-        "not-built",
-        "vocab_size",
-        "the causal-LM class registered for `qwen3_5_moe` is the text model, built here from the composite "
-        "config, which has no `vocab_size` (the text part `qwen3_5_moe_text` is covered)",
-    ),
-    "qwen4_exp": Gap(
-        "not-built",
-        "vocab_size",
-        "the causal-LM class registered for `qwen4_exp` is the text model, built here from the composite "
-        "config, which has no `vocab_size` (the text part `qwen4_exp_text` is covered)",
-    ),
     "qwen3_omni_moe": Gap(
         "not-built",
         "no model class registered",

@@ -21,6 +21,9 @@ VARIANTS = [
 ] + [
     pytest.param(ExpertSpec(activation=act, gated=False, transposed=tr), bias, id=f"{act}-plain-t{tr:d}-b{bias:d}")
     for act, tr, bias in itertools.product(PLAIN_ACTS, [False, True], [False, True])
+] + [
+    pytest.param(ExpertSpec(transposed=True, scale_input=True), bias, id=f"silu-scale-input-t1-b{bias:d}")
+    for bias in (False, True)
 ]
 
 
