@@ -80,7 +80,7 @@ def test_shape_errors_are_clear():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_scale_input_is_llama4s_dense_experts_on_scaled_inputs(dtype):
-    """``scale_input``: sum_k expert(w_k * x), which is every expert run on ``x`` scaled by a score zero off the top k."""
+    """``scale_input``: sum_k expert(w_k * x): every expert run on ``x`` scaled by a score zero off the top k."""
     spec = ExpertSpec(transposed=True, scale_input=True)
     x, ids, w, w_up, w_down, _, _ = _inputs(spec, T=9, K=2, E=6, dtype=dtype)
     scores_TE = torch.zeros(9, 6, dtype=dtype).scatter(1, ids, w)  # as Llama4Router builds them
