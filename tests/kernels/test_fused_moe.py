@@ -13,18 +13,24 @@ from .kernel_testing import DEVICE, TOLERANCE, make_experts, rel_err, route
 
 GATED_ACTS = ["silu", "gelu", "gelu_tanh", "relu", "swiglu_oai"]
 PLAIN_ACTS = ["silu", "gelu", "gelu_tanh", "relu"]
-VARIANTS = [
-    pytest.param(
-        ExpertSpec(activation=act, gate_layout=layout, transposed=tr), bias, id=f"{act}-{layout}-t{tr:d}-b{bias:d}"
-    )
-    for act, layout, tr, bias in itertools.product(GATED_ACTS, ["concat", "interleaved"], [False, True], [False, True])
-] + [
-    pytest.param(ExpertSpec(activation=act, gated=False, transposed=tr), bias, id=f"{act}-plain-t{tr:d}-b{bias:d}")
-    for act, tr, bias in itertools.product(PLAIN_ACTS, [False, True], [False, True])
-] + [
-    pytest.param(ExpertSpec(transposed=True, scale_input=True), bias, id=f"silu-scale-input-t1-b{bias:d}")
-    for bias in (False, True)
-]
+VARIANTS = (
+    [
+        pytest.param(
+            ExpertSpec(activation=act, gate_layout=layout, transposed=tr), bias, id=f"{act}-{layout}-t{tr:d}-b{bias:d}"
+        )
+        for act, layout, tr, bias in itertools.product(
+            GATED_ACTS, ["concat", "interleaved"], [False, True], [False, True]
+        )
+    ]
+    + [
+        pytest.param(ExpertSpec(activation=act, gated=False, transposed=tr), bias, id=f"{act}-plain-t{tr:d}-b{bias:d}")
+        for act, tr, bias in itertools.product(PLAIN_ACTS, [False, True], [False, True])
+    ]
+    + [
+        pytest.param(ExpertSpec(transposed=True, scale_input=True), bias, id=f"silu-scale-input-t1-b{bias:d}")
+        for bias in (False, True)
+    ]
+)
 
 
 def _inputs(T, H, I, E, K, spec=ExpertSpec(), bias=False, dtype=torch.float32, device="cpu", seed=0):
