@@ -160,6 +160,30 @@ def _find_ids(ancestors: set[fx.Node], T: object, E: int, order: dict) -> fx.Nod
     return best
 
 
+def _experts_as_table_rows(gm: fx.GraphModule, order: dict, ctx: PassContext) -> list[tuple[str, str]]:
+    """Near misses with no expert matmul to start from: top-k ids picking rows of a weight table by ``embedding``.
+
+    Doge's retrieval experts are rows of two ``nn.Embedding(E, H)`` tables, picked by product-key
+    top-k ids (rank-1 experts, ``I = 1``). The detector starts from ``[E, ., .]`` weights reaching a
+    matmul, so it would pass such a block by in silence; this names it instead.
+    """
+    found: dict[str, list[str]] = {}
+    for node in gm.graph.find_nodes(op="call_function", target=torch.ops.aten.embedding.default):
+        table, ids = node.args[:2]
+        tv, iv = tensor_val(table), tensor_val(ids)
+        if table.op != "placeholder" or tv is None or iv is None or iv.dim() < 2:
+            continue
+        window = ancestors_since([ids], max(0, order[ids] - 64), order)
+        if any(op_name(n) == "aten::topk" for n in window):
+            where = module_path(node).rpartition(".")[0] or "<model>"  # the module owning the tables
+            found.setdefault(where, []).append(ctx.param_name(table))
+    return [
+        (where, f"top-k ids pick rows of {' and '.join(tables)} by embedding lookup: experts stored as table rows "
+         "(e.g. Doge's rank-1 retrieval experts); the detector needs expert weights [E, ., .] reaching a matmul")
+        for where, tables in found.items()
+    ]  # fmt: skip
+
+
 def _not_through(hidden: fx.Node, nodes: list[fx.Node], order: dict) -> set[fx.Node]:
     """Ancestors of ``nodes`` that are not ancestors of ``hidden``: computed beside the experts' input.
 
@@ -440,9 +464,11 @@ class DetectMoE(GraphPass):
         matches = detected.matches
         canonical = gm.graph.find_nodes(op="call_function", target=torch.ops.moe_compile.moe.default)
         uses = _expert_weight_uses(gm)
+        order = {n: i for i, n in enumerate(gm.graph.nodes)}
+        for where, reason in _experts_as_table_rows(gm, order, ctx):
+            ctx.report.skipped.append(Skipped(where, reason))
         if not uses and not canonical:
             return False
-        order = {n: i for i, n in enumerate(gm.graph.nodes)}
         ipdom = post_dominators(to_networkx(gm.graph), gm.graph)
         for node in canonical:
             call = MoECall.from_node(node)
@@ -460,7 +486,9 @@ class DetectMoE(GraphPass):
         for up_mm in expert_mms:
             if up_mm in paired:
                 continue
-            down_mm = next((m for m in expert_mms if order[m] > order[up_mm] and m not in paired
+            E = tensor_val(uses[up_mm][0]).shape[0]  # a down weight has as many experts (a dense group of 2 is
+            down_mm = next((m for m in expert_mms if order[m] > order[up_mm] and m not in paired  # no later layer's)
+                            and tensor_val(uses[m][0]).shape[0] == E
                             and up_mm in ancestors_since([m], order[up_mm], order)), None)  # fmt: skip
             if down_mm is None:
                 continue

@@ -48,3 +48,28 @@ def test_a_batched_input_is_not_taken_for_expert_weights():
         matches = harness.record.ctx.detected.matches
         assert [(m.num_experts, m.top_k, m.hidden_size, m.intermediate_size) for m in matches] == [(4, 2, 32, 16)]
         assert harness.report.skipped == [], harness.report.skipped
+
+
+class _TableRowExperts(torch.nn.Module):
+    """Doge-style retrieval experts: top-k ids pick rank-1 experts out of two embedding tables."""
+
+    def __init__(self, hidden=16, experts=8, k=2):
+        super().__init__()
+        self.k = k
+        self.router = torch.nn.Linear(hidden, experts, bias=False)
+        self.down_embed = torch.nn.Embedding(experts, hidden)
+        self.up_embed = torch.nn.Embedding(experts, hidden)
+
+    def forward(self, x_TH):
+        w_TK, ids_TK = self.router(x_TH).softmax(-1).topk(self.k, dim=-1)
+        h_TK = torch.matmul(self.down_embed(ids_TK), x_TH.unsqueeze(-1)).squeeze(-1)
+        return torch.matmul((torch.relu(h_TK) * w_TK).unsqueeze(1), self.up_embed(ids_TK)).squeeze(1)
+
+
+def test_experts_stored_as_table_rows_are_named_not_passed_over():
+    torch.manual_seed(0)
+    harness = run(PassHarness(DetectMoE()), _TableRowExperts().eval(), torch.randn(6, 16))
+    assert harness.record.ctx.detected.matches == []
+    [skipped] = harness.report.skipped
+    assert "experts stored as table rows" in skipped.reason, skipped
+    assert "down_embed.weight and up_embed.weight" in skipped.reason and skipped.where == "<model>", skipped
