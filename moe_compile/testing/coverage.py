@@ -650,10 +650,6 @@ _INPUT_SCALED = (
     "expert ids are computed before the experts' input in graph order, outside the detector's search; "
     "the message is misleading (the experts' input is an RMSNorm output, a `mul`)"
 )
-_SOFTCAP = (
-    "softcapped SwiGLU (`Inkling2SoftcappedSwiGLU`): `c_g*tanh(gate/c_g) * sigmoid(gate) * c_u*tanh(up/c_u)`; "
-    "the canonical op has no softcapped activation (closest, SiLU-gated, is off by ~1e-3)"
-)
 KNOWN_GAPS: dict[str, Gap] = {
     # --- missed: the backend does not find the block and says nothing (the acceptance target is none) ---
     "dbrx": Gap("missed", "not found, no reason given", _LOOP + "; experts flattened into [E*I, H] (`DbrxExpertGLU`)"),
@@ -698,10 +694,6 @@ KNOWN_GAPS: dict[str, Gap] = {
         "`Llama4TextMoe` multiplies the experts' *input* by the sigmoid router score and runs every "
         "expert on every token (`bmm` over E); needs an input-scale variant of the op",
     ),
-    "inkling2": Gap("skipped", "tanh (a softcap", _SOFTCAP),
-    "inkling2_loop": Gap("skipped", "tanh (a softcap", _SOFTCAP),
-    "inkling2_text": Gap("skipped", "tanh (a softcap", _SOFTCAP),
-    "inkling2_loop_text": Gap("skipped", "tanh (a softcap", _SOFTCAP),
     "inkling_text": Gap(
         "skipped",
         "routing weights are not applied",
@@ -714,12 +706,6 @@ KNOWN_GAPS: dict[str, Gap] = {
         "skipped as input scaled before the experts (as in the issue-11 sweep); cause not yet read",
     ),
     "muse_spark_text": Gap("skipped", "scaled before the experts", "as `muse_spark`"),
-    "nemotron_h": Gap(
-        "skipped",
-        "relu²",
-        "non-gated relu² experts (`ACT2FN['relu2']`): not a canonical activation (issue-11 sweep: "
-        "best rel err 2.6; with relu it is found)",
-    ),
     # --- not built: the generic tiny config or the family's inputs do not fit ---
     "diffusion_gemma_text": Gap(
         "not-built",
