@@ -5,7 +5,7 @@ Matches (per block)::
     expert weights  w_up [E, ., .], w_down [E, ., .]    placeholders (parameters)
     dispatch        x [T, H] rows gathered / sorted by expert id (index, sort, histc…)
     up              matmul(x rows, w_up)      grouped_mm | grouped_mm_fallback | bmm | mm
-    activation      silu | gelu | relu | GPT-OSS clamp+sigmoid …, optional bias add
+    activation      silu | gelu | relu | relu² | GPT-OSS clamp+sigmoid | tanh softcaps …, optional bias add
     down            matmul(act, w_down)
     combine         mul(down, routing weights [T, K]) -> scatter back -> sum over K -> out
 
