@@ -55,7 +55,7 @@ import torch
 import torch.nn as nn
 
 from .ops import activate
-from .spec import ACTIVATIONS, ExpertSpec
+from .spec import ACTIVATIONS, PARAMETRIC, ExpertSpec
 
 log = logging.getLogger(__name__)
 
@@ -264,8 +264,8 @@ def _candidates(experts: list[nn.Module], names: list[str]):
         ups = [(names[0], names[1]), (names[1], names[0])]  # (gate, up)
         gated = True
     for up_names, act in itertools.product(ups, ACTIVATIONS):
-        if act == "swiglu_oai":
-            continue  # needs a fused, interleaved projection: not a per-module layout
+        if act in PARAMETRIC:
+            continue  # constants of their own (and swiglu_oai's interleaved projection): not guessed here
         w_up = torch.cat([stack(n, "weight") for n in up_names], dim=1)
         biases = [stack(n, "bias") for n in up_names]
         b_up = None if biases[0] is None else torch.cat(biases, dim=1)

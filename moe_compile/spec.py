@@ -23,7 +23,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 
-ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "swiglu_oai")
+ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "relu2", "swiglu_oai", "swiglu_softcap")
+#: activations with constants of their own (read from the model, never guessed): gated only
+PARAMETRIC = ("swiglu_oai", "swiglu_softcap")
 GATE_LAYOUTS = ("concat", "interleaved")
 
 
@@ -31,12 +33,16 @@ GATE_LAYOUTS = ("concat", "interleaved")
 class ExpertSpec:
     """How one block's experts compute ``down(act(up(x)))``."""
 
-    activation: str = "silu"  # one of ACTIVATIONS; "swiglu_oai" is GPT-OSS's clamped SwiGLU
+    activation: str = "silu"  # one of ACTIVATIONS; "relu2" is relu(x)**2; see below for the parametric ones
     gated: bool = True  # act(gate) * up, else act(up)
     gate_layout: str = "concat"  # one of GATE_LAYOUTS (ignored when not gated)
     transposed: bool = False  # weights stored [E, in, out] instead of [E, out, in]
-    alpha: float = 1.702  # swiglu_oai: glu = gate * sigmoid(alpha * gate)
+    alpha: float = 1.702  # swiglu_oai (GPT-OSS's clamped SwiGLU): glu = gate * sigmoid(alpha * gate)
     limit: float = 7.0  # swiglu_oai: gate clamped above, up clamped to [-limit, limit]
+    # swiglu_softcap (Inkling 2's softcapped SwiGLU), computed in fp32 whatever the weights' dtype:
+    #   cap(gate, gate_softcap) * sigmoid(gate) * cap(up, up_softcap),   cap(x, c) = tanh(x / c) * c
+    gate_softcap: float = 4.0
+    up_softcap: float = 25.0
     #: the routing weight scales the expert's *input* (``expert(w * x)``, Llama 4) instead of its output
     scale_input: bool = False
 
@@ -45,15 +51,22 @@ class ExpertSpec:
             raise ValueError(f"unknown activation {self.activation!r}; expected one of {ACTIVATIONS}")
         if self.gate_layout not in GATE_LAYOUTS:
             raise ValueError(f"unknown gate layout {self.gate_layout!r}; expected one of {GATE_LAYOUTS}")
-        if self.activation == "swiglu_oai" and not self.gated:
-            raise ValueError("swiglu_oai is a gated activation")
+        if self.activation in PARAMETRIC and not self.gated:
+            raise ValueError(f"{self.activation} is a gated activation")
+        if not (self.gate_softcap > 0 and self.up_softcap > 0):
+            raise ValueError(f"softcaps must be positive, got {self.gate_softcap} and {self.up_softcap}")
 
     def encode(self) -> str:
-        """A compact, stable string, e.g. ``activation=silu;gated=1;gate_layout=concat;...``."""
+        """A compact, stable string, e.g. ``activation=silu;gated=1;gate_layout=concat;...``.
+
+        Floats are written with ``repr`` (the shortest string that reads back as the same
+        double), so :meth:`decode` returns an equal spec.
+        """
         parts = []
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            parts.append(f"{f.name}={int(value) if isinstance(value, bool) else value}")
+            text = int(value) if isinstance(value, bool) else repr(value) if isinstance(value, float) else value
+            parts.append(f"{f.name}={text}")
         return ";".join(parts)
 
     @staticmethod
@@ -74,5 +87,8 @@ class ExpertSpec:
         scaled = ", routing weight scales the input" if self.scale_input else ""
         if self.activation == "swiglu_oai":
             return f"clamped SwiGLU (alpha={self.alpha:g}, limit={self.limit:g}){scaled}"
-        name = {"silu": "SiLU", "gelu": "GELU", "gelu_tanh": "GELU-tanh", "relu": "ReLU"}[self.activation]
+        if self.activation == "swiglu_softcap":
+            return f"softcapped SwiGLU (gate cap={self.gate_softcap:g}, up cap={self.up_softcap:g}){scaled}"
+        names = {"silu": "SiLU", "gelu": "GELU", "gelu_tanh": "GELU-tanh", "relu": "ReLU", "relu2": "ReLU²"}
+        name = names[self.activation]
         return (f"{name}-gated" if self.gated else f"{name} (non-gated)") + scaled

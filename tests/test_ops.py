@@ -20,6 +20,11 @@ SPECS = [
     ExpertSpec(activation="swiglu_oai", gate_layout="interleaved", transposed=True, alpha=1.5, limit=3.0),
     ExpertSpec(scale_input=True),  # Llama 4: the routing weight scales the experts' input
     ExpertSpec(activation="gelu", gated=False, transposed=True, scale_input=True),
+    ExpertSpec(activation="relu2"),
+    ExpertSpec(activation="relu2", gated=False, transposed=True),
+    # small caps: the tanh bites on these O(1) activations
+    ExpertSpec(activation="swiglu_softcap", gate_softcap=0.7, up_softcap=1.3),
+    ExpertSpec("swiglu_softcap", gate_layout="interleaved", transposed=True, gate_softcap=1.1, up_softcap=0.6),
 ]
 
 
@@ -109,6 +114,65 @@ def test_spec_round_trip_and_validation():
     assert ExpertSpec.decode(scaled.encode()) == scaled and "scales the input" in scaled.describe()
     with pytest.raises(ValueError, match="unknown activation 'swish'"):
         ExpertSpec(activation="swish")
+    with pytest.raises(ValueError, match="swiglu_softcap is a gated activation"):
+        ExpertSpec(activation="swiglu_softcap", gated=False)
+    with pytest.raises(ValueError, match="softcaps must be positive"):
+        ExpertSpec(activation="swiglu_softcap", up_softcap=0.0)
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        ExpertSpec(activation="relu2", gated=False),
+        ExpertSpec(activation="swiglu_softcap", gate_softcap=0.1, up_softcap=1 / 3),
+        ExpertSpec(activation="swiglu_softcap", gate_softcap=4.000000000000001, up_softcap=1e-20),
+        ExpertSpec(activation="swiglu_oai", alpha=1.702, limit=7.0000001),
+    ],
+    ids=lambda s: s.activation,
+)
+def test_spec_round_trips_floats_exactly(spec):
+    back = ExpertSpec.decode(spec.encode())
+    assert back == spec
+    for name in ("alpha", "limit", "gate_softcap", "up_softcap"):  # bit for bit, not merely close
+        assert getattr(back, name).hex() == getattr(spec, name).hex(), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_new_activations_equal_transformers(dtype):
+    """relu² and the softcapped SwiGLU against the transformers modules they stand for, not against ourselves."""
+    from transformers.activations import ACT2FN
+    from transformers.models.inkling2.configuration_inkling2 import Inkling2TextConfig
+    from transformers.models.inkling2.modeling_inkling2 import Inkling2SoftcappedSwiGLU
+
+    g = torch.Generator().manual_seed(1)
+    up_SN = (torch.randn(64, 2 * 24, generator=g) * 6).to(dtype)  # wide enough that the 4 / 25 caps bite
+    relu2 = ops.activate(up_SN, ExpertSpec(activation="relu2", gated=False))
+    torch.testing.assert_close(relu2, ACT2FN["relu2"](up_SN), rtol=0, atol=0)
+    config = Inkling2TextConfig(mlp_gate_softcap=3.0, mlp_up_softcap=7.5)
+    spec = ExpertSpec(activation="swiglu_softcap", gate_softcap=3.0, up_softcap=7.5)
+    got = ops.activate(up_SN, spec)
+    want = Inkling2SoftcappedSwiGLU(config)(*up_SN.chunk(2, dim=-1))
+    assert got.dtype == dtype
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    # and the caps matter: the plain SwiGLU is not this
+    assert rel_err(ops.activate(up_SN, ExpertSpec()), want) > 1e-2
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        ExpertSpec(activation="relu2", gated=False),
+        ExpertSpec(activation="relu2", gate_layout="interleaved"),
+        ExpertSpec(activation="swiglu_softcap", gate_softcap=0.7, up_softcap=1.3),
+    ],
+    ids=lambda s: s.describe(),
+)
+def test_new_activations_bf16(spec):
+    args = _inputs(spec, T=9, K=2, E=5, H=16, I=8, bias=True, dtype=torch.bfloat16)
+    out = torch.ops.moe_compile.moe(*args, spec.encode())
+    fp32 = [a.float() if a is not None and a.is_floating_point() else a for a in args]
+    assert out.dtype == torch.bfloat16
+    assert rel_err(out, moe_reference(*fp32, spec)) < 2e-2
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -3,8 +3,10 @@
 import copy
 
 import torch
+import torch.nn.functional as F
 from conftest import rel_err
-from custom_moe import PerExpertLM
+from custom_moe import ExpertList, PerExpertLM
+from torch import nn
 
 import moe_compile
 from moe_compile.prepare import StackedExperts, prepare_report
@@ -80,3 +82,54 @@ def test_container_that_is_not_a_weighted_sum_is_left_alone():
     assert model.blocks[0].experts is experts
     (entry,) = prepare_report()
     assert "not sum_k weight * expert(x)" in entry[1]
+
+
+class Relu2Expert(nn.Module):
+    """Nemotron-H's expert MLP as a user writes it: up, relu², down (with biases)."""
+
+    def __init__(self, hidden, inter):
+        super().__init__()
+        self.up = nn.Linear(hidden, inter)
+        self.down = nn.Linear(inter, hidden)
+
+    def forward(self, x):
+        return self.down(F.relu(self.up(x)) ** 2)
+
+
+def test_relu2_experts_are_stacked_exactly():
+    torch.manual_seed(0)
+    model = PerExpertLM(layers=1).eval()
+    model.blocks[0].experts = ExpertList(Relu2Expert(32, 16) for _ in range(4))
+    input_ids = torch.randint(0, 64, (2, 7))
+    with torch.no_grad():
+        expected = model(input_ids)
+    moe_compile.prepare(model)
+    stacked = model.blocks[0].experts
+    assert isinstance(stacked, StackedExperts), prepare_report()
+    assert ExpertSpecOf(stacked).activation == "relu2" and not ExpertSpecOf(stacked).gated
+    torch._dynamo.reset()
+    report = moe_compile.explain(model, input_ids, options={"inductor": False})
+    assert [b.activation for b in report.blocks] == ["ReLU² (non-gated)"], report
+    compiled = torch.compile(model, backend="moe_prefill", options={"inductor": False})
+    with torch.no_grad():
+        assert rel_err(compiled(input_ids), expected) < 1e-5
+
+
+def test_hf_expert_parallel_reads_inkling2_softcaps():
+    """HF ``AllToAllEP`` experts are matched to a spec with the model's own caps, not the defaults."""
+    from transformers.models.inkling2.configuration_inkling2 import Inkling2TextConfig
+    from transformers.models.inkling2.modeling_inkling2 import Inkling2Experts
+
+    from moe_compile.ops import activate
+    from moe_compile.reference.hf_expert_parallel import _swiglu_constants
+
+    config = Inkling2TextConfig(
+        n_routed_experts=4, hidden_size=16, moe_intermediate_size=8, mlp_gate_softcap=1.5, mlp_up_softcap=2.5
+    )
+    experts = Inkling2Experts(config)
+    constants = _swiglu_constants(experts, "swiglu_softcap")
+    assert constants == {"gate_softcap": 1.5, "up_softcap": 2.5}
+    spec = moe_compile.ExpertSpec(activation="swiglu_softcap", **constants)
+    up_SN = torch.randn(10, 16) * 3
+    assert torch.equal(activate(up_SN, spec), experts._apply_gate(up_SN))
+    assert _swiglu_constants(nn.Linear(2, 2), "swiglu_softcap") == {}  # no caps found: the defaults are tried

@@ -77,10 +77,13 @@ ACTIVATIONS = {
     "gelu": ExpertSpec(activation="gelu"),
     "gelu_tanh": ExpertSpec(activation="gelu_tanh"),
     "relu": ExpertSpec(activation="relu"),
+    "relu2": ExpertSpec(activation="relu2"),
     "swiglu_oai": ExpertSpec(activation="swiglu_oai"),
+    "swiglu_softcap": ExpertSpec(activation="swiglu_softcap"),
     "silu/ungated": ExpertSpec(activation="silu", gated=False),
     "gelu/ungated": ExpertSpec(activation="gelu", gated=False),
     "relu/ungated": ExpertSpec(activation="relu", gated=False),
+    "relu2/ungated": ExpertSpec(activation="relu2", gated=False),
 }
 
 

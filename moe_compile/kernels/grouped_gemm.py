@@ -94,12 +94,31 @@ if interpreting():
 
 
 @triton.jit
-def _activate(gate, up, alpha, limit, ACTIVATION: tl.constexpr, GATED: tl.constexpr):
+def _tanh(z):
+    """fp32 ``tanh`` (no libdevice: the interpreter has none), relative error a few ulp.
+
+    ``(1 - e) / (1 + e)`` with ``e = exp(-2|z|)`` loses digits to cancellation near 0, so
+    ``|z| < 0.25`` takes the odd Taylor series to ``z^9`` (truncation below 1e-8 relative).
+    """
+    a = tl.abs(z)
+    e = tl.exp(-2.0 * a)
+    far = (1.0 - e) / (1.0 + e)
+    a2 = a * a
+    near = a * (1.0 + a2 * (-1.0 / 3.0 + a2 * (2.0 / 15.0 + a2 * (-17.0 / 315.0 + a2 * (62.0 / 2835.0)))))
+    t = tl.where(a < 0.25, near, far)
+    return tl.where(z < 0.0, -t, t)
+
+
+@triton.jit
+def _activate(gate, up, alpha, limit, gate_cap, up_cap, ACTIVATION: tl.constexpr, GATED: tl.constexpr):
     """fp32 tiles -> ``act(gate) * up`` (or ``act(gate)`` when not gated)."""
     if ACTIVATION == "swiglu_oai":
         gate = tl.minimum(gate, limit)
         up = tl.minimum(tl.maximum(up, -limit), limit)
         out = (up + 1.0) * (gate * tl.sigmoid(alpha * gate))
+    elif ACTIVATION == "swiglu_softcap":
+        # cap(gate) * sigmoid(gate) * cap(up), cap(x, c) = tanh(x / c) * c: the sigmoid sees the raw gate
+        out = _tanh(gate / gate_cap) * gate_cap * tl.sigmoid(gate) * (_tanh(up / up_cap) * up_cap)
     else:
         if ACTIVATION == "silu":
             out = gate * tl.sigmoid(gate)
@@ -108,6 +127,9 @@ def _activate(gate, up, alpha, limit, ACTIVATION: tl.constexpr, GATED: tl.conste
         elif ACTIVATION == "gelu_tanh":
             # 0.5 * (1 + tanh(z)) == sigmoid(2z), z = sqrt(2/pi) * (g + 0.044715 g^3)
             out = gate * tl.sigmoid(1.5957691216057308 * (gate + 0.044715 * gate * gate * gate))
+        elif ACTIVATION == "relu2":
+            out = tl.maximum(gate, 0.0)
+            out = out * out
         else:  # relu
             out = tl.maximum(gate, 0.0)
         if GATED:
@@ -149,6 +171,8 @@ def _up_kernel(
     group_m,
     alpha,
     limit,
+    gate_cap,
+    up_cap,
     # strides
     stride_xt,
     stride_xh,
@@ -225,7 +249,7 @@ def _up_kernel(
             acc_gate += tl.load(b_base + gate_col_N * stride_bn, mask=col_ok_N, other=0.0).to(tl.float32)[None, :]
             if GATED:
                 acc_up += tl.load(b_base + up_col_N * stride_bn, mask=col_ok_N, other=0.0).to(tl.float32)[None, :]
-    act = _activate(acc_gate, acc_up, alpha, limit, ACTIVATION, GATED)
+    act = _activate(acc_gate, acc_up, alpha, limit, gate_cap, up_cap, ACTIVATION, GATED)
 
     out_ptrs = out_ptr + pair_M[:, None] * stride_os + offs_i_N[None, :] * stride_oi
     tl.store(out_ptrs, act.to(out_ptr.dtype.element_ty), mask=row_ok_M[:, None] & col_ok_N[None, :])
@@ -431,6 +455,7 @@ def up_launch(
         (
             hidden_TH, w_up, bias, out_SI, *alignment,
             S, H, I, num_m_blocks, c.group_m, float(spec.alpha), float(spec.limit),
+            float(spec.gate_softcap), float(spec.up_softcap),
             hidden_TH.stride(0), hidden_TH.stride(1), stride_we, stride_wn, stride_wh,
             stride_be, stride_bn, out_SI.stride(0), out_SI.stride(1),
         ),

@@ -55,12 +55,20 @@ def activate(up_SN: torch.Tensor, spec: ExpertSpec) -> torch.Tensor:
         gate_SI = gate_SI.clamp(max=spec.limit)
         up_SI = up_SI.clamp(min=-spec.limit, max=spec.limit)
         return (up_SI + 1) * (gate_SI * torch.sigmoid(gate_SI * spec.alpha))
+    if spec.activation == "swiglu_softcap":  # in fp32, cast back: as Inkling 2 computes it
+        assert up_SI is not None
+        g_SI, u_SI = gate_SI.float(), up_SI.float()
+        capped_gate_SI = torch.tanh(g_SI / spec.gate_softcap) * spec.gate_softcap
+        capped_up_SI = torch.tanh(u_SI / spec.up_softcap) * spec.up_softcap
+        return (capped_gate_SI * torch.sigmoid(g_SI) * capped_up_SI).to(gate_SI.dtype)
     if spec.activation == "silu":
         act_SI = F.silu(gate_SI)
     elif spec.activation == "gelu":
         act_SI = F.gelu(gate_SI)
     elif spec.activation == "gelu_tanh":
         act_SI = F.gelu(gate_SI, approximate="tanh")
+    elif spec.activation == "relu2":
+        act_SI = torch.square(F.relu(gate_SI))
     else:
         act_SI = F.relu(gate_SI)
     return act_SI * up_SI if up_SI is not None else act_SI

@@ -37,7 +37,7 @@ from ..ops import check_inputs, moe_torch
 from ..report import BlockReport, Skipped
 from ..spec import ExpertSpec
 from .base import GraphPass, MoEBlock, PassContext, reshape_like, set_fake_val
-from .detect_moe import CanonicalCall, MoEMatch
+from .detect_moe import CanonicalCall, MoEMatch, softcap_of
 from .moe_call import MoECall
 from .vocabulary import GATHERS, MATMULS, VIEWS
 
@@ -237,21 +237,30 @@ def _unmatched_ops(m: MoEMatch, region: _Region) -> str:
     """The cause of a failed verification, named by the ops the canonical activations do not contain.
 
     Between the up and down projections the canonical op computes an activation (optionally
-    gated or clamped); ops beyond those (``pow`` of relu², ``tanh`` with a ``div`` of a
-    softcap, ``erf`` or ``exp`` of a custom one, a norm) are named, and so is anything
-    between the down projection and the block's output other than the routing-weight
-    multiply and the scatter/sum back to tokens.
+    gated, clamped or softcapped); ops beyond those (``pow`` other than relu²'s square, a
+    ``tanh`` softcap in another place than the softcapped SwiGLU's, ``erf`` or ``exp`` of a
+    custom one, a norm) are named, and so is anything between the down projection and the
+    block's output other than the routing-weight multiply and the scatter/sum back to tokens.
     """
     known = _CANONICAL_OPS | VIEWS | GATHERS | MATMULS
     nodes = {n for n in region.module.graph.nodes if n.op == "call_function"}
     names = {op_name(n) for n in nodes}
-    act_ops = {op_name(n) for n in _between(m)}
-    softcap = "aten::tanh" in act_ops and "aten::gelu" not in act_ops and act_ops & {"aten::div", "aten::mul"}
+    between = _between(m)
+    act_ops = {op_name(n) for n in between}
     odd = sorted(n.removeprefix("aten::") for n in (names | act_ops) - known)
-    if softcap and m.candidates and all(c.gated for c in m.candidates):
-        odd = ["tanh (a softcap on the gate or up projection)", *odd]
-    if "aten::pow" in act_ops and "aten::relu" in act_ops:
-        return "activation relu² (relu then pow) is not a canonical activation"
+    # relu² (relu then a square) is canonical: another power, or a square of something else, is a cause
+    powers = sorted({repr(n.args[1]) for n in between if op_name(n) == "aten::pow" and len(n.args) > 1})
+    if powers:
+        odd.remove("pow")
+        if powers != ["2"] or "aten::relu" not in act_ops:
+            odd.insert(0, f"pow (exponent {', '.join(powers)}; the one canonical power is relu² = relu(x) ** 2)")
+    softcaps = [n for n in between if op_name(n) == "aten::tanh" and softcap_of(n) is not None]
+    if softcaps and "aten::gelu" not in act_ops:
+        odd = [
+            "tanh (a softcap tanh(x / c) * c where the canonical op has none: its one softcapped form is "
+            "Inkling 2's cap(gate) * sigmoid(gate) * cap(up))",
+            *odd,
+        ]
     if odd:
         return f"ops the canonical activations do not contain: {', '.join(odd)}"
     return "the activation or combine does not match any canonical form (no unknown op: different constants or order)"

@@ -5,7 +5,7 @@ Matches (per block)::
     expert weights  w_up [E, ., .], w_down [E, ., .]    placeholders (parameters)
     dispatch        x [T, H] rows gathered / sorted by expert id (index, sort, histc…)
     up              matmul(x rows, w_up)      grouped_mm | grouped_mm_fallback | bmm | mm
-    activation      silu | gelu | relu | GPT-OSS clamp+sigmoid …, optional bias add
+    activation      silu | gelu | relu | relu² | GPT-OSS clamp+sigmoid | tanh softcaps …, optional bias add
     down            matmul(act, w_down)
     combine         mul(down, routing weights [T, K]) -> scatter back -> sum over K -> out
 
@@ -69,7 +69,7 @@ from ..graph import (
     walk_back,
 )
 from ..report import Skipped
-from ..spec import ExpertSpec
+from ..spec import PARAMETRIC, ExpertSpec
 from .base import DetectedMoE, GraphPass, PassContext
 from .moe_call import MoECall
 from .vocabulary import ACTIVATION_OPS, GATHERS, MATMULS, VIEWS
@@ -335,8 +335,13 @@ def _spec_candidates(between: set[fx.Node], gated: bool, transposed: list[bool])
     """Expert specs that could explain the ops between the up and down matmuls, likeliest first."""
     names = {op_name(n) for n in between}
     acts: list[str] = []
+    softcaps = _softcap_pairs(between) if gated else []
+    if softcaps:
+        acts.append("swiglu_softcap")
     if gated and "aten::sigmoid" in names and names & {"aten::clamp", "aten::clamp_max"}:
         acts.append("swiglu_oai")
+    if "aten::relu" in names and any(_is_square(n) for n in between):
+        acts.append("relu2")
     for op, act in ACTIVATION_OPS.items():
         if op in names:
             if op == "aten::gelu":
@@ -345,9 +350,9 @@ def _spec_candidates(between: set[fx.Node], gated: bool, transposed: list[bool])
             acts.append(act)
     if "aten::sigmoid" in names:
         acts.append("silu")  # silu decomposed as x * sigmoid(x)
-    acts += ["silu", "gelu", "gelu_tanh", "relu"]
+    acts += ["silu", "gelu", "gelu_tanh", "relu", "relu2"]
     if not gated:
-        acts = [a for a in acts if a != "swiglu_oai"]
+        acts = [a for a in acts if a not in PARAMETRIC]
     layouts = ["interleaved", "concat"] if any(_is_strided_slice(n) for n in between) else ["concat", "interleaved"]
     # swiglu_oai constants: the clamp bound, and the scale inside sigmoid(alpha * gate)
     clamps = [a for n in between if op_name(n) in ("aten::clamp", "aten::clamp_max") for a in n.args[1:]]
@@ -355,12 +360,60 @@ def _spec_candidates(between: set[fx.Node], gated: bool, transposed: list[bool])
     scales = [a for n in between if op_name(n) == "aten::mul" and any(op_name(u) == "aten::sigmoid" for u in n.users)
               for a in n.args if isinstance(a, float)]  # fmt: skip
     alpha = scales[0] if scales else ExpertSpec.alpha
+    default_caps = [(ExpertSpec.gate_softcap, ExpertSpec.up_softcap)]
     return [
-        ExpertSpec(activation=act, gated=gated, gate_layout=layout, transposed=tr, alpha=alpha, limit=limit)
+        ExpertSpec(act, gated, layout, tr, alpha=alpha, limit=limit, gate_softcap=caps[0], up_softcap=caps[1])
         for act in dict.fromkeys(acts)
+        for caps in (softcaps if act == "swiglu_softcap" else default_caps)
         for tr in transposed
         for layout in (layouts if gated else ["concat"])
     ]
+
+
+def _is_square(node: fx.Node) -> bool:
+    """``x ** 2`` (``pow``), ``x * x`` or ``square``: the second half of relu²."""
+    name = op_name(node)
+    if name == "aten::pow":
+        return len(node.args) > 1 and node.args[1] == 2
+    if name == "aten::mul":
+        return len(node.args) == 2 and node.args[0] is node.args[1]
+    return name == "aten::square"
+
+
+def softcap_of(tanh: fx.Node) -> tuple[fx.Node, float] | None:
+    """``tanh(x / c) * c`` (or ``tanh(x * (1/c)) * c``) around ``tanh``: ``(x, c)``, else None."""
+    inner = tanh.args[0]
+    if not isinstance(inner, fx.Node) or len(inner.args) < 2 or not isinstance(inner.args[1], (int, float)):
+        return None
+    if op_name(inner) == "aten::div" and inner.args[1]:
+        source, cap = inner.args[0], float(inner.args[1])
+    elif op_name(inner) == "aten::mul" and inner.args[1]:
+        source, cap = inner.args[0], 1.0 / float(inner.args[1])
+    else:
+        return None
+    # the factor after the tanh is c itself, exactly (1/(1/c) may differ from c in the last bit)
+    after = [a for u in tanh.users if op_name(u) == "aten::mul" for a in u.args if isinstance(a, (int, float))]
+    if after:
+        cap = float(after[0])
+    return (source, cap) if isinstance(source, fx.Node) and cap > 0 else None
+
+
+def _softcap_pairs(between: set[fx.Node]) -> list[tuple[float, float]]:
+    """(gate cap, up cap) guesses for a softcapped SwiGLU: ``cap(gate) * sigmoid(gate) * cap(up)``.
+
+    Needs two softcapped ``tanh`` nodes and a ``sigmoid``; the cap whose input the sigmoid also
+    reads is the gate's. When that does not tell (casts in between), both orders are guesses.
+    """
+    caps = [found for n in between if op_name(n) == "aten::tanh" and (found := softcap_of(n)) is not None]
+    sigmoid_inputs = {n.args[0] for n in between if op_name(n) == "aten::sigmoid"}
+    if len(caps) != 2 or not sigmoid_inputs:
+        return []
+    (a_src, a), (b_src, b) = caps
+    if a_src in sigmoid_inputs and b_src not in sigmoid_inputs:
+        return [(a, b)]
+    if b_src in sigmoid_inputs and a_src not in sigmoid_inputs:
+        return [(b, a)]
+    return list(dict.fromkeys([(a, b), (b, a)]))
 
 
 def _is_strided_slice(node: fx.Node) -> bool:

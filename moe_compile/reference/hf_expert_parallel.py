@@ -110,6 +110,12 @@ def make_traceable(module: nn.Module, implementation) -> ExpertParallelExperts |
 
 
 def _swiglu_constants(module: nn.Module, act: str) -> dict:
+    if act == "swiglu_softcap":  # Inkling2SoftcappedSwiGLU keeps its caps in Inkling2Softcap modules
+        act_fn = getattr(module, "act_fn", None)
+        caps = [getattr(getattr(act_fn, name, None), "softcap", None) for name in ("gate_softcap", "up_softcap")]
+        if not all(isinstance(c, (int, float)) and c > 0 for c in caps):
+            return {}
+        return {"gate_softcap": float(caps[0]), "up_softcap": float(caps[1])}
     if act != "swiglu_oai":
         return {}
     return {

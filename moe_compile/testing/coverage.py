@@ -652,10 +652,6 @@ _LOOP = (
     "the experts run in a Python loop over the experts hit (`nonzero`, `torch.where` on the routing mask): "
     "Dynamo breaks the graph in every MoE layer, and `prepare` has no rewrite for this loop form"
 )
-_SOFTCAP = (
-    "softcapped SwiGLU (`Inkling2SoftcappedSwiGLU`): `c_g*tanh(gate/c_g) * sigmoid(gate) * c_u*tanh(up/c_u)`; "
-    "the canonical op has no softcapped activation (closest, SiLU-gated, is off by ~1e-3)"
-)
 KNOWN_GAPS: dict[str, Gap] = {
     # --- missed: the backend does not find the block and says nothing (the acceptance target is none) ---
     "dbrx": Gap("missed", "not found, no reason given", _LOOP + "; experts flattened into [E*I, H] (`DbrxExpertGLU`)"),
@@ -694,10 +690,6 @@ KNOWN_GAPS: dict[str, Gap] = {
         "(silently); the capacity-limited top-2 loop graph-breaks; `moe_token_dropout` scales outputs",
     ),
     # --- skipped with a reason ---
-    "inkling2": Gap("skipped", "tanh (a softcap", _SOFTCAP),
-    "inkling2_loop": Gap("skipped", "tanh (a softcap", _SOFTCAP),
-    "inkling2_text": Gap("skipped", "tanh (a softcap", _SOFTCAP),
-    "inkling2_loop_text": Gap("skipped", "tanh (a softcap", _SOFTCAP),
     "muse_spark": Gap(
         "skipped",
         "post-expert norm",
@@ -705,12 +697,6 @@ KNOWN_GAPS: dict[str, Gap] = {
         "before the routing weight: `w * norm(down(act(up(x))))` is outside the canonical op",
     ),
     "muse_spark_text": Gap("skipped", "post-expert norm", "as `muse_spark`"),
-    "nemotron_h": Gap(
-        "skipped",
-        "relu²",
-        "non-gated relu² experts (`ACT2FN['relu2']`): not a canonical activation (issue-11 sweep: "
-        "best rel err 2.6; with relu it is found)",
-    ),
     # --- not built: the generic tiny config or the family's inputs do not fit ---
     "diffusion_gemma_text": Gap(
         "not-built",

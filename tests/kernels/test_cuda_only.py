@@ -69,8 +69,11 @@ def test_every_seed_config_matches_the_reference(config, dtype):
         (ExpertSpec(activation="swiglu_oai", gate_layout="interleaved", transposed=True), True),  # GPT-OSS
         (ExpertSpec(activation="gelu", gated=False), True),
         (ExpertSpec(transposed=True), False),
+        (ExpertSpec(activation="relu2", gated=False), False),  # Nemotron-H
+        # Inkling 2's softcapped SwiGLU, caps small enough to bite: the GPU's exp and division in _tanh
+        (ExpertSpec(activation="swiglu_softcap", gate_softcap=1.0, up_softcap=2.0), False),
     ],
-    ids=["gpt_oss", "plain_gelu", "transposed"],
+    ids=["gpt_oss", "plain_gelu", "transposed", "plain_relu2", "swiglu_softcap"],
 )
 def test_layouts_with_selected_configs(spec, bias, dtype):
     """select_config's own choice (tuned table or heuristic) on each expert layout, against the fp32 loop."""

@@ -11,26 +11,30 @@ from moe_compile.spec import ExpertSpec
 
 from .kernel_testing import DEVICE, TOLERANCE, make_experts, rel_err, route
 
-GATED_ACTS = ["silu", "gelu", "gelu_tanh", "relu", "swiglu_oai"]
-PLAIN_ACTS = ["silu", "gelu", "gelu_tanh", "relu"]
-VARIANTS = (
-    [
-        pytest.param(
-            ExpertSpec(activation=act, gate_layout=layout, transposed=tr), bias, id=f"{act}-{layout}-t{tr:d}-b{bias:d}"
-        )
-        for act, layout, tr, bias in itertools.product(
-            GATED_ACTS, ["concat", "interleaved"], [False, True], [False, True]
-        )
-    ]
-    + [
-        pytest.param(ExpertSpec(activation=act, gated=False, transposed=tr), bias, id=f"{act}-plain-t{tr:d}-b{bias:d}")
-        for act, tr, bias in itertools.product(PLAIN_ACTS, [False, True], [False, True])
-    ]
-    + [
-        pytest.param(ExpertSpec(transposed=True, scale_input=True), bias, id=f"silu-scale-input-t1-b{bias:d}")
-        for bias in (False, True)
-    ]
-)
+GATED_ACTS = ["silu", "gelu", "gelu_tanh", "relu", "relu2", "swiglu_oai"]
+PLAIN_ACTS = ["silu", "gelu", "gelu_tanh", "relu", "relu2"]
+VARIANTS = [
+    pytest.param(
+        ExpertSpec(activation=act, gate_layout=layout, transposed=tr), bias, id=f"{act}-{layout}-t{tr:d}-b{bias:d}"
+    )
+    for act, layout, tr, bias in itertools.product(GATED_ACTS, ["concat", "interleaved"], [False, True], [False, True])
+] + [
+    pytest.param(ExpertSpec(activation=act, gated=False, transposed=tr), bias, id=f"{act}-plain-t{tr:d}-b{bias:d}")
+    for act, tr, bias in itertools.product(PLAIN_ACTS, [False, True], [False, True])
+]
+VARIANTS += [  # caps small enough that the tanh bites on O(1) activations
+    pytest.param(
+        ExpertSpec("swiglu_softcap", gate_layout=layout, transposed=tr, gate_softcap=0.6, up_softcap=0.9),
+        bias,
+        id=f"swiglu_softcap-{layout}-t{tr:d}-b{bias:d}",
+    )
+    for layout, tr, bias in itertools.product(["concat", "interleaved"], [False, True], [False, True])
+]
+SOFTCAP = ExpertSpec(activation="swiglu_softcap", gate_layout="interleaved", gate_softcap=0.6, up_softcap=0.9)
+VARIANTS += [
+    pytest.param(ExpertSpec(transposed=True, scale_input=True), bias, id=f"silu-scale-input-t1-b{bias:d}")
+    for bias in (False, True)
+]
 
 
 def _inputs(T, H, I, E, K, spec=ExpertSpec(), bias=False, dtype=torch.float32, device="cpu", seed=0):
@@ -57,8 +61,13 @@ def test_variants_fp32(spec, bias, device):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize(
     "spec,bias",
-    [(ExpertSpec(), False), (ExpertSpec(activation="swiglu_oai", gate_layout="interleaved", transposed=True), True)],
-    ids=["silu", "swiglu_oai"],
+    [
+        (ExpertSpec(), False),
+        (ExpertSpec(activation="swiglu_oai", gate_layout="interleaved", transposed=True), True),
+        (ExpertSpec(activation="relu2", gated=False), True),
+        (SOFTCAP, True),
+    ],
+    ids=["silu", "swiglu_oai", "relu2", "swiglu_softcap"],
 )
 def test_half_precision(spec, bias, dtype, device):
     args = _inputs(T=9, H=40, I=24, E=6, K=2, spec=spec, bias=bias, dtype=dtype, device=device)

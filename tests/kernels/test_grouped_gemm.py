@@ -2,10 +2,19 @@
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from moe_compile.kernels.align import align
 from moe_compile.kernels.configs import select_config
-from moe_compile.kernels.grouped_gemm import down_projection, down_reference, reduce_topk, up_projection, up_reference
+from moe_compile.kernels.grouped_gemm import (
+    _tanh,
+    down_projection,
+    down_reference,
+    reduce_topk,
+    up_projection,
+    up_reference,
+)
 from moe_compile.spec import ExpertSpec
 
 from .kernel_testing import TOLERANCE, make_experts, rel_err, route
@@ -17,6 +26,11 @@ SPECS = [
     ExpertSpec(activation="gelu", gate_layout="interleaved", transposed=True),
     ExpertSpec(activation="swiglu_oai", gate_layout="interleaved", transposed=True),
     ExpertSpec(activation="relu", gated=False),
+    ExpertSpec(activation="relu2"),
+    ExpertSpec(activation="relu2", gated=False, transposed=True),
+    # caps small enough that tanh works on both sides of _tanh's series/exp switch (|x / cap| = 0.25)
+    ExpertSpec(activation="swiglu_softcap", gate_softcap=0.5, up_softcap=0.8),
+    ExpertSpec("swiglu_softcap", gate_layout="interleaved", transposed=True, gate_softcap=0.9, up_softcap=0.3),
 ]
 
 
@@ -82,3 +96,22 @@ def test_launcher_errors(device):
     if device == "cuda":
         with pytest.raises(ValueError, match="one device"):
             up_projection(x_TH.cpu(), alignment, w_up, b_up, spec, K, config)
+
+
+@triton.jit
+def _tanh_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + offs, mask=offs < n, other=0.0)
+    tl.store(out_ptr + offs, _tanh(x), mask=offs < n)
+
+
+def test_kernel_tanh_is_accurate_near_zero_and_far(device):
+    """The epilogue's own tanh (no libdevice under the interpreter): a few ulp, elementwise, across the switch."""
+    mag = torch.cat([torch.logspace(-7, 1.5, 120), torch.tensor([0.2499, 0.25, 0.2501])])
+    x = torch.cat([mag, -mag, torch.zeros(1)]).to(torch.float32).to(device)
+    out = torch.empty_like(x)
+    _tanh_kernel[(1,)](x, out, x.numel(), BLOCK=256)
+    want = torch.tanh(x.double())
+    # 1e-6: a few fp32 ulp (the GPU's exp is an approximation too); exp alone near 0 is off by percents
+    assert ((out.double() - want).abs() / want.abs().clamp_min(1e-30)).max() < 1e-6
+    assert out[-1] == 0
