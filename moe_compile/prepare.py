@@ -63,9 +63,25 @@ _TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-9, torch.float16: 2e-2, tor
 
 
 class StackedExperts(nn.Module):
-    """``E`` experts as stacked weights, computed by one ``moe_compile::moe`` call."""
+    """``E`` experts as stacked weights, computed by one ``moe_compile::moe`` call.
 
-    def __init__(self, w_up: torch.Tensor, w_down: torch.Tensor, b_up, b_down, spec: ExpertSpec, source: str):
+    ``identity_experts``: ids ``E .. E + Z - 1`` name identity ("zero-computation") experts, whose
+    output is the token itself times its weight (LongCat-Flash); they go to the op as expert 0 with
+    weight 0 and their weighted input is added outside it. ``output_scale``: a constant factor on
+    the output (NLLB-MoE's eval-time ``1 - moe_token_dropout``).
+    """
+
+    def __init__(
+        self,
+        w_up: torch.Tensor,
+        w_down: torch.Tensor,
+        b_up,
+        b_down,
+        spec: ExpertSpec,
+        source: str,
+        identity_experts: int = 0,
+        output_scale: float = 1.0,
+    ):
         super().__init__()
         self.num_experts = w_up.shape[0]
         self.w_up = nn.Parameter(w_up, requires_grad=False)  # [E, N, H]
@@ -74,6 +90,8 @@ class StackedExperts(nn.Module):
         self.b_down = nn.Parameter(b_down, requires_grad=False) if b_down is not None else None  # [E, H]
         self.spec = spec.encode()
         self.source = source
+        self.identity_experts = identity_experts
+        self.output_scale = output_scale
 
     def forward(self, hidden_states: torch.Tensor, selection: torch.Tensor, routing_weights: torch.Tensor):
         H = hidden_states.shape[-1]
@@ -86,13 +104,25 @@ class StackedExperts(nn.Module):
         else:
             ids_TK = selection.reshape(T, -1)
             weights_TK = routing_weights.reshape(T, -1)
+        identity_T1 = None
+        if self.identity_experts:
+            is_identity_TK = ids_TK >= self.num_experts
+            identity_T1 = (weights_TK * is_identity_TK).sum(dim=-1, keepdim=True)
+            weights_TK = weights_TK * ~is_identity_TK
+            ids_TK = ids_TK.masked_fill(is_identity_TK, 0)
         out_TH = torch.ops.moe_compile.moe(
             x_TH, ids_TK, weights_TK, self.w_up, self.w_down, self.b_up, self.b_down, self.spec
         )
+        if identity_T1 is not None:
+            out_TH = out_TH + (x_TH * identity_T1).to(out_TH.dtype)
+        if self.output_scale != 1.0:
+            out_TH = out_TH * self.output_scale
         return out_TH.view(hidden_states.shape)
 
     def extra_repr(self) -> str:
-        return f"num_experts={self.num_experts}, spec={self.spec}, source={self.source!r}"
+        extra = f", identity_experts={self.identity_experts}" if self.identity_experts else ""
+        extra += f", output_scale={self.output_scale:g}" if self.output_scale != 1.0 else ""
+        return f"num_experts={self.num_experts}, spec={self.spec}, source={self.source!r}{extra}"
 
 
 _prepare_log: list[tuple[str, str]] = []
@@ -169,18 +199,22 @@ def _linears(module: nn.Module) -> list[nn.Linear]:
 def _looks_like_expert_container(module: nn.Module) -> bool:
     if not isinstance(module, (nn.ModuleList, nn.ModuleDict)) or type(module).forward is nn.Module.forward:
         return False
-    children = list(module.children())
+    children = _members(module)  # parameter-free children (a token dropout) are not experts
     if len(children) < 2 or len({type(c) for c in children}) != 1:
         return False
     shapes = {tuple(tuple(p.shape) for p in c.parameters()) for c in children}
     return len(shapes) == 1 and len(_linears(children[0])) in (2, 3)
 
 
+def _members(container: nn.Module) -> list[nn.Module]:
+    return [c for c in container.children() if any(True for _ in c.parameters())]
+
+
 def _ordered_experts(container: nn.Module) -> list[nn.Module] | None:
     """Children in expert-index order (``expert_3`` is expert 3), or None if unclear."""
     if isinstance(container, nn.ModuleList):
-        return list(container)
-    keys = list(container.keys())
+        return _members(container)
+    keys = [k for k, c in container.items() if any(True for _ in c.parameters())]
     indices = [int(m.group(1)) if (m := re.search(r"(\d+)$", k)) else None for k in keys]
     if None in indices or sorted(indices) != list(range(len(keys))):
         return None
@@ -210,6 +244,8 @@ def _stack(container: nn.Module) -> StackedExperts | str:
         gen = torch.Generator().manual_seed(1)
         with torch.no_grad():
             if _same_container(container, stacked, lin0.in_features, lin0.weight.dtype, gen):
+                if stacked.output_scale != 1.0:
+                    stacked.source += f", output scaled by {stacked.output_scale:g}"
                 return stacked
         return "the container's forward is not sum_k weight * expert(x) over its selection"
 
@@ -300,8 +336,18 @@ def _same_container(container: nn.Module, stacked: StackedExperts, H: int, dtype
             expected = container(x, selection, w)
         except Exception:  # noqa: BLE001 - the container does not take this form
             continue
-        if isinstance(expected, torch.Tensor) and _close(stacked(x, selection, w), expected):
+        if not isinstance(expected, torch.Tensor):
+            continue
+        got = stacked(x, selection, w)
+        if _close(got, expected):
             return True
+        # a constant factor on the output (NLLB-MoE's eval-time ``1 - moe_token_dropout``), fitted, then checked
+        scale = round(((got.double() * expected.double()).sum() / got.double().square().sum()).item(), 6)
+        if 0 < scale and scale != 1.0:
+            stacked.output_scale = scale
+            if _close(stacked(x, selection, w), expected):
+                return True
+            stacked.output_scale = 1.0
     return False
 
 
