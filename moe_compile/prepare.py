@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import itertools
 import logging
 import re
@@ -55,7 +56,7 @@ import torch
 import torch.nn as nn
 
 from .ops import activate
-from .spec import ACTIVATIONS, ExpertSpec
+from .spec import ACTIVATIONS, GATE_LAYOUTS, ExpertSpec
 
 log = logging.getLogger(__name__)
 
@@ -147,6 +148,16 @@ def prepare(model: nn.Module) -> nn.Module:
         parent_name, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent_name), attr, result)
         _prepare_log.append((name, f"routed: {result.source}"))
+    for name, module in list(model.named_modules()):
+        if not _looks_like_weight_experts(module):
+            continue
+        result = _stack_weight_experts(module)
+        if isinstance(result, str):
+            _prepare_log.append((name, f"left alone: {result}"))
+            continue
+        parent_name, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), attr, result)
+        _prepare_log.append((name, f"stacked: {result.source}"))
     for name, module in list(model.named_modules()):
         if not _looks_like_expert_container(module):
             continue
@@ -349,6 +360,185 @@ def _same_container(container: nn.Module, stacked: StackedExperts, H: int, dtype
                 return True
             stacked.output_scale = 1.0
     return False
+
+
+# -- experts modules holding stacked weights ------------------------------------------------------------------------
+
+_EXPERT_COUNT_ATTRS = ("num_experts", "moe_num_experts", "num_local_experts", "n_routed_experts", "num_routed_experts")
+
+
+@dataclasses.dataclass
+class _WeightForm:
+    """One reading of an experts module's parameters as ``[E, out, in]`` views: gate (or None), up, down."""
+
+    gate: torch.Tensor | None  # [E, I, H] (separate gate projection), or None
+    up: torch.Tensor  # [E, I, H], or [E, 2I, H] fused gate/up when ``gate`` is None and the spec is gated
+    down: torch.Tensor  # [E, H, I]
+    spec: ExpertSpec
+    names: str  # how the parameters were read, for the report
+
+    def weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(w_up [E, N, H], w_down [E, H, I])``, contiguous copies for :class:`StackedExperts`."""
+        w_up = self.up if self.gate is None else torch.cat([self.gate, self.up], dim=1)
+        return w_up.contiguous().clone(), self.down.contiguous().clone()
+
+    def __call__(self, x_TH: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
+        """``sum_k weight * expert(x)`` through the views, expert by expert (probing only; ids < E)."""
+        out_TH = torch.zeros_like(x_TH)
+        for e in ids_TK.unique().tolist():
+            t, k = torch.where(ids_TK == e)
+            x = x_TH[t]
+            up = x @ self.up[e].t()
+            if self.gate is not None:
+                up = torch.cat([x @ self.gate[e].t(), up], dim=-1)
+            y = activate(up, self.spec) @ self.down[e].t()
+            out_TH.index_add_(0, t, (y * weights_TK[t, k, None]).to(out_TH.dtype))
+        return out_TH
+
+
+def _expert_weight_views(module: nn.Module) -> tuple[int, int, list[tuple[str, torch.Tensor]]] | None:
+    """``(E, Z, views)`` when every parameter of ``module`` is expert-stacked: ``[E', a, b]`` (``E' >= E``:
+    rows past ``E`` belong to ``Z = E' - E`` identity experts) or flattened ``[E * a, b]`` (DBRX), else None."""
+    params = [(n, p.detach()) for n, p in module.named_parameters()]
+    if not 2 <= len(params) <= 3:
+        return None
+    stacked = [p.shape[0] for _, p in params if p.dim() == 3]
+    if stacked:
+        E = min(stacked)
+    else:
+        counts = [getattr(module, a) for a in _EXPERT_COUNT_ATTRS if isinstance(getattr(module, a, None), int)]
+        if not counts:
+            return None
+        E = counts[0]
+    views = []
+    for name, p in params:
+        if p.dim() == 3:
+            views.append((name, p[:E]))
+        elif p.dim() == 2 and E > 1 and p.shape[0] % E == 0 and p.shape[0] > E:
+            views.append((f"{name} as [E, {p.shape[0] // E}, {p.shape[1]}]", p.view(E, -1, p.shape[1])))
+        else:
+            return None
+    return E, max(stacked, default=E) - E, views
+
+
+def _weight_forms(views: list[tuple[str, torch.Tensor]], hidden: int | None = None) -> Iterator[_WeightForm]:
+    """Every consistent reading of the views as (gate,) up, down, each either ``[E, out, in]`` or
+    ``[E, in, out]``, with every activation; ``hidden``, when known, fixes ``H``."""
+    for order in itertools.permutations(range(len(views))):
+        for flips in itertools.product((False, True), repeat=len(views)):
+            ws = [views[i][1].transpose(1, 2) if f else views[i][1] for i, f in zip(order, flips)]
+            names = ", ".join(f"{views[i][0]}{'.T' if f else ''}" for i, f in zip(order, flips))
+            *ups, down = ws
+            H, I = down.shape[1], down.shape[2]
+            if (hidden is not None and H != hidden) or any(u.shape[2] != H for u in ups):
+                continue
+            if len(ups) == 2:  # gate, up
+                if ups[0].shape[1] != I or ups[1].shape[1] != I:
+                    continue
+                for act in ACTIVATIONS:
+                    yield _WeightForm(ups[0], ups[1], down, ExpertSpec(activation=act), f"gate {names}")
+                continue
+            up = ups[0]
+            if up.shape[1] == 2 * I:
+                for layout, act in itertools.product(GATE_LAYOUTS, ACTIVATIONS):
+                    spec = ExpertSpec(activation=act, gate_layout=layout)
+                    yield _WeightForm(None, up, down, spec, f"gate_up {names}, {layout}")
+            if up.shape[1] == I:
+                for act in ACTIVATIONS:
+                    if act != "swiglu_oai":
+                        yield _WeightForm(None, up, down, ExpertSpec(activation=act, gated=False), f"up {names}")
+
+
+def _looks_like_weight_experts(module: nn.Module) -> bool:
+    """An experts module (not a container) with ``forward(hidden, top_k_index, top_k_weights)`` whose
+    parameters are all expert-stacked, and not transformers' experts interface (already traceable)."""
+    if isinstance(module, (nn.ModuleList, nn.ModuleDict, StackedExperts)) or type(module).forward is nn.Module.forward:
+        return False
+    if hasattr(module, "has_gate") and hasattr(module, "is_transposed"):
+        return False  # transformers' experts interface: "grouped_mm" traces
+    try:
+        params = inspect.signature(module.forward).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if len(positional) != 3 or any(p.default is not p.empty for p in positional):
+        return False
+    return _expert_weight_views(module) is not None
+
+
+def _stack_weight_experts(module: nn.Module) -> StackedExperts | str:
+    """The module as :class:`StackedExperts`, when one reading of its weights gives its outputs on random inputs.
+
+    Hidden states are probed as ``[T, H]`` and ``[1, T, H]``; every shape the module takes must give its
+    values, and one its exact output shape (DBRX's experts return ``[T, 1, H]`` for ``[T, H]``; they are
+    called with ``[B, S, H]``).
+    """
+    E, Z, views = _expert_weight_views(module)
+    dtype, device = views[0][1].dtype, views[0][1].device
+    gen = torch.Generator().manual_seed(3)
+    T, K = 9, min(2, E + Z)
+    ids_real = torch.rand(T, E, generator=gen).argsort(-1)[:, :K].to(device)  # real experts only
+    ids_all = torch.rand(T, E + Z, generator=gen).argsort(-1)[:, :K].to(device)  # with the identity ones
+    weights = torch.rand(T, K, generator=gen).to(dtype=dtype, device=device)
+    probes: dict[int, list | str] = {}  # H -> [(x, ids, expected)] the module accepts, or why none
+
+    def run_probes(H: int) -> list | str:
+        x_TH = torch.randn(T, H, generator=gen).to(dtype=dtype, device=device)
+        accepted, errors = [], []
+        for x in (x_TH, x_TH[None]):
+            for ids in (ids_real, ids_real.flip(0)) + ((ids_all,) if Z else ()):
+                try:
+                    out = module(x, ids, weights)
+                except Exception as err:  # noqa: BLE001 - not this shape
+                    errors.append(f"{type(err).__name__}: {err}")
+                    continue
+                if isinstance(out, torch.Tensor) and out.numel() == x.numel():
+                    accepted.append((x, ids, out))
+        if not accepted:
+            return errors[0] if errors else "its output is not one tensor of the input's size"
+        return accepted
+
+    def agrees(stacked: StackedExperts, found: list) -> bool:
+        exact_shape = False
+        for x, ids, expected in found:
+            got = stacked(x, ids, weights)
+            if not _close(got.reshape(-1), expected.reshape(-1)):
+                return False
+            exact_shape |= got.shape == expected.shape
+        return exact_shape
+
+    with _in_eval(module), torch.no_grad():
+        for form in _weight_forms(views):
+            H = form.down.shape[1]
+            if H not in probes:
+                probes[H] = run_probes(H)
+            found = probes[H]
+            if isinstance(found, str):
+                continue
+            x0, ids0, expected0 = found[0]
+            if not _close(form(x0.reshape(T, H), ids0, weights).reshape(-1), expected0.reshape(-1)):
+                continue  # (the first probe has real experts only: the views compute them)
+            w_up, w_down = form.weights()
+            source = f"{E} experts' stacked weights ({form.names})"
+            if Z:
+                source += f" and {Z} identity experts"
+            stacked = StackedExperts(w_up, w_down, None, None, form.spec, source, identity_experts=Z)
+            if agrees(stacked, found):
+                return stacked
+            if Z and agrees(stacked, [f for f in found if f[1] is not ids_all]):
+                return (
+                    f"ids {E}..{E + Z - 1} (past the {E} experts' down projections) are not identity experts "
+                    "(output = weight * token), the only extra experts the canonical replacement has"
+                )
+    failed = [p for p in probes.values() if isinstance(p, str)]
+    if not probes:
+        return "its parameters read as no (gate,) up, down projections of consistent shapes"
+    if len(failed) == len(probes):
+        return f"its forward(hidden, ids, weights) fails on random inputs ({failed[0][:120]})"
+    return (
+        "no canonical expert form (activation, gating, layout) of its stacked weights reproduces its "
+        "forward(hidden, top_k_index, top_k_weights) on random inputs"
+    )
 
 
 # -- self-routed MoE modules ---------------------------------------------------------------------------------------
