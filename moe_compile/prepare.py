@@ -137,43 +137,35 @@ def prepare(model: nn.Module) -> nn.Module:
         model.set_experts_implementation("grouped_mm")
         _prepare_log.append(("", "experts implementation eager -> grouped_mm"))
     _make_expert_parallel_traceable(model)
-    for name, module in list(model.named_modules()):
-        parts = _self_routed_parts(module) if name else None  # (the root cannot be replaced in place)
-        if parts is None:
-            continue
-        result = _route_self_routed(module, *parts)
-        if isinstance(result, str):
-            _prepare_log.append((name, f"left alone: {result}"))
-            continue
-        parent_name, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), attr, result)
-        _prepare_log.append((name, f"routed: {result.source}"))
-    for name, module in list(model.named_modules()):
-        if not _looks_like_weight_experts(module):
-            continue
-        result = _stack_weight_experts(module)
-        if isinstance(result, str):
-            _prepare_log.append((name, f"left alone: {result}"))
-            continue
-        parent_name, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), attr, result)
-        _prepare_log.append((name, f"stacked: {result.source}"))
-    for name, module in list(model.named_modules()):
-        if not _looks_like_expert_container(module):
-            continue
-        result = _stack(module)
-        if isinstance(result, str):
-            _prepare_log.append((name, f"left alone: {result}"))
-            continue
-        parent_name, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), attr, result)
-        _prepare_log.append((name, f"stacked: {result.source}"))
+    _replace_each(model, _looks_like_weight_experts, _stack_weight_experts, "stacked")
+    _replace_each(model, _self_routed_stacked_parts, _route_self_routed_stacked, "routed")
+    _replace_each(model, _self_routed_parts, _route_self_routed, "routed")
+    _replace_each(model, _looks_like_expert_container, _stack, "stacked")
     for name, what in _prepare_log:
         log.info("moe_compile.prepare: %s: %s", name or "<model>", what)
     from .backend import register_root
 
     register_root(model)  # reports name blocks by model's module paths, also after graph breaks
     return model
+
+
+def _replace_each(model: nn.Module, match, build, verb: str) -> None:
+    """Every submodule (not the root, which cannot be replaced in place) that ``match`` accepts is
+    replaced by ``build``'s module, or left alone with ``build``'s reason; both are logged.
+
+    ``match(module)`` is a bool or the parts ``build(module, *parts)`` takes (None: no match).
+    """
+    for name, module in list(model.named_modules()):
+        parts = match(module) if name else None
+        if parts is None or parts is False:
+            continue
+        result = build(module) if parts is True else build(module, *parts)
+        if isinstance(result, str):
+            _prepare_log.append((name, f"left alone: {result}"))
+            continue
+        parent_name, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), attr, result)
+        _prepare_log.append((name, f"{verb}: {result.source}"))
 
 
 def _make_expert_parallel_traceable(model: nn.Module) -> None:
@@ -414,11 +406,23 @@ def _expert_weight_views(module: nn.Module) -> tuple[int, int, list[tuple[str, t
     for name, p in params:
         if p.dim() == 3:
             views.append((name, p[:E]))
-        elif p.dim() == 2 and E > 1 and p.shape[0] % E == 0 and p.shape[0] > E:
+        elif p.dim() == 2 and not stacked and E > 1 and p.shape[0] % E == 0 and p.shape[0] > E:
             views.append((f"{name} as [E, {p.shape[0] // E}, {p.shape[1]}]", p.view(E, -1, p.shape[1])))
         else:
             return None
     return E, max(stacked, default=E) - E, views
+
+
+def _large_input_scale(weights: list[torch.Tensor], H: int) -> float:
+    """A factor for unit-variance hidden states that makes ``x @ w.T`` about 30 in size, for any ``[E, ., H]``
+    or ``[E, H, .]`` reading of ``weights`` (the smallest typical row norm along a size-``H`` dimension)."""
+    norms = []
+    for w in weights:
+        for dim in (1, 2):
+            if w.shape[dim] == H:
+                norms.append(w.float().norm(dim=dim).mean().item())
+    norm = min((n for n in norms if n > 0), default=1.0)
+    return 30.0 / norm
 
 
 def _weight_forms(views: list[tuple[str, torch.Tensor]], hidden: int | None = None) -> Iterator[_WeightForm]:
@@ -449,6 +453,10 @@ def _weight_forms(views: list[tuple[str, torch.Tensor]], hidden: int | None = No
                         yield _WeightForm(None, up, down, ExpertSpec(activation=act, gated=False), f"up {names}")
 
 
+_SELECTION_NAME = re.compile(r"ind|idx|ids|expert|select|mask|rout")
+_WEIGHTS_NAME = re.compile(r"weight|prob|gate|score")
+
+
 def _looks_like_weight_experts(module: nn.Module) -> bool:
     """An experts module (not a container) with ``forward(hidden, top_k_index, top_k_weights)`` whose
     parameters are all expert-stacked, and not transformers' experts interface (already traceable)."""
@@ -463,6 +471,8 @@ def _looks_like_weight_experts(module: nn.Module) -> bool:
     positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     if len(positional) != 3 or any(p.default is not p.empty for p in positional):
         return False
+    if not (_SELECTION_NAME.search(positional[1].name) and _WEIGHTS_NAME.search(positional[2].name)):
+        return False
     return _expert_weight_views(module) is not None
 
 
@@ -471,7 +481,8 @@ def _stack_weight_experts(module: nn.Module) -> StackedExperts | str:
 
     Hidden states are probed as ``[T, H]`` and ``[1, T, H]``; every shape the module takes must give its
     values, and one its exact output shape (DBRX's experts return ``[T, 1, H]`` for ``[T, H]``; they are
-    called with ``[B, S, H]``).
+    called with ``[B, S, H]``). Each is probed at unit scale and at a scale that makes the projections
+    about 30 in size, so that a clamp (Step3p7's ``swiglu_limits``) cannot hide behind small values.
     """
     E, Z, views = _expert_weight_views(module)
     dtype, device = views[0][1].dtype, views[0][1].device
@@ -484,8 +495,9 @@ def _stack_weight_experts(module: nn.Module) -> StackedExperts | str:
 
     def run_probes(H: int) -> list | str:
         x_TH = torch.randn(T, H, generator=gen).to(dtype=dtype, device=device)
+        big_TH = x_TH * _large_input_scale([v for _, v in views], H)
         accepted, errors = [], []
-        for x in (x_TH, x_TH[None]):
+        for x in (x_TH, x_TH[None], big_TH, big_TH[None]):
             for ids in (ids_real, ids_real.flip(0)) + ((ids_all,) if Z else ()):
                 try:
                     out = module(x, ids, weights)
@@ -586,19 +598,30 @@ def _routings(num_experts: int):
 class RoutedExperts(nn.Module):
     """A MoE module that routed its tokens itself, as its router, a :class:`Routing` and stacked experts."""
 
-    def __init__(self, router: nn.Linear, experts: StackedExperts, routing: Routing, returns_logits: bool, source: str):
+    def __init__(
+        self,
+        router: nn.Linear,
+        experts: StackedExperts,
+        routing: Routing,
+        returns_logits: bool,
+        source: str,
+        bias: torch.Tensor | None = None,
+    ):
         super().__init__()
         self.router = router
         self.experts = experts
         self.routing = routing
         self.returns_logits = returns_logits
         self.source = source
+        self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None  # [H], after the experts
 
     def forward(self, hidden_states: torch.Tensor):
         x_TH = hidden_states.reshape(-1, hidden_states.shape[-1])
         logits_TE = self.router(x_TH)
         weights_TK, ids_TK = self.routing(logits_TE)
         out = self.experts(x_TH, ids_TK, weights_TK.to(x_TH.dtype)).view(hidden_states.shape)
+        if self.bias is not None:
+            out = out + self.bias
         return (out, logits_TE) if self.returns_logits else out
 
     def extra_repr(self) -> str:
@@ -666,4 +689,85 @@ def _same_output(got, expected) -> bool:
         isinstance(got, tuple)
         and len(got) == len(expected)
         and all(g.shape == e.shape and _close(g, e) for g, e in zip(got, expected))
+    )
+
+
+# -- self-routed MoE modules over stacked weights --------------------------------------------------------------------
+
+
+def _self_routed_stacked_parts(module: nn.Module):
+    """``(router, views, bias)`` of a module that owns exactly: one router ``nn.Linear(H, E)`` (at any depth),
+    two or three expert-stacked ``[E, ., .]`` parameters in modules of its own (not transformers' experts
+    interface, not a replaced module), and at most one ``[H]`` output bias; else None (JetMoE's ``JetMoeMoE``)."""
+    if isinstance(module, (nn.ModuleList, nn.ModuleDict, RoutedExperts, StackedExperts)):
+        return None
+    if type(module).forward is nn.Module.forward:
+        return None
+    linears = [m for m in module.modules() if isinstance(m, nn.Linear)]
+    if len(linears) != 1 or any(isinstance(m, (StackedExperts, RoutedExperts)) for m in module.modules()):
+        return None
+    if any(hasattr(m, "has_gate") and hasattr(m, "is_transposed") for m in module.modules()):
+        return None
+    router = linears[0]
+    E, H = router.out_features, router.in_features
+    router_params = {id(p) for p in router.parameters()}
+    views, biases = [], []
+    for name, p in module.named_parameters():
+        if id(p) in router_params:
+            continue
+        if p.dim() == 3 and p.shape[0] == E:
+            views.append((name, p.detach()))
+        elif p.dim() == 1 and p.shape[0] == H:
+            biases.append(p.detach())
+        else:
+            return None
+    if not 2 <= len(views) <= 3 or len(biases) > 1 or E < 2:
+        return None
+    return router, views, biases[0] if biases else None
+
+
+def _route_self_routed_stacked(module: nn.Module, router: nn.Linear, views, bias) -> RoutedExperts | str:
+    """The module as :class:`RoutedExperts` over its stacked weights, when one routing rule, one reading of
+    the weights and (if it has one) its output bias reproduce it on random inputs."""
+    E, H = router.out_features, router.in_features
+    if callable(getattr(type(module), "map", None)) and callable(getattr(type(module), "reduce", None)):
+        return (
+            "a mixture of attention (`map`/`reduce`): each expert's first projection makes per-expert queries "
+            "and its second projects the attention output back, with attention in between; the canonical op "
+            "computes an MLP per expert (down(act(up(x)))), not a projection split around attention"
+        )
+    dtype, device = router.weight.dtype, router.weight.device
+    gen = torch.Generator().manual_seed(4)
+    probes = [torch.randn(shape, generator=gen).to(dtype=dtype, device=device) for shape in ((2, 5, H), (1, 7, H))]
+    probes.append(probes[1] * _large_input_scale([v for _, v in views], H))  # a clamp shows at large values
+    with _in_eval(module), torch.no_grad():
+        try:
+            expected = [module(x) for x in probes]
+        except Exception as err:  # noqa: BLE001  (a forward that takes more than hidden states)
+            return f"its forward does not take hidden states alone ({type(err).__name__})"
+        returns_logits = isinstance(expected[0], tuple)
+        if returns_logits and not (len(expected[0]) == 2 and all(isinstance(t, torch.Tensor) for t in expected[0])):
+            return "its forward returns something other than hidden states (and router logits)"
+        x_TH = probes[0].reshape(-1, H)
+        want = expected[0][0] if returns_logits else expected[0]
+        logits = router(x_TH)
+        routed = [(routing, *routing(logits)) for routing in _routings(E)]
+        for form in _weight_forms(views, hidden=H):
+            for routing, weights, ids in routed:
+                got = form(x_TH, ids, weights.to(dtype))
+                if bias is not None:
+                    got = got + bias
+                if not _close(got.reshape(-1), want.reshape(-1)):
+                    continue
+                w_up, w_down = form.weights()
+                stacked = StackedExperts(w_up, w_down, None, None, form.spec, f"{E} experts' stacked weights")
+                source = f"self-routed MoE, {routing.describe()}, {E} experts' stacked weights ({form.names})"
+                if bias is not None:
+                    source += ", output bias"
+                candidate = RoutedExperts(router, stacked, routing, returns_logits, source, bias=bias)
+                if all(_same_output(candidate(x), e) for x, e in zip(probes, expected)):
+                    return candidate
+    return (
+        "no top-k routing rule (softmax or sigmoid, k <= 8, renormalised or not) with a canonical expert form "
+        "of its stacked weights reproduces its output"
     )
