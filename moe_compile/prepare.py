@@ -16,7 +16,9 @@ ones that trace into one graph and compute the same function:
   ``[E, N, H]``/``[E, H, I]`` tensors and one call of the canonical op
   ``moe_compile::moe``. ``selection`` may be expert ids ``[T, K]`` or a (possibly
   capacity-masked) one-hot mask ``[T, K, E]``; a token whose mask row is empty
-  gets no expert output, as in the loop.
+  gets no expert output, as in the loop. Parameter-free children (NLLB-MoE's token dropout) are
+  not experts; a constant factor on the output (NLLB-MoE's eval-time ``1 - moe_token_dropout``) is
+  fitted and kept when it reproduces the container.
 
 - **self-routed MoE modules.** A module that owns a router ``nn.Linear(H, E)`` and a plain
   ``nn.ModuleList``/``nn.ModuleDict`` of ``E`` identical MLPs and routes its tokens in its own
@@ -28,6 +30,26 @@ ones that trace into one graph and compute the same function:
   and the stacked experts. Whatever the body did, the replacement is kept only when it gives the
   module's outputs (hidden states, and router logits when it returned them) on random inputs;
   a capacity that drops tokens, say, is no top-k rule and stays.
+
+- **experts modules over stacked weights.** A module (not transformers' experts interface, which
+  traces once switched to ``"grouped_mm"``) with ``forward(hidden, top_k_index, top_k_weights)``
+  whose parameters are all expert-stacked, ``[E, a, b]`` or flattened ``[E * a, b]`` (transformers'
+  ``DbrxExperts``, weights ``[E*I, H]`` in ``DbrxExpertGLU``; ``Step3p7Experts``;
+  ``LongcatFlashExperts``; all three loop over the experts they hit, with
+  ``nonzero``/``torch.where``) is replaced by :class:`StackedExperts`. Every reading of the
+  parameters as (gate,) up and down projections, each ``[E, out, in]`` or ``[E, in, out]``, fused
+  gate/up in either layout, with every activation, is probed against the module's own forward until
+  one agrees. Rows of a fused gate/up past the down projection's ``E`` (LongCat-Flash's
+  ``zero_expert_num``) are identity experts when the module's forward agrees: ids ``E..E+Z-1``
+  output the token times its weight, added outside the op. A clamp (Step-3.7's ``swiglu_limits``) is
+  no canonical form: the probes run at a large input scale too, and such a module stays.
+
+- **self-routed MoE modules over stacked weights.** A module that owns exactly one router
+  ``nn.Linear(H, E)`` (at any depth), two or three ``[E, ., .]`` expert parameters and at most one
+  output bias ``[H]``, and routes in ``forward(hidden)`` (JetMoE's ``JetMoeMoE``: top-k of the logits,
+  ``split(expert_size)`` over the sorted tokens) is replaced by :class:`RoutedExperts` (with the bias)
+  when a routing rule and a reading of the weights reproduce it. A mixture of attention
+  (``JetMoeMoA``, ``map``/``reduce`` around attention) is left alone: its experts are no MLP.
 
 - **Hugging Face expert parallelism.** An experts module that transformers' EP
   runs with ``AllToAllEP`` (``DistributedConfig(ep_size=W, ep_implementation=
