@@ -478,6 +478,11 @@ def _weight_forms(views: list[tuple[str, torch.Tensor]], hidden: int | None = No
                         yield _WeightForm(None, up, down, ExpertSpec(activation=act, gated=False), f"up {names}")
 
 
+def _ours(module: nn.Module) -> bool:
+    """A module of moe_compile's own (a replacement, the reference EP module): never probed or replaced."""
+    return type(module).__module__.split(".")[0] == __name__.split(".")[0]
+
+
 _SELECTION_NAME = re.compile(r"ind|idx|ids|expert|select|mask|rout")
 _WEIGHTS_NAME = re.compile(r"weight|prob|gate|score")
 
@@ -485,8 +490,10 @@ _WEIGHTS_NAME = re.compile(r"weight|prob|gate|score")
 def _looks_like_weight_experts(module: nn.Module) -> bool:
     """An experts module (not a container) with ``forward(hidden, top_k_index, top_k_weights)`` whose
     parameters are all expert-stacked, and not transformers' experts interface (already traceable)."""
-    if isinstance(module, (nn.ModuleList, nn.ModuleDict, StackedExperts)) or type(module).forward is nn.Module.forward:
+    if isinstance(module, (nn.ModuleList, nn.ModuleDict)) or type(module).forward is nn.Module.forward:
         return False
+    if _ours(module):
+        return False  # already traceable (StackedExperts, the reference expert-parallel module: collectives)
     if hasattr(module, "has_gate") and hasattr(module, "is_transposed"):
         return False  # transformers' experts interface: "grouped_mm" traces
     try:
@@ -724,12 +731,10 @@ def _self_routed_stacked_parts(module: nn.Module):
     """``(router, views, bias)`` of a module that owns exactly: one router ``nn.Linear(H, E)`` (at any depth),
     two or three expert-stacked ``[E, ., .]`` parameters in modules of its own (not transformers' experts
     interface, not a replaced module), and at most one ``[H]`` output bias; else None (JetMoE's ``JetMoeMoE``)."""
-    if isinstance(module, (nn.ModuleList, nn.ModuleDict, RoutedExperts, StackedExperts)):
-        return None
-    if type(module).forward is nn.Module.forward:
+    if isinstance(module, (nn.ModuleList, nn.ModuleDict)) or type(module).forward is nn.Module.forward:
         return None
     linears = [m for m in module.modules() if isinstance(m, nn.Linear)]
-    if len(linears) != 1 or any(isinstance(m, (StackedExperts, RoutedExperts)) for m in module.modules()):
+    if len(linears) != 1 or any(_ours(m) for m in module.modules()):
         return None
     if any(hasattr(m, "has_gate") and hasattr(m, "is_transposed") for m in module.modules()):
         return None
