@@ -395,9 +395,10 @@ class _WeightForm:
     names: str  # how the parameters were read, for the report
 
     def weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(w_up [E, N, H], w_down [E, H, I])``, contiguous copies for :class:`StackedExperts`."""
+        """``(w_up [E, N, H], w_down [E, H, I])`` for :class:`StackedExperts`: the module's own storage where
+        it is already laid out so (Step3p7's ``gate_up_proj``), else one contiguous copy (DBRX's ``w2.T``)."""
         w_up = self.up if self.gate is None else torch.cat([self.gate, self.up], dim=1)
-        return w_up.contiguous().clone(), self.down.contiguous().clone()
+        return w_up.contiguous(), self.down.contiguous()
 
     def __call__(self, x_TH: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
         """``sum_k weight * expert(x)`` through the views, expert by expert (probing only; ids < E)."""
