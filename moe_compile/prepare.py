@@ -90,8 +90,9 @@ class StackedExperts(nn.Module):
 
     ``identity_experts``: ids ``E .. E + Z - 1`` name identity ("zero-computation") experts, whose
     output is the token itself times its weight (LongCat-Flash); they go to the op as expert 0 with
-    weight 0 and their weighted input is added outside it. ``output_scale``: a constant factor on
-    the output (NLLB-MoE's eval-time ``1 - moe_token_dropout``).
+    weight 0 (the op has no "no expert" id, so expert 0 computes those rows for nothing) and their
+    weighted input is added outside it. ``output_scale``: a constant factor on the output (NLLB-MoE's
+    eval-time ``1 - moe_token_dropout``).
     """
 
     def __init__(
