@@ -561,9 +561,14 @@ def _stack_weight_experts(module: nn.Module) -> StackedExperts | str:
             found = probes[H]
             if isinstance(found, str):
                 continue
-            x0, ids0, expected0 = found[0]
+            real = [f for f in found if f[1] is not ids_all]  # the views compute real experts only
+            if not real:
+                continue
+            if Z and len(real) == len(found):
+                return f"ids {E}..{E + Z - 1} (past the {E} experts' down projections) fail in its own forward"
+            x0, ids0, expected0 = real[0]
             if not _close(form(x0.reshape(T, H), ids0, weights).reshape(-1), expected0.reshape(-1)):
-                continue  # (the first probe has real experts only: the views compute them)
+                continue
             w_up, w_down = form.weights()
             source = f"{E} experts' stacked weights ({form.names})"
             if Z:
@@ -571,7 +576,7 @@ def _stack_weight_experts(module: nn.Module) -> StackedExperts | str:
             stacked = StackedExperts(w_up, w_down, None, None, form.spec, source, identity_experts=Z)
             if agrees(stacked, found):
                 return stacked
-            if Z and agrees(stacked, [f for f in found if f[1] is not ids_all]):
+            if Z and agrees(stacked, real):
                 return (
                     f"ids {E}..{E + Z - 1} (past the {E} experts' down projections) are not identity experts "
                     "(output = weight * token), the only extra experts the canonical replacement has"
