@@ -124,3 +124,52 @@ def test_extra_experts_that_are_not_identity_are_refused():
     reasons = [what for _, what in prepare_report()]
     assert len(reasons) == 2
     assert all(r.startswith("left alone: ids 8..11") and "are not identity experts" in r for r in reasons)
+
+
+class _TransposedInterleavedExperts(nn.Module):
+    """A hand-written loop over `[E, H, 2I]` weights, gate and up interleaved, GELU-gated (no HF class)."""
+
+    def __init__(self, E=6, H=16, I=8):  # noqa: E741
+        super().__init__()
+        self.w_in = nn.Parameter(torch.randn(E, H, 2 * I) / H**0.5)
+        self.w_out = nn.Parameter(torch.randn(E, I, H) / I**0.5)
+
+    def forward(self, hidden_states, expert_ids, routing_weights):
+        out = torch.zeros_like(hidden_states)
+        for e in expert_ids.unique().tolist():
+            t, k = torch.where(expert_ids == e)
+            h = hidden_states[t] @ self.w_in[e]
+            h = nn.functional.gelu(h[:, ::2]) * h[:, 1::2]
+            out.index_add_(0, t, (h @ self.w_out[e]) * routing_weights[t, k, None])
+        return out
+
+
+class _Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.router = nn.Linear(16, 6, bias=False)
+        self.experts = _TransposedInterleavedExperts()
+
+    def forward(self, x):
+        weights, ids = torch.topk(torch.softmax(self.router(x), dim=-1), 2, dim=-1)
+        return self.experts(x, ids, weights)
+
+
+def test_hand_written_transposed_interleaved_experts_are_stacked():
+    torch.manual_seed(0)
+    block = _Block().eval()
+    x = torch.randn(11, 16)
+    with torch.no_grad():
+        expected = block(x)
+    moe_compile.prepare(block)
+    assert isinstance(block.experts, StackedExperts)
+    spec = moe_compile.ExpertSpec.decode(block.experts.spec)
+    assert (spec.activation, spec.gated, spec.gate_layout) == ("gelu", True, "interleaved")
+    (entry,) = prepare_report()
+    assert entry == ("experts", "stacked: 6 experts' stacked weights (gate_up w_in.T, w_out.T, interleaved)")
+    torch._dynamo.reset()
+    with torch.no_grad(), collect_reports() as found:
+        got = torch.compile(block, backend="moe_prefill", options={"inductor": False})(x)
+    torch._dynamo.reset()
+    assert len(found.blocks) == 1 and found.blocks[0].top_k == 2, found
+    assert rel_err(got, expected) < 1e-5
