@@ -35,7 +35,7 @@ def test_per_expert_linear_model_traces_after_prepare():
     report = moe_compile.explain(model, input_ids)
     assert report.graphs == 1 and [b.path for b in report.blocks] == ["blocks.0", "blocks.1"], report
     assert report.blocks[0].router == "softmax -> top-k -> renormalise"
-    assert report.blocks[0].layout.startswith("per-expert nn.Linear, stacked by prepare()")
+    assert report.blocks[0].layout.startswith("expert weights stacked by prepare()")
     compiled = torch.compile(model, backend="moe_prefill")
     with torch.no_grad():
         for seq in (6, 9):

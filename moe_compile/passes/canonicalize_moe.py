@@ -317,7 +317,7 @@ def _report_existing(existing: CanonicalCall) -> BlockReport:
         hidden_size=tensor_val(call.hidden).shape[-1],
         intermediate_size=int(I),
         activation=spec.describe(),
-        layout=f"per-expert nn.Linear, stacked by prepare() into [E,{n},H]/[E,H,I]"
+        layout=f"expert weights stacked by prepare() into [E,{n},H]/[E,H,I]"
         + (", biases" if call.b_up is not None else ""),
         router=existing.router,
         shared_experts=existing.shared_experts,

@@ -648,26 +648,18 @@ class Gap:
 
 
 #: families that are not detected-and-exact today, with the reason the row must give
-_LOOP = (
-    "the experts run in a Python loop over the experts hit (`nonzero`, `torch.where` on the routing mask): "
-    "Dynamo breaks the graph in every MoE layer, and `prepare` has no rewrite for this loop form"
-)
 KNOWN_GAPS: dict[str, Gap] = {
-    # --- missed: the backend does not find the block and says nothing (the acceptance target is none) ---
-    "dbrx": Gap("missed", "not found, no reason given", _LOOP + "; experts flattened into [E*I, H] (`DbrxExpertGLU`)"),
+    # --- skipped: the expert-loop families `prepare` rewrites; what it must leave alone, with the reason ---
     "jetmoe": Gap(
-        "missed",
-        "not found, no reason given",
-        "`JetMoeParallelExperts` splits the sorted tokens by data-dependent per-expert counts "
-        "(`split(expert_size)`) and loops over the experts: graph breaks; its attention is a MoE too",
+        "skipped",
+        "mixture of attention (`map`/`reduce`)",
+        "the MLP MoE (`JetMoeMoE`: top-2 of the logits, a `split(expert_size)` loop, an output bias) is routed "
+        "by `prepare` and found; the attention is a MoE too (`JetMoeMoA`: each expert's query projection in "
+        "`map`, then attention, then its output projection in `reduce`), which the canonical op (an MLP per "
+        "expert) cannot express; its `expert_size.tolist()` graph breaks make Dynamo run a whole frame eagerly "
+        "(at fp32 layer 1, MLP included: 1 of the 2 MLP blocks found)",
     ),
-    "longcat_flash": Gap(
-        "missed",
-        "not found, no reason given",
-        _LOOP + "; also identity/zero experts (`zero_expert_num`) the canonical op has no form for",
-    ),
-    "step3p7": Gap("missed", "not found, no reason given", _LOOP + " (`Step3p7Experts`, one-hot over E + 1 classes)"),
-    "step3p5": Gap("missed", "not found, no reason given", "as `step3p7` (built as `Step3p7TextModel`)"),
+    # --- missed: the backend does not find the block and says nothing (the acceptance target is none) ---
     "vitpose_backbone": Gap(
         "missed",
         "not found, no reason given",
@@ -682,12 +674,6 @@ KNOWN_GAPS: dict[str, Gap] = {
         "experts `w * up_e * act(down_e . x)` (I = 1); the canonical op could compute them (non-gated, I = 1), "
         "but the detector starts from expert weights `[E, ., .]` reaching a matmul, and `prepare` has no "
         "rewrite for this module: the backend says so and leaves it",
-    ),
-    "nllb-moe": Gap(
-        "missed",
-        "not found, no reason given",
-        "per-expert `ModuleDict` also holds an `nn.Dropout`, so `prepare`'s container check refuses it "
-        "(silently); the capacity-limited top-2 loop graph-breaks; `moe_token_dropout` scales outputs",
     ),
     # --- skipped with a reason ---
     "muse_spark": Gap(
