@@ -164,6 +164,7 @@ def prepare(model: nn.Module) -> nn.Module:
     _replace_each(model, _self_routed_stacked_parts, _route_self_routed_stacked, "routed")
     _replace_each(model, _self_routed_parts, _route_self_routed, "routed")
     _replace_each(model, _looks_like_expert_container, _stack, "stacked")
+    _replace_each(model, _single_linear_experts, _why_single_linear_experts_stay, "")  # says why, replaces nothing
     for name, what in _prepare_log:
         log.info("moe_compile.prepare: %s: %s", name or "<model>", what)
     from .backend import register_root
@@ -230,6 +231,29 @@ def _looks_like_expert_container(module: nn.Module) -> bool:
         return False
     shapes = {tuple(tuple(p.shape) for p in c.parameters()) for c in children}
     return len(shapes) == 1 and len(_linears(children[0])) in (2, 3)
+
+
+def _single_linear_experts(module: nn.Module) -> bool:
+    """A container with its own forward over ``>= 2`` identical children that are each one ``nn.Linear``."""
+    if not isinstance(module, (nn.ModuleList, nn.ModuleDict)) or type(module).forward is nn.Module.forward:
+        return False
+    children = _members(module)
+    return (
+        len(children) >= 2
+        and all(type(c) is nn.Linear for c in children)
+        and len({tuple(c.weight.shape) for c in children}) == 1
+    )
+
+
+def _why_single_linear_experts_stay(module: nn.Module) -> str:
+    """Why a container of single ``nn.Linear`` experts is left as it is (always: it is reported, never replaced)."""
+    args = [p for p in inspect.signature(type(module).forward).parameters if p != "self"]
+    picked = f"its forward({', '.join(args)}) picks them" if args else "its forward picks them"
+    return (
+        f"its {len(_members(module))} experts are single nn.Linear layers, not MLPs (no up projection, activation "
+        f"and down projection), and {picked} itself (e.g. by an input index, as ViTPose's per-dataset experts): "
+        "outside the canonical op, which computes sum_k w_k * down(act(up(x)))"
+    )
 
 
 def _members(container: nn.Module) -> list[nn.Module]:

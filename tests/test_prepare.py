@@ -133,3 +133,24 @@ def test_hf_expert_parallel_reads_inkling2_softcaps():
     up_SN = torch.randn(10, 16) * 3
     assert torch.equal(activate(up_SN, spec), experts._apply_gate(up_SN))
     assert _swiglu_constants(nn.Linear(2, 2), "swiglu_softcap") == {}  # no caps found: the defaults are tried
+
+
+class _PerDatasetHeads(torch.nn.ModuleList):
+    """ViTPose's form: one nn.Linear per expert, picked by an input index (no router, no MLP)."""
+
+    def __init__(self, experts=4, hidden=8):
+        super().__init__(torch.nn.Linear(hidden, hidden) for _ in range(experts))
+
+    def forward(self, hidden, indices):
+        return sum(expert(hidden) * (indices == i) for i, expert in enumerate(self))
+
+
+def test_single_linear_experts_are_named_and_left_alone():
+    model = torch.nn.Sequential()
+    model.add_module("heads", _PerDatasetHeads())
+    before = model.heads
+    moe_compile.prepare(model)
+    assert model.heads is before
+    [(name, what)] = prepare_report()
+    assert name == "heads" and what.startswith("left alone: its 4 experts are single nn.Linear layers"), what
+    assert "forward(hidden, indices)" in what

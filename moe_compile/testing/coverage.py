@@ -659,13 +659,12 @@ KNOWN_GAPS: dict[str, Gap] = {
         "expert) cannot express; its `expert_size.tolist()` graph breaks make Dynamo run a whole frame eagerly "
         "(at fp32 layer 1, MLP included: 1 of the 2 MLP blocks found)",
     ),
-    # --- missed: the backend does not find the block and says nothing (the acceptance target is none) ---
     "vitpose_backbone": Gap(
-        "missed",
-        "not found, no reason given",
+        "skipped",
+        "single nn.Linear layers, not MLPs",
         "no router: `VitPoseNaiveMoe` picks one expert per image from the `dataset_index` input (a mask "
-        "`indices == i` over a dense loop of E `nn.Linear`), and the expert output is concatenated (`cat`) "
-        "after a shared `fc2`'s, not summed: outside the canonical op",
+        "`indices == i` over a dense loop of E single `nn.Linear`), and the expert output is concatenated (`cat`) "
+        "after a shared `fc2`'s, not summed: outside the canonical op; `prepare` names it",
     ),
     "doge": Gap(
         "skipped",
