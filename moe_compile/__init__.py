@@ -15,7 +15,7 @@ from . import ops  # noqa: F401  (registers the moe_compile::moe custom op)
 from .backend import BACKEND_NAME, last_report, moe_prefill_backend, register
 from .explain import explain
 from .options import Options
-from .prepare import prepare
+from .prepare import prepare, prepare_report
 from .report import BlockReport, Report, Skipped
 from .routing_stats import RoutingStats, RoutingStatsError, collect_routing_stats
 from .spec import ExpertSpec
@@ -35,6 +35,7 @@ __all__ = [
     "last_report",
     "moe_prefill_backend",
     "prepare",
+    "prepare_report",
 ]
 
 register()
