@@ -155,10 +155,7 @@ _prepare_log: list[tuple[str, str]] = []
 def prepare(model: nn.Module) -> nn.Module:
     """Make ``model``'s MoE blocks traceable (in place); returns ``model``."""
     _prepare_log.clear()
-    config = getattr(model, "config", None)
-    if getattr(config, "_experts_implementation", None) == "eager" and _uses_experts_interface(model):
-        model.set_experts_implementation("grouped_mm")
-        _prepare_log.append(("", "experts implementation eager -> grouped_mm"))
+    _switch_eager_experts(model)
     _make_expert_parallel_traceable(model)
     _replace_each(model, _looks_like_weight_experts, _stack_weight_experts, "stacked")
     _replace_each(model, _self_routed_stacked_parts, _route_self_routed_stacked, "routed")
@@ -215,8 +212,36 @@ def prepare_report() -> list[tuple[str, str]]:
     return list(_prepare_log)
 
 
-def _uses_experts_interface(model: nn.Module) -> bool:
-    return any(hasattr(m, "has_gate") and hasattr(m, "is_transposed") for m in model.modules())
+def _is_interface_experts(module: nn.Module) -> bool:
+    return hasattr(module, "has_gate") and hasattr(module, "is_transposed")
+
+
+def _switch_eager_experts(model: nn.Module) -> None:
+    """Experts-interface modules running transformers' ``eager`` loop -> ``grouped_mm``.
+
+    The switch is made on the innermost model (``PreTrainedModel``) that holds such experts: a composite
+    model's own config may say ``eager`` while its text model, which holds the experts, uses ``grouped_mm``
+    (Kimi-K2.5), and some composite classes refuse the switch.
+    """
+    eager = [name for name, m in model.named_modules() if _is_interface_experts(m)
+             and getattr(getattr(m, "config", None), "_experts_implementation", None) == "eager"]  # fmt: skip
+    owners = [name for name, m in model.named_modules() if hasattr(m, "set_experts_implementation")]
+    done: set[str] = set()
+    for experts in eager:
+        owner = max((o for o in owners if o == "" or experts.startswith(o + ".")), key=len, default=None)
+        if owner is None:
+            _prepare_log.append((experts, "left alone: runs transformers' eager experts loop, and no model holding "
+                                 "it has set_experts_implementation"))  # fmt: skip
+            continue
+        if owner in done:
+            continue
+        done.add(owner)
+        try:
+            model.get_submodule(owner).set_experts_implementation("grouped_mm")
+        except ValueError as err:
+            _prepare_log.append((owner, f"left alone: experts implementation stays eager: {err}"))
+            continue
+        _prepare_log.append((owner, "experts implementation eager -> grouped_mm"))
 
 
 def _linears(module: nn.Module) -> list[nn.Linear]:

@@ -346,14 +346,22 @@ def _model_class(model_type: str, config: Any):
         if isinstance(name, (list, tuple)):
             name = name[0]
         cls = getattr(transformers, name, None) if name else None
-        # a composite config (llama4, qwen3_5_moe) registers its text model as the causal LM: not built from it
-        if cls is not None and isinstance(config, getattr(cls, "config_class", None) or type(config)):
+        # a composite config (llama4, qwen3_5_moe) registers its text model as the causal LM: that class takes
+        # the text sub-config, not this one (a class of another family, as sarvam_moe's Glm4Moe, is fine)
+        if cls is not None and getattr(cls, "config_class", None) not in _sub_config_types(config):
             return cls
     base = type(config).__name__.removesuffix("Config")
     for suffix in ("ForCausalLM", "Model"):
         if hasattr(transformers, base + suffix):
             return getattr(transformers, base + suffix)
     raise LookupError(f"no model class registered for {model_type!r} in the auto mappings")
+
+
+def _sub_config_types(config: Any) -> set[type]:
+    """The classes of the configs nested in ``config`` (``text_config``, ``vision_config``, ...)."""
+    from transformers import PretrainedConfig
+
+    return {type(v) for v in vars(config).values() if isinstance(v, PretrainedConfig)}
 
 
 def _build_model(model_type: str):
