@@ -316,6 +316,10 @@ def _input_scaled(mul: fx.Node, E: int) -> tuple[fx.Node, fx.Node, fx.Node]:
     iv = tensor_val(ids)
     if iv is None or iv.is_floating_point() or iv.dim() != 2 or not same(iv.shape[0], xv.shape[0]):
         raise _NotMoE("the dense score is scattered at indices that are not [tokens, k]")
+    # a token's ids must be distinct (a repeated id is one dense expert but two sparse pairs): a top-k's are
+    source = list(walk_back(ids, VIEWS))[-1]
+    if not (op_name(source) == "getitem" and op_name(source.args[0]) == "aten::topk" and source.args[1] == 1):
+        raise _NotMoE("the dense score is scattered at indices that do not come from a top-k (maybe not distinct)")
     return x, ids, scores
 
 
