@@ -44,6 +44,13 @@ ones that trace into one graph and compute the same function:
   output the token times its weight, added outside the op. A clamp (Step-3.7's ``swiglu_limits``) is
   no canonical form: the probes run at a large input scale too, and such a module stays.
 
+- **experts with a post-expert norm.** transformers' experts-interface module whose outputs each pass
+  through one norm before the routing weight (MuseSpark's ``post_expert_norm``) traces, but the
+  canonical op sums its pairs before any norm could run. It becomes :class:`PostNormExperts`: every
+  (token, expert) pair is its own row of one op call (``K = 1``, unit weight), then the module's own
+  norm, then the routing weights and the sum over ``k``; the activation is the one that reproduces
+  the module on random inputs.
+
 - **self-routed MoE modules over stacked weights.** A module that owns exactly one router
   ``nn.Linear(H, E)`` (at any depth), two or three ``[E, ., .]`` expert parameters and at most one
   output bias ``[H]``, and routes in ``forward(hidden)`` (JetMoE's ``JetMoeMoE``: top-k of the logits,
@@ -149,6 +156,32 @@ class StackedExperts(nn.Module):
         return f"num_experts={self.num_experts}, spec={self.spec}, source={self.source!r}{extra}"
 
 
+class PostNormExperts(nn.Module):
+    """Experts whose outputs each pass through one norm before their routing weight (MuseSpark's
+    ``post_expert_norm``): ``sum_k w_k * norm(expert_k(x))``.
+
+    The canonical op sums its pairs' outputs, so the norm cannot go after it; here each (token, expert)
+    pair is its own row of one op call (``K = 1``, unit weight), the module's own norm runs on those
+    rows, and the routing weights and the sum over ``k`` follow, outside the op.
+    """
+
+    def __init__(self, stacked: StackedExperts, norm: nn.Module, source: str):
+        super().__init__()
+        self.stacked = stacked
+        self.norm = norm
+        self.source = source
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
+        H = hidden_states.shape[-1]
+        x_TH = hidden_states.reshape(-1, H)
+        T, K = top_k_index.reshape(x_TH.shape[0], -1).shape
+        x_PH = x_TH.repeat_interleave(K, dim=0)  # pair p = t * K + k
+        ones_P1 = torch.ones(T * K, 1, dtype=top_k_weights.dtype, device=x_TH.device)
+        y_PH = self.norm(self.stacked(x_PH, top_k_index.reshape(-1, 1), ones_P1))
+        out_TH = (y_PH.view(T, K, H) * top_k_weights.reshape(T, K, 1)).sum(dim=1)
+        return out_TH.to(hidden_states.dtype).view(hidden_states.shape)
+
+
 _prepare_log: list[tuple[str, str]] = []
 
 
@@ -157,6 +190,7 @@ def prepare(model: nn.Module) -> nn.Module:
     _prepare_log.clear()
     _switch_eager_experts(model)
     _make_expert_parallel_traceable(model)
+    _replace_each(model, _post_norm_experts_parts, _stack_post_norm_experts, "stacked")
     _replace_each(model, _looks_like_weight_experts, _stack_weight_experts, "stacked")
     _replace_each(model, _self_routed_stacked_parts, _route_self_routed_stacked, "routed")
     _replace_each(model, _self_routed_parts, _route_self_routed, "routed")
@@ -256,6 +290,44 @@ def _looks_like_expert_container(module: nn.Module) -> bool:
         return False
     shapes = {tuple(tuple(p.shape) for p in c.parameters()) for c in children}
     return len(shapes) == 1 and len(_linears(children[0])) in (2, 3)
+
+
+def _post_norm_experts_parts(module: nn.Module) -> tuple[nn.Module] | None:
+    """``(norm,)`` of transformers' experts-interface module with a post-expert norm: stacked ``gate_up_proj``
+    ``[E, 2I, H]`` and ``down_proj`` ``[E, H, I]``, and one child module, the norm of each expert's output."""
+    if not _is_interface_experts(module) or getattr(module, "is_transposed", True) or not module.has_gate:
+        return None
+    up, down = getattr(module, "gate_up_proj", None), getattr(module, "down_proj", None)
+    children = [c for c in module.children() if any(True for _ in c.parameters())]
+    if not isinstance(up, torch.Tensor) or not isinstance(down, torch.Tensor) or up.dim() != 3 or len(children) != 1:
+        return None
+    if any(p is not up and p is not down for p in module.parameters(recurse=False)):
+        return None
+    return (children[0],)
+
+
+def _stack_post_norm_experts(module: nn.Module, norm: nn.Module) -> PostNormExperts | str:
+    """The module as :class:`PostNormExperts`, when one activation reproduces it on random inputs."""
+    w_up, w_down = module.gate_up_proj.detach(), module.down_proj.detach()
+    E, H = w_up.shape[0], w_up.shape[2]
+    if w_down.shape[:2] != (E, H) or w_up.shape[1] != 2 * w_down.shape[2]:
+        return f"gate_up_proj {tuple(w_up.shape)} and down_proj {tuple(w_down.shape)} are not [E, 2I, H]/[E, H, I]"
+    gen = torch.Generator().manual_seed(3)
+    dtype, device = w_up.dtype, w_up.device
+    x = torch.randn(9, H, generator=gen).to(dtype=dtype, device=device)
+    ids = torch.rand(9, E, generator=gen).argsort(-1)[:, : min(2, E)].to(device)
+    w = torch.rand(ids.shape, generator=gen).to(dtype=dtype, device=device)
+    with torch.no_grad(), _in_eval(module):
+        expected = module(x, ids, w)
+        for act in ACTIVATIONS:
+            if act in PARAMETRIC:
+                continue
+            spec = ExpertSpec(activation=act)
+            stacked = StackedExperts(w_up, w_down, None, None, spec, f"{E} stacked experts, {spec.describe()}")
+            candidate = PostNormExperts(stacked, norm, f"{stacked.source}, each output normed ({type(norm).__name__})")
+            if _close(candidate(x, ids, w), expected):
+                return candidate
+    return "no canonical activation followed by its norm reproduces the experts' outputs"
 
 
 def _single_linear_experts(module: nn.Module) -> bool:

@@ -4,6 +4,8 @@ DBRX (experts flattened into [E*I, H]), Step3p7/Step3p5 (3D weights, one-hot ove
 LongCat-Flash (plus identity "zero" experts), JetMoE (self-routed, `split(expert_size)`, output bias)
 and NLLB-MoE (per-expert ModuleDict with a token dropout, output scaled by 1 - moe_token_dropout)
 loop over the experts they hit and graph-break; prepare replaces each by the canonical op, verified.
+MuseSpark's experts trace, but norm each expert's output before its routing weight (``post_expert_norm``):
+prepare runs each (token, expert) pair as its own row of the op, then the module's own norm.
 """
 
 import copy
@@ -15,7 +17,7 @@ from conftest import rel_err
 
 import moe_compile
 from moe_compile.backend import collect_reports
-from moe_compile.prepare import RoutedExperts, StackedExperts, prepare_report
+from moe_compile.prepare import PostNormExperts, RoutedExperts, StackedExperts, prepare_report
 from moe_compile.testing import coverage
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
@@ -173,3 +175,23 @@ def test_hand_written_transposed_interleaved_experts_are_stacked():
     torch._dynamo.reset()
     assert len(found.blocks) == 1 and found.blocks[0].top_k == 2, found
     assert rel_err(got, expected) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_muse_spark_post_expert_norm_runs_after_the_op_on_each_pair(dtype):
+    model = _check("muse_spark_text", dtype, PostNormExperts, "each output normed", modules=2, blocks=2)
+    experts = model.layers[0].mlp.experts
+    assert experts.norm is not None and type(experts.norm).__name__ == "MuseSparkTextInputScaledRMSNorm"
+
+
+def test_post_norm_experts_are_refused_when_no_activation_fits():
+    with coverage._quiet():
+        model = coverage._build_model("muse_spark_text")
+    experts = model.layers[0].mlp.experts
+    experts.act_fn = torch.nn.Softplus()  # not a canonical activation
+    moe_compile.prepare(model)
+    assert model.layers[0].mlp.experts is experts
+    assert any(
+        what == "left alone: no canonical activation followed by its norm reproduces the experts' outputs"
+        for _, what in prepare_report()
+    ), prepare_report()

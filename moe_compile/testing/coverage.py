@@ -683,13 +683,6 @@ KNOWN_GAPS: dict[str, Gap] = {
         "rewrite for this module: the backend says so and leaves it",
     ),
     # --- skipped with a reason ---
-    "muse_spark": Gap(
-        "skipped",
-        "post-expert norm",
-        "each expert's output passes through its own RMSNorm (`post_expert_norm`, a weight of the experts module) "
-        "before the routing weight: `w * norm(down(act(up(x))))` is outside the canonical op",
-    ),
-    "muse_spark_text": Gap("skipped", "post-expert norm", "as `muse_spark`"),
     # --- not built: the generic tiny config or the family's inputs do not fit ---
     "diffusion_gemma_text": Gap(
         "not-built",
