@@ -167,6 +167,12 @@ def test_moe_ep_op_registration(one_rank):
     torch.library.opcheck(torch.ops.moe_compile.moe_ep.default, args)
     expected = moe_compile.ops.moe_reference(*args[:5], None, None, moe_compile.ExpertSpec())
     assert rel_err(torch.ops.moe_compile.moe_ep(*args), expected) < 1e-5
+    # Llama 4's form: the weight scales the input (on the sender), the output is not weighted
+    scaled = moe_compile.ExpertSpec(scale_input=True)
+    expected = moe_compile.ops.moe_reference(*args[:5], None, None, scaled)
+    got = torch.ops.moe_compile.moe_ep(*args[:7], scaled.encode(), *args[8:])
+    assert rel_err(got, expected) < 1e-5
+    assert rel_err(got, torch.ops.moe_compile.moe_ep(*args)) > 0.05  # another function than the plain spec
 
 
 @pytest.mark.slow
