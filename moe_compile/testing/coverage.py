@@ -716,7 +716,6 @@ KNOWN_GAPS: dict[str, Gap] = {
         "model's output, which has none: a text-only forward fails in eager too (the text part `llama4_text` "
         "is exact)",
     ),
-    "inkling_mm_model": Gap("not-built", "scipy", "its modeling code imports scipy, not installed here"),
     "nemo_speechlm": Gap("not-built", "audio_hidden_size", "generic tiny config: nested audio sizes must agree"),
     "nemotron_h_omni": Gap("not-built", "no model class registered", "no model class in the auto mappings"),
     "qwen3_omni_moe": Gap(
