@@ -282,11 +282,19 @@ def _linears(module: nn.Module) -> list[nn.Linear]:
     return [m for m in module.children() if isinstance(m, nn.Linear)]
 
 
-def _looks_like_expert_container(module: nn.Module) -> bool:
+def _container_members(module: nn.Module) -> list[nn.Module] | None:
+    """The members of an ``nn.ModuleList``/``nn.ModuleDict`` subclass with its own forward, else None.
+
+    Parameter-free children (a token dropout) are not members: see :func:`_members`.
+    """
     if not isinstance(module, (nn.ModuleList, nn.ModuleDict)) or type(module).forward is nn.Module.forward:
-        return False
-    children = _members(module)  # parameter-free children (a token dropout) are not experts
-    if len(children) < 2 or len({type(c) for c in children}) != 1:
+        return None
+    return _members(module)
+
+
+def _looks_like_expert_container(module: nn.Module) -> bool:
+    children = _container_members(module)
+    if children is None or len(children) < 2 or len({type(c) for c in children}) != 1:
         return False
     shapes = {tuple(tuple(p.shape) for p in c.parameters()) for c in children}
     return len(shapes) == 1 and len(_linears(children[0])) in (2, 3)
@@ -332,11 +340,10 @@ def _stack_post_norm_experts(module: nn.Module, norm: nn.Module) -> PostNormExpe
 
 def _single_linear_experts(module: nn.Module) -> bool:
     """A container with its own forward over ``>= 2`` identical children that are each one ``nn.Linear``."""
-    if not isinstance(module, (nn.ModuleList, nn.ModuleDict)) or type(module).forward is nn.Module.forward:
-        return False
-    children = _members(module)
+    children = _container_members(module)
     return (
-        len(children) >= 2
+        children is not None
+        and len(children) >= 2
         and all(type(c) is nn.Linear for c in children)
         and len({tuple(c.weight.shape) for c in children}) == 1
     )
@@ -617,7 +624,7 @@ def _looks_like_weight_experts(module: nn.Module) -> bool:
         return False
     if _ours(module):
         return False  # already traceable (StackedExperts, the reference expert-parallel module: collectives)
-    if hasattr(module, "has_gate") and hasattr(module, "is_transposed"):
+    if _is_interface_experts(module):
         return False  # transformers' experts interface: "grouped_mm" traces
     try:
         params = inspect.signature(module.forward).parameters.values()
