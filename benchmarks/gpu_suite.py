@@ -7,7 +7,7 @@
 Sections, each in its own process (a crash, a CUDA error or a hang in one is reported as that section's
 failure and the others still run) with its own time budget carved from ``--budget-s``:
 
-1. ``tests``: the CUDA-only tests (``tests/kernels``: real Triton kernels in bf16/fp16/fp32 against the torch
+1. ``tests``: the CUDA-only tests (``tests/kernel_tests``: real Triton kernels in bf16/fp16/fp32 against the torch
    reference, every seed config, the align step and the launch free of host syncs, the canonical op in a CUDA
    graph; ``tests/test_offload_cuda.py``: offload's pinned memory and side-stream copies), run by pytest in
    parallel shards. Any failure fails the suite. ``--cpu-smoke`` runs only the CUDA-only files, which skip.
@@ -64,8 +64,8 @@ GPU_CAPS = {"tests": 100, "gemm": 90, "prefill": 170, "offload": 50}
 SMOKE_CAPS = {"tests": 25, "gemm": 25, "prefill": 40, "offload": 30}
 #: modules the sections import (moe_compile itself runs from the checkout: ROOT goes on the path)
 NEEDED = ("torch", "triton", "transformers", "pytest", "safetensors", "networkx", "tqdm")
-CUDA_TESTS = ["tests/kernels", "tests/test_offload_cuda.py"]
-SMOKE_TESTS = ["tests/kernels/test_cuda_only.py", "tests/test_offload_cuda.py"]
+CUDA_TESTS = ["tests/kernel_tests", "tests/test_offload_cuda.py"]
+SMOKE_TESTS = ["tests/kernel_tests/test_cuda_only.py", "tests/test_offload_cuda.py"]
 TOKENS = [512, 4096, 16384]
 PREFILL_TOKENS = [4096, 16384]
 TRACE = "offload_trace.json.gz"

@@ -13,7 +13,7 @@ Order of choice (:func:`select_config`):
 
 Every config this module can return compiles for sm_80 and sm_90 without register spills, within
 shared memory, and (16-bit, ``BLOCK_M >= 64``) with Hopper's wgmma: ``python -m
-moe_compile.kernels.compile_gate`` checks it (``tests/kernels/test_compile_gate.py``).
+moe_compile.kernels.compile_gate`` checks it (``tests/kernel_tests/test_compile_gate.py``).
 
 One :class:`KernelConfig` drives both GEMMs (they share ``BLOCK_M``, which the alignment
 pads to). ``block_n`` is the width of the weight tile a program reads per K step: the
