@@ -11,10 +11,13 @@ and per-rank load. Malformed input lines are reported on stderr with their line 
 and skipped (the exit status is then 1). Rerunning with the same output resumes: ids
 already in it are not scored again. The output is checked and locked before the model
 loads: never the input, only a scores file of this tool, one run at a time
-(:class:`~moe_compile.serving.jsonl.ScoresOutput`). The model runs in ``--dtype``, float32
-by default, where scores do not depend on batching. Launched by ``torchrun --nproc-per-node W``, every
-process is one data-parallel rank (gloo): requests are routed by prefix and true FLOPs,
-and rank 0 writes the output.
+(:class:`~moe_compile.serving.jsonl.ScoresOutput`). The model runs on ``--device`` (auto:
+``cuda:LOCAL_RANK`` where CUDA is, else the CPU) in ``--dtype`` (on CUDA the checkpoint's own by
+default; on the CPU float32, where scores do not depend on batching), loaded by
+:func:`moe_compile.loading.load_model`. Launched by ``torchrun --nproc-per-node W``, every
+process is one data-parallel rank (NCCL on CUDA, gloo on the CPU): requests are routed by
+prefix and true FLOPs, and rank 0 writes the output; with ``--parallel aep`` each rank reads
+only its 1/W of the experts from the checkpoint.
 """
 
 from __future__ import annotations
@@ -90,9 +93,13 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
 
 def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="a transformers checkpoint directory (causal LM)")
-    p.add_argument("--dtype", choices=DTYPES, default="float32",
-                   help="weights and compute (default float32: scores do not depend on batching; "
-                   "bfloat16/float16/auto are faster but batch-dependent, see docs/serving.md)")  # fmt: skip
+    p.add_argument("--device", default="auto",
+                   help="auto (default: cuda:LOCAL_RANK where CUDA is, else cpu), cpu, cuda (cuda:LOCAL_RANK) "
+                   "or cuda:N")  # fmt: skip
+    p.add_argument("--dtype", choices=DTYPES, default=None,
+                   help="weights and compute (default: auto on CUDA, the checkpoint's own dtype; float32 on the "
+                   "CPU, where scores do not depend on batching; bfloat16/float16/auto are faster but "
+                   "batch-dependent, see docs/serving.md)")  # fmt: skip
     p.add_argument("--token-budget", type=at_least(int, 1), default=2048,
                    help="padded tokens per forward pass (default 2048)")  # fmt: skip
     p.add_argument("--prefix-cache-tokens", type=at_least(int, 0), default=65536,
@@ -116,31 +123,47 @@ def _check_model_dir(args: argparse.Namespace) -> Path:
     return path
 
 
+def _device(args: argparse.Namespace):
+    """``--device`` resolved (:func:`moe_compile.runtime.dist.resolve_device`), or argparse's one-line error."""
+    from ..runtime.dist import resolve_device
+
+    try:
+        return resolve_device(args.device)
+    except ValueError as e:
+        args.parser.error(f"argument --device: {e}")
+
+
 def _engine(args: argparse.Namespace):
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
+    from ..loading import CheckpointError, load_model
     from .engine import PrefillEngine
 
     path = _check_model_dir(args)
-    dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
+    device = _device(args)
+    parallel = "aep" if getattr(args, "parallel", "none") == "aep" else None
+    if parallel and args.no_compile:
+        args.parser.error("argument --parallel aep: the experts are sharded by the compile; drop --no-compile")
     restore = not sys.stderr.isatty() and hf_logging.is_progress_bar_enabled()
     if restore:
         hf_logging.disable_progress_bar()  # a log file gets no "Loading weights" bar
-    try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).eval()
+    try:  # aep: this rank reads only its 1/W of the experts (moe_compile.loading)
+        model = load_model(path, device=device, dtype=args.dtype, parallel=parallel)
+    except CheckpointError as e:
+        raise SystemExit(f"moe-compile {args.func.__name__.removeprefix('cmd_')}: {e}") from None
+    except ValueError as e:
+        args.parser.error(f"argument --dtype: {e}" if str(e).startswith("dtype") else str(e))
     finally:
         if restore:
             hf_logging.enable_progress_bar()
     has_tokenizer = any((path / name).exists() for name in ("tokenizer.json", "tokenizer_config.json"))
     tokenizer = AutoTokenizer.from_pretrained(str(path)) if has_tokenizer else None
     options = None
-    if getattr(args, "parallel", "none") == "aep":
-        if args.no_compile:
-            args.parser.error("argument --parallel aep: the experts are sharded by the compile; drop --no-compile")
+    if parallel:
         options = {"parallel": "aep"}
-        if model.device.type == "cpu":
+        if device.type == "cpu":
             options["inductor"] = False
     with torch.no_grad():
         return PrefillEngine(
@@ -155,7 +178,7 @@ def _engine(args: argparse.Namespace):
 
 
 def _init_ranks(args: argparse.Namespace) -> tuple[int, int]:
-    """Join torchrun's group (gloo on CPU) with ``--dist-timeout``; ``(world_size, rank)``."""
+    """Join torchrun's group (NCCL on CUDA, gloo on the CPU) with ``--dist-timeout``; ``(world_size, rank)``."""
     import torch.distributed as dist
 
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -165,7 +188,8 @@ def _init_ranks(args: argparse.Namespace) -> tuple[int, int]:
     if world_size > 1 and not dist.is_initialized():
         from ..runtime.dist import init_distributed
 
-        init_distributed("gloo", timeout_s=args.dist_timeout)  # torchrun sets the rendezvous variables
+        # NCCL on CUDA, gloo on the CPU (runtime.dist.backend_for); torchrun sets the rendezvous variables
+        init_distributed(timeout_s=args.dist_timeout, device=_device(args))
     return world_size, (dist.get_rank() if world_size > 1 else 0)
 
 
