@@ -1,0 +1,87 @@
+"""Sharded loading on gloo ranks: each rank reads only its experts, and the compiled AEP / EP model equals eager.
+
+One process is the reference: each rank computes the eager logits of its own fresh batch on a whole
+load, then loads its shards (moe_compile.loading.load_model(parallel=...)) and compiles.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+from dist_workers import spawn
+from loading_workers import load_error_worker, sharded_parity_worker
+from test_loading import save
+
+from moe_compile.routing_stats import collect_routing_stats
+from moe_compile.testing import zoo
+
+pytestmark = pytest.mark.timeout(600)
+
+
+def test_two_ranks_load_their_experts_only_and_aep_ep_equal_eager(tmp_path):
+    cases, E = [], 8
+    for family, layout, parallel in (
+        ("qwen3_moe", "per_expert", "aep"),
+        ("gpt_oss", "stacked", "aep"),  # biases too
+        ("mixtral", "multi_file", "ep"),
+    ):
+        path = tmp_path / f"{family}_{layout}"
+        save(zoo.build(family, num_layers=2), path, layout)
+        cases.append((str(path), parallel, 0, None))
+    results = spawn(sharded_parity_worker, 2, cases)
+    for rank, per_case in enumerate(results):
+        for case, facts in zip(cases, per_case):
+            assert facts["err"] < 1e-5, (rank, case, facts["err"])
+            assert facts["full_storage_bytes"] == 0, case  # no [E, ...] tensor holds memory
+            assert facts["released_bytes"] == 0  # nothing full was ever there to release
+            info = facts["info"]
+            assert info.world_size == 2 and info.rank == rank
+            assert info.expert_bytes * 2 == info.full_expert_bytes, case  # exactly 1/W of the experts
+            for name, shapes in facts["registered"].items():
+                assert facts["shapes"][name][0] == E
+                assert shapes == [(E // 2, *facts["shapes"][name][1:])], (name, shapes)
+            assert any("MoE block(s) sharded" in n for n in facts["notes"]), facts["notes"]
+
+
+def test_hot_experts_are_loaded_directly_on_every_rank(tmp_path):
+    model = zoo.build("qwen3_moe", num_layers=2)
+    model.save_pretrained(tmp_path / "model")
+    stats = collect_routing_stats(model, zoo.make_inputs(model, batch=4, seq=16, seed=3))
+    stats.save(tmp_path / "routing.safetensors")
+    R, E, W = 2, 8, 2
+    (per_case,) = zip(
+        *spawn(sharded_parity_worker, W, [(str(tmp_path / "model"), "aep", R, str(tmp_path / "routing.safetensors"))])
+    )
+    for facts in per_case:
+        assert facts["err"] < 1e-5 and facts["full_storage_bytes"] == 0
+        for name, shapes in facts["registered"].items():
+            rest = facts["shapes"][name][1:]
+            assert shapes == sorted([((E - R) // W, *rest), (R, *rest)]), (name, shapes)
+        info = facts["info"]
+        assert info.expert_bytes == info.full_expert_bytes // E * (R + (E - R) // W)
+
+
+def test_an_expert_count_that_does_not_divide_over_the_ranks_fails_on_every_rank(tmp_path):
+    zoo.build("qwen3_moe", num_layers=1).save_pretrained(tmp_path)
+    errors = spawn(load_error_worker, 3, [str(tmp_path)] * 3)
+    for rank, err in enumerate(errors):
+        assert err.startswith("CheckpointError: loading") and "failed on rank 0 of 3" in err, err
+        assert "E=8 experts do not divide evenly over 3 ranks; use a world size that divides 8" in err, err
+
+
+@pytest.mark.parametrize("damage", ["missing", "truncated"])
+def test_a_damaged_shard_file_on_one_rank_fails_every_rank_naming_the_file(tmp_path, damage):
+    good = tmp_path / "good"
+    zoo.build("qwen3_moe", num_layers=2).save_pretrained(good, max_shard_size="40KB")
+    bad = tmp_path / "bad"
+    shutil.copytree(good, bad)
+    victim = sorted(bad.glob("model-*.safetensors"))[-1]
+    if damage == "missing":
+        victim.unlink()
+    else:
+        victim.write_bytes(victim.read_bytes()[:-100])
+    errors = spawn(load_error_worker, 2, [str(good), str(bad)], group_timeout_s=60)  # only rank 1's copy is bad
+    for err in errors:
+        assert "failed on rank 1 of 2" in err and str(victim) in err, err
+        assert ("shard file missing" if damage == "missing" else "truncated or damaged") in err, err
