@@ -41,6 +41,7 @@ compute references on a single-process load.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from pathlib import Path
 
@@ -244,3 +245,28 @@ def _hot_sets(model, experts: dict[str, int], r: int, routing_stats) -> dict[str
             raise ValueError(f"{routing_stats}: no counts for block {block}; made for another model?")
         out[name] = stats.hot(block, r)
     return out
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """Whether ``model`` holds expert tensors without storage (a sharded :func:`load_model`)."""
+    return any(shards.is_released(model.get_parameter(n)) for n in expert_parameters(model))
+
+
+@contextlib.contextmanager
+def experts_zeroed_if_sharded(model: nn.Module):
+    """Within: each experts module of a sharded model returns zeros (shape of its input), so that the eager
+    model runs for what does not depend on the experts' values (the serving engine's probe: the logit head's
+    check, the key/value cache's shapes). A model with its experts whole is left as it is."""
+    if not is_sharded(model):
+        yield
+        return
+    patched = []
+    for name in {n.rsplit(".", 1)[0] for n in expert_parameters(model)}:
+        module = model.get_submodule(name)
+        module.forward = lambda hidden_states, *args, **kwargs: torch.zeros_like(hidden_states)
+        patched.append(module)
+    try:
+        yield
+    finally:
+        for module in patched:
+            del module.forward
