@@ -36,6 +36,12 @@ def sharded_parity_worker(rank: int, world_size: int, cases: list[tuple]) -> lis
             },
             "shapes": {n: tuple(model.get_parameter(n).shape) for n in experts},
         }
+        from moe_compile.serving import PrefillEngine
+        from moe_compile.serving.memory import memory_accounting
+
+        engine = PrefillEngine(model, options={"parallel": parallel, "inductor": False}, prefix_cache_tokens=64)
+        facts["memory"] = memory_accounting(engine, prefetch_depth=1)
+        facts["cache_off"] = engine.prefix_cache_off
         options = {"parallel": parallel, "inductor": False}
         if hot:
             options.update(hot_experts=hot, routing_stats=stats)

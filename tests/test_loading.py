@@ -177,3 +177,21 @@ def test_from_pretrained_reference_agrees_with_load_model(tmp_path):
     got = load_model(tmp_path, device="cpu")
     for name, value in ref.state_dict().items():
         assert torch.equal(got.state_dict()[name], value), name
+
+
+def test_memory_accounting_of_a_whole_model(tmp_path):
+    from moe_compile.serving import PrefillEngine
+    from moe_compile.serving.memory import memory_accounting
+
+    model = zoo.build("qwen3_moe", num_layers=2)
+    model.save_pretrained(tmp_path)
+    loaded = load_model(tmp_path, device="cpu")
+    engine = PrefillEngine(loaded, compile=False, prefix_cache_tokens=256, block_size=16)
+    memory = memory_accounting(engine)
+    experts = expert_parameters(loaded)
+    assert memory["expert_bytes"] == sum(loaded.get_parameter(n).nbytes for n in experts)
+    unique = {p.untyped_storage().data_ptr(): p.nbytes for n, p in loaded.named_parameters() if n not in experts}
+    assert memory["dense_bytes"] == sum(unique.values()) + sum(b.nbytes for b in loaded.buffers())
+    assert memory["ring_bytes"] == 0
+    cfg = loaded.config  # keys and values of every layer for 256 tokens
+    assert memory["prefix_cache_bytes"] == 256 * cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * cfg.head_dim * 4

@@ -42,6 +42,11 @@ def test_two_ranks_load_their_experts_only_and_aep_ep_equal_eager(tmp_path):
                 assert facts["shapes"][name][0] == E
                 assert shapes == [(E // 2, *facts["shapes"][name][1:])], (name, shapes)
             assert any("MoE block(s) sharded" in n for n in facts["notes"]), facts["notes"]
+            memory = facts["memory"]  # what /health and score's summary say
+            assert memory["expert_bytes"] == info.expert_bytes and memory["dense_bytes"] > 0
+            layer = info.full_expert_bytes // 2  # 2 MoE layers of equal size: depth 1 keeps 2 gathered layers
+            assert memory["ring_bytes"] == 2 * layer, memory
+            assert (memory["prefix_cache_bytes"] > 0) == (facts["cache_off"] is None), facts["cache_off"]
 
 
 def test_hot_experts_are_loaded_directly_on_every_rank(tmp_path):
@@ -60,6 +65,7 @@ def test_hot_experts_are_loaded_directly_on_every_rank(tmp_path):
             assert shapes == sorted([((E - R) // W, *rest), (R, *rest)]), (name, shapes)
         info = facts["info"]
         assert info.expert_bytes == info.full_expert_bytes // E * (R + (E - R) // W)
+        assert facts["memory"]["ring_bytes"] == 2 * info.full_expert_bytes // 2 // E * (E - R)  # 2 layers of E - R
 
 
 def test_an_expert_count_that_does_not_divide_over_the_ranks_fails_on_every_rank(tmp_path):

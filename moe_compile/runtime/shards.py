@@ -139,3 +139,8 @@ def register(
 def registered(full: torch.Tensor) -> list[torch.Tensor]:
     """The shards and resident copies recorded for ``full`` (built or :func:`register`-ed)."""
     return list(_SHARDS.get(full, {}).values())
+
+
+def resident_count(full: torch.Tensor) -> int:
+    """How many experts of ``full`` are kept whole on every rank (the ``R`` of the copies recorded for it)."""
+    return max((len(key[1]) for key in _SHARDS.get(full, {}) if key[0] == "resident"), default=0)

@@ -293,6 +293,9 @@ def _score(args: argparse.Namespace, rank: int, world_size: int, output, done: s
         lockstep.stop()
     if rank == 0:
         _summary(scored, errors, tokens, cached, wall, skipped, malformed, router)
+        from .memory import describe, memory_accounting
+
+        print(describe(memory_accounting(engine)))
     if world_size > 1:
         dist.destroy_process_group()
     return 1 if malformed else 0

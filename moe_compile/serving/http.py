@@ -47,6 +47,7 @@ from typing import Any
 
 from .engine import PrefillEngine
 from .jsonl import Decoded, Malformed, decode_json
+from .memory import memory_accounting
 from .relevance import PairError, RelevanceScorer, RelevanceTemplate
 from .requests import MalformedRequest, Request
 
@@ -425,7 +426,8 @@ def create_app(
                 body["error"] = state["error"]
             return JSONResponse(body, status_code=503)
         stats = dataclasses.asdict(engine.stats)
-        return {"status": "ok", "model": model, "hit_rate": engine.stats.hit_rate, **stats}
+        memory = memory_accounting(engine)  # per rank, tensor bytes (serving/memory.py)
+        return {"status": "ok", "model": model, "hit_rate": engine.stats.hit_rate, **stats, "memory": memory}
 
     return app
 
