@@ -33,7 +33,7 @@ import torch.fx as fx
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 from ..graph import backward_region, hint, op_name, same, tensor_val
-from ..ops import check_inputs, moe_torch
+from ..moe_math import check_inputs, moe_torch
 from ..report import BlockReport, Skipped
 from ..spec import ExpertSpec
 from .base import GraphPass, MoEBlock, PassContext, reshape_like, set_fake_val
