@@ -1,6 +1,6 @@
 """Rewrite each detected MoE block into one call of the canonical op.
 
-Matches: the :class:`~.detect_moe.MoEMatch` objects in ``ctx.detected`` (provided by
+Matches: the :class:`~.state.MoEMatch` objects in ``ctx.detected`` (provided by
 :mod:`.detect_moe`), and reports the canonical calls already in the graph (from
 ``moe_compile.prepare``). Provides ``ctx.moe_blocks``: every canonical call with its
 report line, which the later passes read.
@@ -32,13 +32,14 @@ import torch
 import torch.fx as fx
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 
-from ..graph import backward_region, hint, op_name, same, tensor_val
-from ..ops import check_inputs, moe_torch
+from ..graph import backward_region, hint, op_name, reshape_like, same, set_fake_val, tensor_val
+from ..moe_math import check_inputs, moe_torch
 from ..report import BlockReport, Skipped
 from ..spec import ExpertSpec
-from .base import GraphPass, MoEBlock, PassContext, reshape_like, set_fake_val
-from .detect_moe import CanonicalCall, MoEMatch, softcap_of
+from .base import GraphPass
+from .detect_moe import softcap_of
 from .moe_call import MoECall
+from .state import CanonicalCall, MoEBlock, MoEMatch, PassContext
 from .vocabulary import GATHERS, MATMULS, VIEWS
 
 aten = torch.ops.aten
