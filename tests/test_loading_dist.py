@@ -91,3 +91,81 @@ def test_a_damaged_shard_file_on_one_rank_fails_every_rank_naming_the_file(tmp_p
     for err in errors:
         assert "failed on rank 1 of 2" in err and str(victim) in err, err
         assert ("shard file missing" if damage == "missing" else "truncated or damaged") in err, err
+
+
+def test_two_torchrun_agents_as_two_nodes_score_aep_from_a_sharded_load(tmp_path):
+    """ "Two nodes" on localhost: two torchrun agents (--nnodes 2, c10d rendezvous), one rank each, gloo."""
+    import json
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    import torch
+    from serving_helpers import eager_value, rel_err
+
+    from moe_compile.serving import Request
+
+    model = zoo.build("qwen3_moe", num_layers=2)
+    save(model, tmp_path / "model", "multi_file")
+    requests = [{"id": f"r{i}", "tokens": [3 + i, 9, 17 + i] * (2 + i % 3), "labels": [5, 6]} for i in range(6)]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in requests))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    agents = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes",
+                "2",
+                "--node-rank",
+                str(node),
+                "--nproc-per-node",
+                "1",
+                "--rdzv-backend",
+                "c10d",
+                "--rdzv-endpoint",
+                f"127.0.0.1:{port}",
+                "--rdzv-id",
+                "two-nodes",
+                "-m",
+                "moe_compile.cli",
+                "score",
+                "--model",
+                str(tmp_path / "model"),
+                "--parallel",
+                "aep",
+                "--input",
+                str(tmp_path / "in.jsonl"),
+                "--output",
+                str(tmp_path / "out.jsonl"),
+                "--block-size",
+                "8",
+                "--token-budget",
+                "64",
+                "--chunk",
+                "3",
+                "--dist-timeout",
+                "120",
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for node in (0, 1)
+    ]
+    outs = [a.communicate(timeout=500) for a in agents]
+    for agent, (out, err) in zip(agents, outs):
+        assert agent.returncode == 0, err[-3000:]
+    assert "memory per rank (tensor bytes)" in outs[0][0]  # node 0 holds global rank 0: it writes and reports
+    records = {r["id"]: r for r in map(json.loads, (tmp_path / "out.jsonl").read_text().splitlines())}
+    assert sorted(records) == sorted(r["id"] for r in requests)
+    for r in requests:
+        expected = eager_value(model, Request(id=r["id"], tokens=tuple(r["tokens"]), labels=tuple(r["labels"])))
+        assert rel_err(torch.tensor(records[r["id"]]["logprobs"]), expected) < 1e-5, r["id"]
+    assert {records[r["id"]]["rank"] for r in requests} == {0, 1}
