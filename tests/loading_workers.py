@@ -51,6 +51,7 @@ def sharded_parity_worker(rank: int, world_size: int, cases: list[tuple]) -> lis
             got = fast(x).logits
         facts["err"] = ((got - ref).abs().max() / ref.abs().max()).item()
         facts["notes"] = list(report.notes)
+        facts["verified"] = [b.verified for b in report.blocks]
         facts["released_bytes"] = report.released_bytes
         out.append(facts)
     return out

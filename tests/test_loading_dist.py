@@ -42,6 +42,9 @@ def test_two_ranks_load_their_experts_only_and_aep_ep_equal_eager(tmp_path):
                 assert facts["shapes"][name][0] == E
                 assert shapes == [(E // 2, *facts["shapes"][name][1:])], (name, shapes)
             assert any("MoE block(s) sharded" in n for n in facts["notes"]), facts["notes"]
+            # each rewrite was checked on probe inputs with this rank's own experts (the full ones never existed)
+            assert any("verified on this rank's own expert rows" in n for n in facts["notes"]), facts["notes"]
+            assert facts["verified"] and all(v.startswith("probe rel err") for v in facts["verified"])
             memory = facts["memory"]  # what /health and score's summary say
             assert memory["expert_bytes"] == info.expert_bytes and memory["dense_bytes"] > 0
             layer = info.full_expert_bytes // 2  # 2 MoE layers of equal size: depth 1 keeps 2 gathered layers
