@@ -30,6 +30,19 @@ def test_two_ranks_load_their_experts_only_and_aep_ep_equal_eager(tmp_path):
         save(zoo.build(family, num_layers=2), path, layout)
         cases.append((str(path), parallel, 0, None))
     results = spawn(sharded_parity_worker, 2, cases)
+    # moe-compile plan's memory model against what rank 0 measured (Qwen3-MoE, AEP, depth 1, 64-token cache)
+    from transformers import AutoConfig
+
+    from moe_compile import planner
+
+    setting = planner.Setting(
+        gpus=2, gpu="h100", link="nvlink", tokens_per_gpu=64, dtype="fp32", prefix_cache_tokens=64
+    )
+    predicted = planner.memory_parts(planner.model_shape(AutoConfig.from_pretrained(cases[0][0])), setting, depth=1)
+    measured = results[0][0]["memory"]
+    for part in ("expert_bytes", "ring_bytes", "prefix_cache_bytes"):
+        assert predicted[part] == measured[part], (part, predicted, measured)
+    assert abs(predicted["dense_bytes"] - measured["dense_bytes"]) <= 0.01 * measured["dense_bytes"]  # + rotary buffers
     for rank, per_case in enumerate(results):
         for case, facts in zip(cases, per_case):
             assert facts["err"] < 1e-5, (rank, case, facts["err"])
