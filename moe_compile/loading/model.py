@@ -31,9 +31,10 @@ How (:func:`load_model`):
 4. tied weights are tied (``model.tie_weights()``); a parameter still on the meta
    device is a tensor the checkpoint lacks (:class:`~.checkpoint.CheckpointError`).
 
-With several ranks, every rank reports how its load went before any raises (an
-``all_gather_object`` on the default group): a missing or damaged file on one rank makes
-every rank raise the same error naming it, and no rank waits for a peer that has failed.
+With several ranks (whenever the default group is initialised, sharded or not), every rank
+reports how its load went before any raises (an ``all_gather_object`` on the default group):
+a missing or damaged file on one rank makes every rank raise the same error naming it, and
+no rank waits for a peer that has failed.
 
 The eager model of a sharded load cannot run (its expert tensors have no storage):
 compute references on a single-process load.
@@ -97,22 +98,23 @@ def load_model(
         world_size, rank = world.size, world.rank
     elif hot_experts:
         raise ValueError("hot_experts needs parallel='aep'")
+    import torch.distributed as dist
+
+    group = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1  # replicas too
     problem, model = None, None
     try:
         model = _load(path, device, dtype, world_size, rank, parallel, hot_experts, routing_stats, model_class)
     except (CheckpointError, ValueError, OSError) as exc:
         problem = f"{type(exc).__name__}: {exc}"
-        if world_size == 1:
+        if group == 1:
             raise
-    if world_size > 1:
-        import torch.distributed as dist
-
-        problems: list = [None] * world_size
+    if group > 1:
+        problems: list = [None] * group
         dist.all_gather_object(problems, problem)  # NOTE: every rank reports before any raises
         failed = [(r, p) for r, p in enumerate(problems) if p is not None]
         if failed:
             r, p = failed[0]
-            raise CheckpointError(f"loading {path} failed on rank {r} of {world_size}: {p}")
+            raise CheckpointError(f"loading {path} failed on rank {r} of {group}: {p}")
     return model
 
 
