@@ -49,6 +49,8 @@ def test_load_model_equals_the_model_it_was_saved_from(tmp_path, family, layout)
     x = zoo.make_inputs(model, seed=7)  # fresh inputs
     with torch.no_grad():
         assert torch.equal(loaded(x).logits, model(x).logits)
+    # every tensor owns its memory: none is a view of the file's memory map (which would keep it mapped)
+    assert all(t.untyped_storage().resizable() for t in [*loaded.parameters(), *loaded.buffers()])
     info = loaded.moe_compile_load
     experts = expert_parameters(loaded)
     assert experts and info.expert_bytes == info.full_expert_bytes

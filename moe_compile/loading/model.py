@@ -155,7 +155,7 @@ def _load(path, device, dtype, world_size, rank, parallel, hot_experts, routing_
             value, register = _load_experts(checkpoint, source, param, experts[name], hot.get(name, ()), world_size,
                                             rank, parallel, compute, dev, info)  # fmt: skip
         else:
-            value, register = _cast(_read_checked(checkpoint, source, param), compute).to(dev), None
+            value, register = _placed(_read_checked(checkpoint, source, param), compute, dev), None
             info.dense_bytes += value.numel() * value.element_size()
         value = nn.Parameter(value, requires_grad=False)
         if register is not None:  # the shards are keyed by the parameter object the compile sees
@@ -164,8 +164,8 @@ def _load(path, device, dtype, world_size, rank, parallel, hot_experts, routing_
     for name, buffer in list(model.named_buffers()):
         source = found.get(name)
         value = _read_checked(checkpoint, source, buffer) if source is not None else buffer
-        value = _cast(value, compute) if value.is_floating_point() else value
-        _set(model, name, value.to(dev), buffer=True)
+        value = _placed(value, compute if value.is_floating_point() else value.dtype, dev)
+        _set(model, name, value, buffer=True)
         info.dense_bytes += value.numel() * value.element_size()
     model.tie_weights()
     missing = [n for n, p in model.named_parameters() if p.is_meta]
@@ -192,13 +192,13 @@ def _load_experts(checkpoint, source, param, E, resident, world_size, rank, para
     row = param.numel() // E * torch.empty((), dtype=compute).element_size()
     info.full_expert_bytes += row * E
     if parallel is None:
-        value = _cast(_read_rows(checkpoint, source, param, list(range(E))), compute).to(dev)
+        value = _placed(_read_rows(checkpoint, source, param, list(range(E))), compute, dev)
         info.expert_bytes += value.numel() * value.element_size()
         return value, None
     others = shards.sharded_experts(E, resident)
     start, stop = shards.expert_range(len(others), world_size, rank)
-    shard = _cast(_read_rows(checkpoint, source, param, others[start:stop]), compute).to(dev)
-    kept = _cast(_read_rows(checkpoint, source, param, list(resident)), compute).to(dev) if resident else None
+    shard = _placed(_read_rows(checkpoint, source, param, others[start:stop]), compute, dev)
+    kept = _placed(_read_rows(checkpoint, source, param, list(resident)), compute, dev) if resident else None
     full = shards.unallocated(tuple(param.shape), compute, dev)
     info.expert_bytes += sum(t.numel() * t.element_size() for t in (shard, kept) if t is not None)
     if len(resident) >= E:
@@ -214,6 +214,18 @@ def _read_rows(checkpoint, source, param, ids: list[int]) -> torch.Tensor:
             f"{checkpoint.path}: {source.name} reads as {tuple(value.shape)} for {len(ids)} experts, the model's "
             f"config wants {want}"
         )
+    return value
+
+
+def _placed(value: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``value`` cast (:func:`_cast`) and on ``device``, in memory of its own.
+
+    safetensors' tensors are views of the file's memory map: one kept would keep the whole
+    mapping alive, and every page of the file the load touched would stay in the process's RSS.
+    """
+    value = _cast(value, dtype).to(device)
+    if value.device.type == "cpu" and not value.untyped_storage().resizable():  # still the file's pages
+        value = value.clone()
     return value
 
 
