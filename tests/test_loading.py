@@ -131,7 +131,7 @@ def test_cli_device_and_dtype_on_the_cpu(tmp_path):
         assert engine.model.dtype == dtype and engine.device == torch.device("cpu")
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (runs in the GPU suite's serve section)")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_auto_on_cuda_serves_a_bf16_checkpoint_in_bf16_on_the_gpu(tmp_path):
     model = zoo.build("qwen3_moe", num_layers=1, dtype=torch.bfloat16)
     model.save_pretrained(tmp_path)
