@@ -274,8 +274,10 @@ def _unmatched_ops(m: MoEMatch, region: _Region) -> str:
         ]
     clamps = sorted({op_name(n).removeprefix("aten::") for n in between if op_name(n).startswith("aten::clamp")})
     if clamps:
-        bound = "a bound between the projections in a form the canonical op lacks: its one clamped activation"
-        odd.insert(0, f"{'/'.join(clamps)} ({bound} is GPT-OSS's SwiGLU; Step-3.7's swiglu_limits are not canonical)")
+        bound = "a bound between the projections in a form the canonical op lacks: its clamped forms are GPT-OSS's"
+        odd.insert(
+            0, f"{'/'.join(clamps)} ({bound} SwiGLU and a gated activation with gate and up bounded by one limit)"
+        )
     if odd:
         return f"ops the canonical activations do not contain: {', '.join(odd)}"
     return "the activation or combine does not match any canonical form (no unknown op: different constants or order)"

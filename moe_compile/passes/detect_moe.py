@@ -340,13 +340,22 @@ def _spec_candidates(between: set[fx.Node], gated: bool, transposed: list[bool])
               for a in n.args if isinstance(a, float)]  # fmt: skip
     alpha = scales[0] if scales else ExpertSpec.alpha
     default_caps = [(ExpertSpec.gate_softcap, ExpertSpec.up_softcap)]
+    # a clamp between the projections that is not GPT-OSS's: a plain gated activation bounded before or after
+    clamp_modes = ["none"]
+    if gated and clamps:
+        clamp_modes = ["none", "before", "after"] if "swiglu_oai" in acts else ["before", "after", "none"]
     return [
-        ExpertSpec(act, gated, layout, tr, alpha=alpha, limit=limit, gate_softcap=caps[0], up_softcap=caps[1])
+        ExpertSpec(
+            act, gated, layout, tr, alpha=alpha, limit=limit, gate_softcap=caps[0], up_softcap=caps[1],
+            clamp=clamp if act not in PARAMETRIC else "none",
+        )
+        for clamp in clamp_modes
         for act in dict.fromkeys(acts)
+        if clamp == "none" or act not in PARAMETRIC
         for caps in (softcaps if act == "swiglu_softcap" else default_caps)
         for tr in transposed
         for layout in (layouts if gated else ["concat"])
-    ]
+    ]  # fmt: skip
 
 
 def _is_square(node: fx.Node) -> bool:
