@@ -19,8 +19,7 @@ import moe_compile
 from moe_compile.backend import collect_reports
 from moe_compile.prepare import PostNormExperts, RoutedExperts, StackedExperts, prepare_report
 from moe_compile.testing import coverage
-
-TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
+from moe_compile.verify import tolerance
 
 
 def _check(family, dtype, replaced: type, report: str, modules: int, blocks: int | set[int], fp32_reference=False):
@@ -48,7 +47,7 @@ def _check(family, dtype, replaced: type, report: str, modules: int, blocks: int
         torch._dynamo.reset()
     assert len({b.path for b in found.blocks}) in (blocks if isinstance(blocks, set) else {blocks}), found
     for g, e in zip(got, expected):
-        assert rel_err(g, e) < TOL[dtype]
+        assert rel_err(g, e) < tolerance(dtype)
     return model
 
 
