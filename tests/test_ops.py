@@ -1,5 +1,7 @@
 """The canonical op: its torch implementation against the reference loop, and its registration."""
 
+import sys
+
 import pytest
 import torch
 from conftest import rel_err
@@ -227,3 +229,13 @@ def test_grouped_and_loop_paths_agree(H, I, grouped, dtype, monkeypatch):  # noq
     args = _inputs(spec, T=11, K=3, E=6, H=H, I=I, dtype=dtype)
     assert rel_err(moe_torch(*args, spec), moe_reference(*args, spec)) < (1e-5 if dtype == torch.float32 else 2e-2)
     assert len(calls) == (2 if grouped else 0), calls
+
+
+def test_the_op_and_its_module_have_different_names():
+    """``moe_compile.ops.moe`` is the op; its module is ``moe_compile.ops.canonical`` (no shadowing)."""
+    import importlib
+
+    import moe_compile.ops
+
+    assert moe_compile.ops.moe is importlib.import_module("moe_compile.ops.canonical").moe
+    assert "moe_compile.ops.moe" not in sys.modules and moe_compile.ops.moe_torch is ops.moe_torch

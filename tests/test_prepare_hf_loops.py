@@ -23,8 +23,7 @@ from moe_compile.backend import collect_reports
 from moe_compile.prepare import PostNormExperts, RoutedExperts, StackedExperts, prepare_report
 from moe_compile.prepare.probe import is_interface_experts
 from moe_compile.testing import coverage
-
-TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
+from moe_compile.verify import tolerance
 
 
 def _needs_family(family: str) -> None:
@@ -73,7 +72,7 @@ def _check(
         torch._dynamo.reset()
     assert len({b.path for b in found.blocks}) in (blocks if isinstance(blocks, set) else {blocks}), found
     for g, e in zip(got, expected):
-        assert rel_err(g, e) < TOL[dtype]
+        assert rel_err(g, e) < tolerance(dtype)
     return model
 
 

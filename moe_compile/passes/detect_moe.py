@@ -129,9 +129,9 @@ def _find_ids(ancestors: set[fx.Node], T: object, E: int, order: dict) -> fx.Nod
         v = tensor_val(node)
         if v is None or v.is_floating_point() or v.dtype == torch.bool or v.dim() != 2:
             continue
-        if same(v.shape[0], T) and isinstance(v.shape[1], int) and 1 <= v.shape[1] <= E:
-            if best is None or order[node] > order[best]:
-                best = node
+        fits = same(v.shape[0], T) and isinstance(v.shape[1], int) and 1 <= v.shape[1] <= E
+        if fits and (best is None or order[node] > order[best]):
+            best = node
     return best
 
 
