@@ -27,6 +27,9 @@ ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "relu2", "swiglu_oai", "swig
 #: activations with constants of their own (read from the model, never guessed): gated only
 PARAMETRIC = ("swiglu_oai", "swiglu_softcap")
 GATE_LAYOUTS = ("concat", "interleaved")
+#: weight quantization forms: "none" (weights in the activation dtype), "fp8_block" (e4m3 weights, one scale per
+#: ``block_n x block_k`` block, W8A8 with dynamic per-token activation quantization; :mod:`moe_compile.quant.fp8`)
+QUANT_FORMS = ("none", "fp8_block")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +48,12 @@ class ExpertSpec:
     up_softcap: float = 25.0
     #: the routing weight scales the expert's *input* (``expert(w * x)``, Llama 4) instead of its output
     scale_input: bool = False
+    # [fp8] the experts' weight quantization (QUANT_FORMS); with "fp8_block" the op is moe_compile::moe_fp8 and
+    # takes the scales too: one per block_n x block_k block of each weight, in scale_dtype (dequantized = q * s)
+    quant: str = "none"
+    block_n: int = 0
+    block_k: int = 0
+    scale_dtype: str = "-"
 
     def __post_init__(self) -> None:
         if self.activation not in ACTIVATIONS:
@@ -55,6 +64,12 @@ class ExpertSpec:
             raise ValueError(f"{self.activation} is a gated activation")
         if not (self.gate_softcap > 0 and self.up_softcap > 0):
             raise ValueError(f"softcaps must be positive, got {self.gate_softcap} and {self.up_softcap}")
+        if self.quant not in QUANT_FORMS:
+            raise ValueError(f"unknown quantization {self.quant!r}; expected one of {QUANT_FORMS}")
+        if self.quant == "fp8_block":
+            from .quant.fp8 import check_fp8_spec
+
+            check_fp8_spec(self)
 
     def encode(self) -> str:
         """A compact, stable string, e.g. ``activation=silu;gated=1;gate_layout=concat;...``.
@@ -79,7 +94,8 @@ class ExpertSpec:
             if key not in types:
                 raise ValueError(f"unknown ExpertSpec field {key!r} in {text!r}")
             kind = types[key]
-            kwargs[key] = bool(int(value)) if kind == "bool" else float(value) if kind == "float" else value
+            convert = {"bool": lambda v: bool(int(v)), "float": float, "int": int}.get(kind, str)
+            kwargs[key] = convert(value)
         return ExpertSpec(**kwargs)  # type: ignore[arg-type]
 
     def describe(self) -> str:
@@ -92,3 +108,9 @@ class ExpertSpec:
         names = {"silu": "SiLU", "gelu": "GELU", "gelu_tanh": "GELU-tanh", "relu": "ReLU", "relu2": "ReLU²"}
         name = names[self.activation]
         return (f"{name}-gated" if self.gated else f"{name} (non-gated)") + scaled
+
+    def describe_quant(self) -> str:
+        """``-`` or, e.g., ``fp8 e4m3 W8A8, 128x128 weight blocks, float32 scales``."""
+        if self.quant == "none":
+            return "-"
+        return f"fp8 e4m3 W8A8, {self.block_n}x{self.block_k} weight blocks, {self.scale_dtype} scales"
