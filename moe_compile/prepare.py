@@ -188,6 +188,9 @@ _prepare_log: list[tuple[str, str]] = []
 def prepare(model: nn.Module) -> nn.Module:
     """Make ``model``'s MoE blocks traceable (in place); returns ``model``."""
     _prepare_log.clear()
+    from .quant.prepare_fp8 import prepare_fp8  # [fp8] transformers' FP8Experts/FP8Linear, before anything probes them
+
+    _prepare_log.extend(prepare_fp8(model))
     _switch_eager_experts(model)
     _make_expert_parallel_traceable(model)
     _replace_each(model, _post_norm_experts_parts, _stack_post_norm_experts, "stacked")

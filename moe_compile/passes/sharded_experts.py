@@ -51,7 +51,7 @@ from ..routing_stats import RoutingStats
 from ..runtime import dist as rdist
 from ..runtime import shards
 from .base import GraphPass, MoEBlock, PassContext, add_constant
-from .moe_call import ROLES, MoECall
+from .moe_call import ROLES, MoECall, fp8_refusal
 
 aten = torch.ops.aten
 
@@ -153,6 +153,9 @@ class ShardedExpertsPass(GraphPass):
         index: int,
         resident: tuple[int, ...],
     ) -> ShardedBlock | None:
+        if (why := fp8_refusal(node, f"parallel={self.mode}")) is not None:  # [fp8]
+            ctx.report.skipped.append(Skipped(report.path, why))
+            return None
         presharded = ctx.presharded.get(node)
         if presharded is not None:  # a recognised expert-parallel block: its weights are this rank's shards
             return _already_sharded(node, report, presharded, world, self.mode, ctx, resident)
