@@ -53,9 +53,16 @@ from .grouped_gemm import (
     reduce_topk,
 )
 
-__all__ = ["FP8_MODES", "down_fp8_launch", "fp8_mode", "fused_moe_fp8", "up_fp8_launch"]
+__all__ = ["DECODE_CONFIGS", "FP8_MODES", "down_fp8_launch", "fp8_config", "fp8_mode", "fused_moe_fp8", "up_fp8_launch"]
 
 FP8_MODES = ("native", "decode")
+#: sm_80 ("decode"): configs by rows per expert (at most 16, 64, more). The decoding costs registers: the
+#: 16-bit tables' 64x128x64 / 128x128x64 / 32x64x128 up kernels spill there (compile gate); these do not.
+DECODE_CONFIGS = (
+    (16, KernelConfig(16, 64, 64, 1, 4, 3)),
+    (64, KernelConfig(64, 64, 64, 8, 4, 3)),
+    (None, KernelConfig(128, 128, 32, 16, 8, 3)),
+)
 
 
 def fp8_mode(device: torch.device | None = None, cc: int | None = None) -> str:
@@ -294,6 +301,17 @@ def _dot(mode: str, interpret: bool | None) -> tuple[tl.dtype, str | None]:
     return (tl.float8e4nv, None) if mode == "native" else (tl.bfloat16, None)
 
 
+def fp8_config(
+    num_experts: int, up_width: int, hidden: int, tokens: int, top_k: int, device: torch.device, mode: str
+) -> KernelConfig:
+    """The fp8 layer's config: the 16-bit choice where e4m3 is native (its BLOCK_K, at most 128, divides 128),
+    :data:`DECODE_CONFIGS` on sm_80, the interpreter's under it."""
+    if mode == "native" or interpreting():
+        return select_config(num_experts, up_width, hidden, tokens, top_k, torch.bfloat16, device)
+    rows = tokens * top_k / max(num_experts, 1)
+    return next(c for bound, c in DECODE_CONFIGS if bound is None or rows <= bound)
+
+
 def _round_stores(out_dtype: torch.dtype, interpret: bool | None) -> bool:
     return out_dtype == torch.bfloat16 and (interpreting() if interpret is None else interpret)
 
@@ -440,11 +458,7 @@ def fused_moe_fp8(
     dtype = hidden_TH.dtype
     mode = mode or fp8_mode(hidden_TH.device)
     if config is None:
-        config = select_config(w_up.shape[0], w_up.shape[1], H, T, K, torch.bfloat16, hidden_TH.device)
-        if spec.block_k % config.block_k:
-            import dataclasses
-
-            config = dataclasses.replace(config, block_k=min(config.block_k, spec.block_k))
+        config = fp8_config(w_up.shape[0], w_up.shape[1], H, T, K, hidden_TH.device, mode)
     alignment = align(topk_ids_TK, w_up.shape[0], config.block_m)
     if spec.scale_input:
         x = (hidden_TH.unsqueeze(1) * topk_weights_TK.unsqueeze(-1).to(dtype)).reshape(T * K, H)
