@@ -38,8 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..ops.fp8 import check_fp8_inputs
-from ..quant.fp8 import quantize_activations
+from ..quant.fp8 import check_fp8_inputs, quantize_activations
 from ..spec import ExpertSpec
 from .align import Alignment, align
 from .configs import KernelConfig, interpreting, select_config

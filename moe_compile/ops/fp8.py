@@ -18,21 +18,11 @@ from __future__ import annotations
 
 import torch
 
-from ..quant.fp8 import check_weight_scales, moe_fp8_torch
+from ..quant.fp8 import check_fp8_inputs, check_weight_scales, moe_fp8_torch
 from ..quant.fp8 import fp8_linear as _fp8_linear
 from ..spec import ExpertSpec
-from .moe import check_inputs
 
-__all__ = ["check_fp8_inputs", "fp8_linear", "moe_fp8", "moe_fp8_triton"]
-
-
-def check_fp8_inputs(hidden, topk_ids, topk_weights, w_up, w_down, w_up_scale, w_down_scale, b_up, b_down, spec):
-    """The canonical op's shape checks, plus the fp8 ones (dtypes, scale grids)."""
-    check_inputs(hidden, topk_ids, topk_weights, w_up, w_down, b_up, b_down, spec)
-    torch._check(spec.quant == "fp8_block", lambda: f"moe_fp8: spec has quant={spec.quant!r}, expected 'fp8_block'")
-    block = (spec.block_n, spec.block_k)
-    check_weight_scales("moe_fp8 w_up", w_up, w_up_scale, block, 2 if spec.gated else 1)
-    check_weight_scales("moe_fp8 w_down", w_down, w_down_scale, block, 1)
+__all__ = ["fp8_linear", "moe_fp8", "moe_fp8_triton"]
 
 
 @torch.library.custom_op("moe_compile::moe_fp8", mutates_args=())

@@ -34,10 +34,13 @@ from __future__ import annotations
 
 import torch
 
+from ..moe_math import activate, check_inputs
+
 __all__ = [
     "EPS",
     "FP8_DTYPE",
     "FP8_MAX",
+    "check_fp8_inputs",
     "check_fp8_spec",
     "check_weight_scales",
     "dequantize_weight",
@@ -74,6 +77,15 @@ def check_fp8_spec(spec) -> None:
         raise ValueError("fp8_block weights are [E, out, in] (transposed=False); transposed fp8 experts unsupported")
     if spec.gated and spec.gate_layout != "concat":
         raise ValueError("fp8_block gated experts need the concat gate/up layout: interleaved rows straddle blocks")
+
+
+def check_fp8_inputs(hidden, topk_ids, topk_weights, w_up, w_down, w_up_scale, w_down_scale, b_up, b_down, spec):
+    """``moe_compile::moe_fp8``'s checks: the canonical op's shape checks, plus dtypes and scale grids."""
+    check_inputs(hidden, topk_ids, topk_weights, w_up, w_down, b_up, b_down, spec)
+    torch._check(spec.quant == "fp8_block", lambda: f"moe_fp8: spec has quant={spec.quant!r}, expected 'fp8_block'")
+    block = (spec.block_n, spec.block_k)
+    check_weight_scales("moe_fp8 w_up", w_up, w_up_scale, block, 2 if spec.gated else 1)
+    check_weight_scales("moe_fp8 w_down", w_down, w_down_scale, block, 1)
 
 
 def scale_grid(N: int, K: int, block: tuple[int, int], halves: int = 1) -> tuple[int, int]:
@@ -243,8 +255,6 @@ def moe_fp8_torch(
     spec,
 ) -> torch.Tensor:
     """``moe_compile::moe_fp8`` in torch: the stated W8A8 arithmetic (module doc), ``[T, H]`` in ``hidden``'s dtype."""
-    from ..ops.moe import activate  # noqa: PLC0415  (ops imports this module)
-
     T, K = topk_ids_TK.shape
     dtype = hidden_TH.dtype
     block = (spec.block_n, spec.block_k)

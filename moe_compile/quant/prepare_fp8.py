@@ -23,6 +23,7 @@ import dataclasses
 import torch
 import torch.nn as nn
 
+from ..moe_math import activate
 from ..spec import ACTIVATIONS, PARAMETRIC, ExpertSpec
 from .fp8 import FP8_DTYPE, check_weight_scales, scales_to_float32
 
@@ -139,8 +140,6 @@ def _candidates(module: nn.Module, gated: bool):
 
 def _activation(module: nn.Module, gated: bool, I: int) -> ExpertSpec | str:  # noqa: E741
     """The spec whose activation reproduces the module's own (``_apply_gate`` / ``act_fn``) on random inputs."""
-    from ..ops.moe import activate
-
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(16, 2 * I if gated else I, generator=gen) * 4
     with torch.no_grad():
