@@ -11,13 +11,14 @@ It also returns a copy with those fp8 weights dequantized, which is what transfo
 from __future__ import annotations
 
 import copy
+import json
 
 import torch
 import torch.nn as nn
 
 from ..quant.fp8 import dequantize_weight, quantize_weight
 
-__all__ = ["quantize_model"]
+__all__ = ["expert_param_bytes", "quantize_model", "save_fp8_checkpoint"]
 
 
 def _hf_fp8_classes():
@@ -76,3 +77,53 @@ def expert_param_bytes(model: nn.Module) -> int:
 
 def is_fp8(t: torch.Tensor) -> bool:
     return t.dtype == torch.float8_e4m3fn
+
+
+def save_fp8_checkpoint(model: nn.Module, path, block: tuple[int, int] = (128, 128)) -> dict[str, torch.Tensor]:
+    """Write ``model`` (unquantized, experts-interface form) as a Qwen3-FP8-style checkpoint directory.
+
+    ``config.json`` with ``quantization_config``; every expert of every ``experts`` module as its own
+    ``experts.{e}.{gate,up,down}_proj.weight`` (e4m3) and ``weight_scale_inv`` (fp32, one per block);
+    every other ``nn.Linear`` but ``lm_head`` in fp8 alike; routers, norms, embeddings and ``lm_head`` as
+    they are. Returns the tensors written.
+    """
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tensors: dict[str, torch.Tensor] = {}
+    done: set[str] = set()
+    for name, module in model.named_modules():
+        if name.endswith(".experts") and hasattr(module, "down_proj") and getattr(module, "down_proj").dim() == 3:
+            gated = getattr(module, "has_gate", True)
+            up = (module.gate_up_proj if gated else module.up_proj).detach()
+            I = module.down_proj.shape[-1]  # noqa: E741
+            for e in range(up.shape[0]):
+                projections = {"down_proj": module.down_proj[e].detach()}
+                if gated:
+                    projections.update(gate_proj=up[e, :I], up_proj=up[e, I:])
+                else:
+                    projections.update(up_proj=up[e])
+                for proj, w in projections.items():
+                    q, s = quantize_weight(w.contiguous(), block)
+                    tensors[f"{name}.{e}.{proj}.weight"], tensors[f"{name}.{e}.{proj}.weight_scale_inv"] = q, s
+            done.update(f"{name}.{p}" for p, _ in module.named_parameters())
+        elif isinstance(module, nn.Linear) and not name.endswith("lm_head"):
+            q, s = quantize_weight(module.weight.detach(), block)
+            tensors[f"{name}.weight"], tensors[f"{name}.weight_scale_inv"] = q, s
+            done.add(f"{name}.weight")
+    for name, p in model.state_dict().items():
+        if name not in done and name not in tensors:
+            tensors[name] = p.detach().contiguous()
+    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    config = model.config.to_dict()
+    config["quantization_config"] = {
+        "quant_method": "fp8",
+        "fmt": "e4m3",
+        "activation_scheme": "dynamic",
+        "weight_block_size": list(block),
+    }
+    (path / "config.json").write_text(json.dumps(config, indent=2, default=str))
+    return tensors
