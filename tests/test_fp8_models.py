@@ -97,3 +97,19 @@ def test_compiled_fp8_on_triton_kernels(fp8_case):
     assert all("triton fp8 grouped GEMM" in b.rewrites for b in report.blocks)
     assert rel(compiled, emulated) < 1e-2
     assert rel(compiled, emulated) < 1e-4  # measured 0.0 in bf16: equal but for fp32 summation order
+
+
+def test_offload_refuses_fp8_blocks_with_a_reason(fp8_case):
+    """offload="cpu" keeps unquantized experts only: fp8 blocks stay resident, named in the report, still exact."""
+    family, model, fp8, deq = fp8_case
+    moe_compile.prepare(fp8)
+    ids = zoo.make_inputs(fp8, batch=1, seq=6)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        emulated = zoo.logits(fp8, ids)
+        compiled = zoo.logits(torch.compile(fp8, backend="moe_prefill", options={"offload": "cpu"}), ids)
+    report = moe_compile.last_report()
+    reasons = [s.reason for s in report.skipped]
+    assert len(reasons) == len(report.blocks) and all("block-fp8 experts" in r for r in reasons), reasons
+    assert all(b.implementation == "torch" for b in report.blocks)
+    assert torch.equal(compiled, emulated)
