@@ -34,4 +34,13 @@ def fp8_aep_worker(rank: int, world_size: int, overrides: dict) -> dict:
             "gather_bytes": [b.schedule.get("gather_bytes") for b in report.blocks],
             "skipped": [(s.where, s.reason) for s in report.skipped],
         }
+    torch._dynamo.reset()  # EP: the AllToAll runtime has no fp8 path; the blocks stay replicated, named in the report
+    fp8, _ = quantize_model(zoo.build("qwen3_moe", dtype=torch.bfloat16, seed=0, overrides=overrides))  # AEP released
+    moe_compile.prepare(fp8)
+    with torch.no_grad():
+        expected = zoo.logits(fp8, batch)
+        compiled = torch.compile(fp8, backend="moe_prefill", options={"parallel": "ep", "inductor": False})
+        with moe_compile.backend.collect_reports() as report:
+            got = zoo.logits(compiled, batch)
+    out["ep"] = {"equal": bool(torch.equal(got, expected)), "skipped": [s.reason for s in report.skipped]}
     return out

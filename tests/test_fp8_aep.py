@@ -1,4 +1,5 @@
-"""AEP on 2 gloo ranks with block-fp8 experts: equal to the single-rank fp8 result; half of bf16's gathered bytes."""
+"""AEP on 2 gloo ranks with block-fp8 experts: equal to the single-rank fp8 result; half of bf16's gathered bytes.
+EP refuses fp8 blocks with a reason."""
 
 import pytest
 from dist_workers import spawn
@@ -22,3 +23,6 @@ def test_aep_fp8_equals_single_rank_and_gathers_half_of_bf16():
         scales = E * (2 * 2 + 2 * 1) * 4  # gate_up [2, 2] and down [2, 1] blocks per expert, fp32
         assert bf16["gather_bytes"] == [weights_bf16] * len(bf16["blocks"])
         assert fp8["gather_bytes"] == [weights_bf16 // 2 + scales] * len(fp8["blocks"])
+        ep = r["ep"]  # EP refuses fp8 blocks with the reason; they stay replicated and exact
+        assert len(ep["skipped"]) == len(fp8["blocks"]) and all("block-fp8" in w for w in ep["skipped"]), ep
+        assert ep["equal"], rank

@@ -113,3 +113,20 @@ def test_offload_refuses_fp8_blocks_with_a_reason(fp8_case):
     assert len(reasons) == len(report.blocks) and all("block-fp8 experts" in r for r in reasons), reasons
     assert all(b.implementation == "torch" for b in report.blocks)
     assert torch.equal(compiled, emulated)
+
+
+def test_prepare_leaves_per_tensor_and_unloaded_fp8_alone_with_the_reason():
+    from transformers import Qwen3MoeConfig
+    from transformers.integrations.finegrained_fp8 import FP8Experts, FP8Linear
+
+    from moe_compile.quant.prepare_fp8 import prepare_fp8
+
+    config = Qwen3MoeConfig(hidden_size=32, moe_intermediate_size=16, num_experts=4)
+    with torch.device("meta"):
+        per_tensor = FP8Linear(32, 16, block_size=None)
+        unloaded = FP8Experts(config, block_size=(128, 128))
+    holder = torch.nn.ModuleDict({"per_tensor": per_tensor, "experts": unloaded})
+    log = dict(prepare_fp8(holder))
+    assert "per-tensor fp8 (weight_block_size=None) is not supported" in log["per_tensor"]
+    assert "fp8 weights not loaded (meta device)" in log["experts"]
+    assert holder["per_tensor"] is per_tensor and holder["experts"] is unloaded
