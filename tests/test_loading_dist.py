@@ -87,7 +87,7 @@ def test_hot_experts_are_loaded_directly_on_every_rank(tmp_path):
 def test_an_expert_count_that_does_not_divide_over_the_ranks_fails_on_every_rank(tmp_path):
     zoo.build("qwen3_moe", num_layers=1).save_pretrained(tmp_path)
     errors = spawn(load_error_worker, 3, [str(tmp_path)] * 3)
-    for rank, err in enumerate(errors):
+    for err in errors:
         assert err.startswith("CheckpointError: loading") and "failed on rank 0 of 3" in err, err
         assert "E=8 experts do not divide evenly over 3 ranks; use a world size that divides 8" in err, err
 
@@ -176,7 +176,7 @@ def test_two_torchrun_agents_as_two_nodes_score_aep_from_a_sharded_load(tmp_path
         for node in (0, 1)
     ]
     outs = [a.communicate(timeout=500) for a in agents]
-    for agent, (out, err) in zip(agents, outs):
+    for agent, (_, err) in zip(agents, outs):
         assert agent.returncode == 0, err[-3000:]
     assert "memory per rank (tensor bytes)" in outs[0][0]  # node 0 holds global rank 0: it writes and reports
     records = {r["id"]: r for r in map(json.loads, (tmp_path / "out.jsonl").read_text().splitlines())}

@@ -211,7 +211,7 @@ def sources(model: nn.Module, checkpoint: Checkpoint) -> dict[str, Source]:
 
     transforms = get_model_conversion_mapping(model) if hasattr(model, "config") else []
     found: dict[str, Source] = {}
-    for key in checkpoint.keys():
+    for key in checkpoint.keys():  # noqa: SIM118 -- a Checkpoint, not a dict
         renamed = key
         for transform in transforms:
             if isinstance(transform, WeightConverter):

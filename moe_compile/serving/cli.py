@@ -149,8 +149,19 @@ def _engine(args: argparse.Namespace):
     restore = not sys.stderr.isatty() and hf_logging.is_progress_bar_enabled()
     if restore:
         hf_logging.disable_progress_bar()  # a log file gets no "Loading weights" bar
-    try:  # aep: this rank reads only its 1/W of the experts (moe_compile.loading)
-        model = load_model(path, device=device, dtype=args.dtype, parallel=parallel)
+    try:
+        from ..quant.loading import is_fp8_checkpoint, load_fp8_model
+
+        if is_fp8_checkpoint(path):  # [fp8] experts and dense layers kept in fp8, prepared (never dequantized)
+            from ..runtime.dist import DTYPES
+
+            compute = torch.bfloat16 if args.dtype in (None, "auto") else DTYPES[args.dtype]
+            try:  # loaded whole (the fp8 loader does not shard yet), then put on the device
+                model = load_fp8_model(path, compute).eval().to(device)
+            except ValueError as why:
+                args.parser.error(f"argument --model: {why}")
+        else:  # aep: this rank reads only its 1/W of the experts (moe_compile.loading)
+            model = load_model(path, device=device, dtype=args.dtype, parallel=parallel)
     except CheckpointError as e:
         raise SystemExit(f"moe-compile {args.func.__name__.removeprefix('cmd_')}: {e}") from None
     except ValueError as e:
