@@ -85,7 +85,17 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--rerank-negative", default=None,
                    help="label it is weighed against: relevance = p(pos) / (p(pos) + p(neg)); '' for p(pos) alone "
                    "(default: $MOE_COMPILE_RERANK_NEGATIVE, else ' no')")  # fmt: skip
+    _front_args(p)
     p.set_defaults(func=cmd_serve, parser=p)
+
+
+def _front_args(p: argparse.ArgumentParser) -> None:
+    """The HTTP front end's limits (``moe-compile serve``)."""
+    p.add_argument("--max-concurrent-requests", type=at_least(int, 1), default=512,
+                   help="scoring calls in flight at once; one more is answered 429 (default 512)")  # fmt: skip
+    p.add_argument("--request-timeout", type=at_least(float, 0.001), default=None,
+                   help="seconds a call may wait and run; past it 504, and its requests not yet started are "
+                   "dropped (default: no limit)")  # fmt: skip
 
 
 def _engine_args(p: argparse.ArgumentParser) -> None:
@@ -287,6 +297,11 @@ def _summary(scored, errors, tokens, cached, wall, skipped, malformed, router) -
         print(f"  {r:>4}  {result.requests[r]:>8}  {result.tokens[r]:>7}  {result.flops[r] / 1e9:>6.3f}")
 
 
+def _front_kwargs(args: argparse.Namespace) -> dict:
+    """``create_app``'s front-end keyword arguments from ``_front_args``' flags."""
+    return {"max_concurrent_requests": args.max_concurrent_requests, "request_timeout": args.request_timeout}
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from .http import serve
     from .relevance import RelevanceTemplate
@@ -326,7 +341,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
               file=sys.stderr)  # fmt: skip
     try:
         serve(engine, args.host, args.port, warmup=not args.no_warmup, relevance=relevance, model_name=model_name,
-              runner=runner)  # fmt: skip
+              runner=runner, **_front_kwargs(args))  # fmt: skip
     finally:
         if runner is not None:
             runner.stop()

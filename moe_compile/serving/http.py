@@ -28,9 +28,11 @@ Needs the ``serve`` extra (``pip install "moe_compile[serve]"``: FastAPI and uvi
   run at startup) it answers 503 ``{"status": "warming up"}``, and 503 ``{"status":
   "failed", "error": ...}`` if that failed. Calls made while warming up wait for it.
 
-One engine serves all connections: calls are scored one at a time (a lock), each as one
-:meth:`~moe_compile.serving.PrefillEngine.score` call, so the requests of a call are
-batched and share prefixes with each other and with earlier calls (the prefix cache).
+One engine serves all connections through a batching queue (:mod:`~moe_compile.serving.queue`):
+the requests of concurrent calls share the engine's steps (up to its token budget) and their
+prefixes; a call past ``max_concurrent_requests`` in flight is answered 429, a call whose client
+disconnects has its requests that have not started dropped, and one that takes longer than
+``request_timeout`` seconds is answered 504.
 """
 
 # no `from __future__ import annotations`: FastAPI must resolve the endpoint's annotations
@@ -47,11 +49,14 @@ from typing import Any
 
 from .engine import PrefillEngine
 from .jsonl import Decoded, Malformed, decode_json
+from .queue import BatchQueue, Cancelled, wait_async
 from .relevance import PairError, RelevanceScorer, RelevanceTemplate
-from .requests import MalformedRequest, Request
+from .requests import MalformedRequest, Request, Score
 
 #: most request objects in one POST /score (and most documents / pairs in a rerank or score call)
 MAX_REQUESTS = 1024
+#: scoring calls in flight at once before a new one is answered 429 (TEI's default)
+MAX_CONCURRENT = 512
 #: keys of a rerank body: those that change the answer, then those accepted and ignored (Cohere's client sends them)
 _RERANK_KEYS = frozenset({"model", "query", "documents", "top_n", "return_documents"})
 _RERANK_IGNORED = frozenset({"max_tokens_per_doc", "priority", "user"})
@@ -281,6 +286,8 @@ def create_app(
     relevance: RelevanceTemplate | None = None,
     model_name: str | None = None,
     runner: Any = None,
+    max_concurrent_requests: int = MAX_CONCURRENT,
+    request_timeout: float | None = None,
 ):
     """The FastAPI application serving ``engine``.
 
@@ -291,6 +298,10 @@ def create_app(
     :class:`~moe_compile.serving.aep.LockstepScorer` over AEP ranks (``engine`` is then rank 0's,
     used to tokenize); when it reports a failure (``runner.health()``), every call and
     ``/health`` answer 503 with it.
+
+    ``max_concurrent_requests``: scoring calls in flight at once; one more is answered 429
+    (TEI's ``--max-concurrent-requests``). ``request_timeout``: seconds a call may wait and run;
+    past it the call is answered 504 and its requests not yet started are dropped (None: no limit).
 
     ``warmup``: on startup, run :meth:`PrefillEngine.warmup` in a thread (compiling every graph
     serving needs); until it is done ``GET /health`` answers 503 ``{"status": "warming up"}``
@@ -313,7 +324,9 @@ def create_app(
     from .aep import ServingFailed
 
     backend = runner if runner is not None else engine
-    lock = threading.Lock()
+    warm_done = threading.Event()  # set when the warm-up has ended (or at once without one)
+    if not warmup:
+        warm_done.set()
     state: dict[str, Any] = {"status": "warming up" if warmup else "ok", "error": None}
 
     def failure() -> str | None:
@@ -323,13 +336,14 @@ def create_app(
     def warm() -> None:
         start = time.perf_counter()
         try:
-            with lock:
-                backend.warmup()
+            backend.warmup()
         except Exception as e:  # noqa: BLE001  (reported by /health and /score, not raised into the server)
             state.update(status="failed", error=f"{type(e).__name__}: {e}")
             logger.error("warm-up failed: %s", state["error"])
+            warm_done.set()
             return
         state["status"] = "ok"
+        warm_done.set()
         logger.info("warm-up done in %.1f s: ready", time.perf_counter() - start)
 
     @contextlib.asynccontextmanager
@@ -337,21 +351,55 @@ def create_app(
         if warmup:
             threading.Thread(target=warm, name="moe-compile-warmup", daemon=True).start()
         yield
+        await run_in_threadpool(_app.state.batch_queue.stop, 60)  # the calls already queued finish
 
     app = FastAPI(title="moe_compile prefill scoring", lifespan=lifespan)
 
-    def run(requests: list[Request]):  # runs in a worker thread
-        with lock:  # waits for the warm-up
-            if state["status"] == "failed":
-                raise HTTPException(503, f"the engine's warm-up failed: {state['error']}")
-            try:
-                return backend.score(requests)
-            except ServingFailed as e:
-                raise HTTPException(503, str(e)) from None
+    def before_step() -> None:  # on the queue's worker: waits for the warm-up
+        warm_done.wait()
+        if state["status"] == "failed":
+            raise HTTPException(503, f"the engine's warm-up failed: {state['error']}")
 
-    def score_objects(objects: list[Decoded | Malformed]) -> dict[str, Any]:  # runs in a worker thread
+    def length(request: Request) -> int:  # the prompt tokens a request adds to a step
+        if request.tokens is not None:
+            return len(request.tokens)
+        try:
+            return len(engine._encode_prompt(request.text))
+        except Exception:  # noqa: BLE001  (the engine answers it with an error record)
+            return 1
+
+    world = getattr(getattr(runner, "router", None), "world_size", 1)
+    batch_queue = BatchQueue(backend, engine.token_budget * world, length=length, before_step=before_step)
+    app.state.batch_queue = batch_queue
+    in_flight = [0]  # scoring calls admitted and not yet answered (touched on the event loop only)
+
+    @contextlib.asynccontextmanager
+    async def admitted():
+        if in_flight[0] >= max_concurrent_requests:
+            raise HTTPException(429, f"too many concurrent requests: {in_flight[0]} calls are in flight, at most "
+                                f"{max_concurrent_requests} (--max-concurrent-requests); retry later")  # fmt: skip
+        in_flight[0] += 1
+        try:
+            yield
+        finally:
+            in_flight[0] -= 1
+
+    async def run(call: HTTPRequest, requests: list[Request]) -> list[Score]:
+        """The scores of ``requests``, scored in the queue's shared steps."""
+        if failure() is not None:
+            raise HTTPException(503, failure())
+        try:
+            return await wait_async(batch_queue, requests, call.is_disconnected, request_timeout)
+        except ServingFailed as e:
+            raise HTTPException(503, str(e)) from None
+        except Cancelled:
+            raise HTTPException(499, "the client disconnected") from None
+        except TimeoutError as e:
+            raise HTTPException(504, f"{e} (--request-timeout); its requests not yet started were dropped") from None
+
+    async def score_objects(call: HTTPRequest, objects: list[Decoded | Malformed]) -> dict[str, Any]:
         records, valid = check_call(objects)
-        scores = run([request for _, request in valid])
+        scores = await run(call, [request for _, request in valid])
         for (i, _), s in zip(valid, scores):
             records[i] = s.to_json()
         return {"scores": records}
@@ -364,12 +412,15 @@ def create_app(
             raise HTTPException(400, f"bad body: {e}") from None
         if len(objects) > max_requests:
             raise HTTPException(413, f"{len(objects)} requests in one call; at most {max_requests}")
-        return await run_in_threadpool(score_objects, objects)
+        async with admitted():
+            return await score_objects(call, objects)
 
-    def relevance_of(pairs: list[tuple[str, str]]) -> list[tuple[float, int]]:  # runs in a worker thread
+    async def relevance_of(call: HTTPRequest, pairs: list[tuple[str, str]]) -> list[tuple[float, int]]:
         try:
-            requests = scorer.requests(pairs)
-            return scorer.relevance(run(requests), len(pairs))
+            requests = await run_in_threadpool(scorer.requests, pairs)
+            async with admitted():
+                scores = await run(call, requests)
+            return scorer.relevance(scores, len(pairs))
         except PairError as e:
             raise HTTPException(400, str(e)) from None
 
@@ -390,7 +441,7 @@ def create_app(
         body, (query, documents, top_n, return_documents) = await relevance_call(
             call, lambda b: parse_rerank(b, max_requests)
         )
-        scored = await run_in_threadpool(relevance_of, [(query, d) for d in documents])
+        scored = await relevance_of(call, [(query, d) for d in documents])
         order = sorted(range(len(documents)), key=lambda i: (-scored[i][0], i))[:top_n]
         results = []
         for i in order:
@@ -407,7 +458,7 @@ def create_app(
     @app.post("/v1/score")
     async def score_pairs(call: HTTPRequest) -> dict[str, Any]:
         body, pairs = await relevance_call(call, lambda b: parse_score(b, max_requests))
-        scored = await run_in_threadpool(relevance_of, pairs)
+        scored = await relevance_of(call, pairs)
         tokens = sum(t for _, t in scored)
         return {"id": f"score-{uuid.uuid4().hex}", "object": "list", "created": int(time.time()),
                 "model": body.get("model", model_name),
