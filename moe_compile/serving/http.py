@@ -38,245 +38,44 @@ disconnects has its requests that have not started dropped, and one that takes l
 # no `from __future__ import annotations`: FastAPI must resolve the endpoint's annotations
 import contextlib
 import dataclasses
-import json
 import logging
-import re
 import threading
 import time
-import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
+from .api_shapes import is_pair_score
+from .bodies import BadCall, check_call, decode_body, parse_call
+from .classify import DEFAULT_LABELS, LabelSet, labels_from_env
 from .engine import PrefillEngine
-from .jsonl import Decoded, Malformed, decode_json
 from .queue import BatchQueue, Cancelled, wait_async
-from .relevance import PairError, RelevanceScorer, RelevanceTemplate
-from .requests import MalformedRequest, Request, Score
+from .relevance import RelevanceScorer, RelevanceTemplate
+from .requests import Request, Score
+from .routes import add_routes, prompt_tokens
 
 #: most request objects in one POST /score (and most documents / pairs in a rerank or score call)
 MAX_REQUESTS = 1024
 #: scoring calls in flight at once before a new one is answered 429 (TEI's default)
 MAX_CONCURRENT = 512
-#: keys of a rerank body: those that change the answer, then those accepted and ignored (Cohere's client sends them)
-_RERANK_KEYS = frozenset({"model", "query", "documents", "top_n", "return_documents"})
-_RERANK_IGNORED = frozenset({"max_tokens_per_doc", "priority", "user"})
-_SCORE_KEYS = frozenset({"model", "text_1", "text_2", "user"})
 
 logger = logging.getLogger(__name__)
 
 
-class BadCall(ValueError):
-    """A body that is not ``{"requests": [...]}`` at all (HTTP 400); the message says where."""
+@dataclasses.dataclass
+class Front:
+    """What the routes of :mod:`~moe_compile.serving.routes` need from the app (built in :func:`create_app`)."""
 
-
-def parse_call(body: bytes) -> list[Decoded | Malformed]:
-    """The request objects of a ``POST /score`` body: each decoded, or a :class:`Malformed` with the reason.
-
-    The body is split into its request objects before any is decoded, so one object that is
-    not UTF-8, not JSON, or nested too deep for the parser is an error of that object alone.
-    """
-    text = body.decode("utf-8", "surrogateescape")  # undecodable bytes -> U+DC80..U+DCFF, caught per object
-    try:
-        whole = None if _ESCAPED.search(text) else json.loads(text)
-    except (ValueError, RecursionError):
-        whole = None
-    if isinstance(whole, dict) and isinstance(whole.get("requests"), list):
-        return [Decoded(obj) for obj in whole["requests"]]  # the common case: the whole body parses
-    return [decode_json(segment) for segment in _split(text)]
-
-
-_ESCAPED = re.compile("[\\udc80-\\udcff]")
-_WS = re.compile(r"\s*")
-_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
-_SPECIAL = re.compile(r'["\[\]{}]')
-_SCALAR_END = re.compile(r"[\s,\]}]")
-
-
-def _split(text: str) -> list[str]:
-    """The source text of each element of the body's ``"requests"`` array (no element is decoded here)."""
-    i = _WS.match(text, 0).end()
-    if text[i : i + 1] != "{":
-        raise BadCall('the body must be a JSON object {"requests": [...]}')
-    i = _WS.match(text, i + 1).end()
-    segments = None
-    while text[i : i + 1] != "}":
-        end = _value_end(text, i)
-        key = decode_json(text[i:end])
-        if not (text[i : i + 1] == '"' and not isinstance(key, Malformed) and isinstance(key.value, str)):
-            raise BadCall(f"expected a key at character {i}")
-        i = _expect(text, _WS.match(text, end).end(), ":")
-        if key.value == "requests":
-            if text[i : i + 1] != "[":
-                raise BadCall(f"'requests' must be a list of request objects (character {i})")
-            segments, i = [], _WS.match(text, i + 1).end()
-            while text[i : i + 1] != "]":
-                end = _value_end(text, i)
-                segments.append(text[i:end])
-                i = _WS.match(text, end).end()
-                if text[i : i + 1] == ",":
-                    i = _WS.match(text, i + 1).end()
-                elif text[i : i + 1] != "]":
-                    raise BadCall(f"expected ',' or ']' at character {i}")
-            i += 1
-        else:
-            i = _value_end(text, i)
-        i = _WS.match(text, i).end()
-        if text[i : i + 1] == ",":
-            i = _WS.match(text, i + 1).end()
-        elif text[i : i + 1] != "}":
-            raise BadCall(f"expected ',' or '}}' at character {i}")
-    if text[_WS.match(text, i + 1).end() :]:
-        raise BadCall(f"extra data after the object (character {i + 1})")
-    if segments is None:
-        raise BadCall('the body has no "requests" list')
-    return segments
-
-
-def _expect(text: str, i: int, char: str) -> int:
-    if text[i : i + 1] != char:
-        raise BadCall(f"expected {char!r} at character {i}")
-    return _WS.match(text, i + 1).end()
-
-
-def _value_end(text: str, i: int) -> int:
-    """Where the JSON value starting at ``text[i]`` ends: strings and brackets matched, nothing decoded."""
-    c = text[i : i + 1]
-    if c == '"':
-        m = _STRING.match(text, i)
-        if m is None:
-            raise BadCall(f"unterminated string at character {i}")
-        return m.end()
-    if c in ("[", "{"):
-        depth, j = 0, i
-        while True:
-            m = _SPECIAL.search(text, j)
-            if m is None:
-                raise BadCall(f"unclosed bracket at character {i}")
-            if m.group() == '"':
-                s = _STRING.match(text, m.start())
-                if s is None:
-                    raise BadCall(f"unterminated string at character {m.start()}")
-                j = s.end()
-                continue
-            depth += 1 if m.group() in "[{" else -1
-            j = m.end()
-            if depth == 0:
-                return j
-    m = _SCALAR_END.search(text, i)
-    end = m.start() if m else len(text)
-    if end == i:
-        raise BadCall(f"expected a value at character {i}")
-    return end
-
-
-def check_call(objects: list[Decoded | Malformed]) -> tuple[list[dict[str, Any] | None], list[tuple[int, Request]]]:
-    """Error records (None where the object is a request) and the valid requests with their indices.
-
-    An object is an error when it is malformed (:func:`parse_call`, :meth:`Request.from_json`) or
-    repeats the id of an earlier request of the call.
-    """
-    records: list[dict[str, Any] | None] = [None] * len(objects)
-    valid: list[tuple[int, Request]] = []
-    first: dict[Any, int] = {}
-    for i, obj in enumerate(objects):
-        if isinstance(obj, Malformed):
-            records[i] = {"id": None, "error": f"malformed request: {obj.reason}"}
-            continue
-        obj = obj.value
-        try:
-            request = Request.from_json(obj)
-        except MalformedRequest as e:
-            rid = obj.get("id") if isinstance(obj, dict) else None
-            records[i] = {"id": rid if _plain_id(rid) else None, "error": f"malformed request: {e}"}
-            continue
-        if request.id in first:
-            error = f"malformed request: duplicate id {request.id!r} (first at index {first[request.id]})"
-            records[i] = {"id": request.id, "error": error}
-            continue
-        first[request.id] = i
-        valid.append((i, request))
-    return records, valid
-
-
-def _plain_id(rid: Any) -> bool:
-    """Whether ``rid`` can be echoed as the id of an error record."""
-    if isinstance(rid, str):
-        return not re.search("[\\ud800-\\udfff]", rid)
-    return isinstance(rid, int) and not isinstance(rid, bool)
-
-
-def _decode_body(body: bytes) -> dict[str, Any]:
-    """A JSON object body, or :class:`BadCall` saying why not."""
-    decoded = decode_json(body.decode("utf-8", "surrogateescape"))
-    if isinstance(decoded, Malformed):
-        raise BadCall(decoded.reason)
-    if not isinstance(decoded.value, dict):
-        raise BadCall(f"the body must be a JSON object, not {type(decoded.value).__name__}")
-    return decoded.value
-
-
-def _check_keys(body: dict[str, Any], known: frozenset, required: Sequence[str]) -> None:
-    unknown = sorted(set(body) - known)
-    if unknown:
-        raise BadCall(f"unknown key(s) {', '.join(map(repr, unknown))}; known: {', '.join(sorted(known))}")
-    missing = [k for k in required if k not in body]
-    if missing:
-        raise BadCall(f"missing key(s) {', '.join(map(repr, missing))}")
-
-
-def _text(value: Any, what: str) -> str:
-    if not isinstance(value, str):
-        raise BadCall(f"{what} must be a string, not {type(value).__name__}")
-    if not value:
-        raise BadCall(f"{what} is empty")
-    return value
-
-
-def parse_rerank(body: dict[str, Any], max_documents: int) -> tuple[str, list[str], int | None, bool]:
-    """``(query, documents, top_n, return_documents)`` of a rerank body; :class:`BadCall` naming the problem."""
-    _check_keys(body, _RERANK_KEYS | _RERANK_IGNORED, ("query", "documents"))
-    query = _text(body["query"], "'query'")
-    documents = body["documents"]
-    if not isinstance(documents, list) or not documents:
-        raise BadCall("'documents' must be a non-empty list of strings (or of {\"text\": ...} objects)")
-    if len(documents) > max_documents:
-        raise BadCall(f"{len(documents)} documents in one call; at most {max_documents}")
-    texts = []
-    for i, doc in enumerate(documents):
-        if isinstance(doc, dict) and set(doc) == {"text"}:
-            doc = doc["text"]
-        texts.append(_text(doc, f"documents[{i}]"))
-    top_n = body.get("top_n")
-    if top_n is not None and (not isinstance(top_n, int) or isinstance(top_n, bool) or top_n < 0):
-        raise BadCall(f"'top_n' must be an integer >= 0 (0: all), not {top_n!r}")
-    return_documents = body.get("return_documents", True)
-    if not isinstance(return_documents, bool):
-        raise BadCall(f"'return_documents' must be true or false, not {return_documents!r}")
-    return query, texts, top_n or None, return_documents
-
-
-def parse_score(body: dict[str, Any], max_pairs: int) -> list[tuple[str, str]]:
-    """The (text_1, text_2) pairs of a vLLM score body; :class:`BadCall` naming the problem."""
-    _check_keys(body, _SCORE_KEYS, ("text_1", "text_2"))
-    sides = []
-    for key in ("text_1", "text_2"):
-        value = body[key]
-        if isinstance(value, str):
-            sides.append([_text(value, f"'{key}'")])
-        elif isinstance(value, list) and value:
-            sides.append([_text(v, f"{key}[{i}]") for i, v in enumerate(value)])
-        else:
-            raise BadCall(f"'{key}' must be a string or a non-empty list of strings")
-    first, second = sides
-    if len(first) == 1:
-        first = first * len(second)
-    if len(first) != len(second):
-        raise BadCall(
-            f"'text_1' has {len(first)} texts and 'text_2' {len(second)}: give one text_1, or as many as text_2"
-        )
-    if len(second) > max_pairs:
-        raise BadCall(f"{len(second)} pairs in one call; at most {max_pairs}")
-    return list(zip(first, second))
+    engine: PrefillEngine
+    model_name: str | None
+    max_requests: int
+    scorer: RelevanceScorer | None
+    scorer_error: str | None
+    labels: LabelSet | None
+    labels_error: str | None
+    run: Callable  # async (call, requests) -> scores, through the batching queue
+    body: Callable  # async (call) -> the JSON object body, the model checked
+    prompts: Callable  # (inputs, truncation, tail) -> token lists; HTTPException 400
+    score_pairs: Callable | None = None  # set by add_routes: vLLM's pair scoring
 
 
 def create_app(
@@ -288,6 +87,7 @@ def create_app(
     runner: Any = None,
     max_concurrent_requests: int = MAX_CONCURRENT,
     request_timeout: float | None = None,
+    classify_labels: Sequence[str] | None = None,
 ):
     """The FastAPI application serving ``engine``.
 
@@ -298,6 +98,9 @@ def create_app(
     :class:`~moe_compile.serving.aep.LockstepScorer` over AEP ranks (``engine`` is then rank 0's,
     used to tokenize); when it reports a failure (``runner.health()``), every call and
     ``/health`` answer 503 with it.
+
+    ``classify_labels``: the classes of ``/classify`` (default ``$MOE_COMPILE_CLASSIFY_LABELS``, else
+    ``[" yes", " no"]``; :mod:`~moe_compile.serving.classify`).
 
     ``max_concurrent_requests``: scoring calls in flight at once; one more is answered 429
     (TEI's ``--max-concurrent-requests``). ``request_timeout``: seconds a call may wait and run;
@@ -321,6 +124,11 @@ def create_app(
     except ValueError as e:  # no tokenizer, or labels outside the vocabulary: /score still serves
         scorer_error = str(e)
         logger.warning("rerank and score APIs unavailable: %s", scorer_error)
+    labels, labels_error = None, None
+    try:
+        labels = LabelSet(engine, classify_labels or labels_from_env(None, DEFAULT_LABELS))
+    except ValueError as e:
+        labels_error = str(e)
     from .aep import ServingFailed
 
     backend = runner if runner is not None else engine
@@ -385,85 +193,61 @@ def create_app(
             in_flight[0] -= 1
 
     async def run(call: HTTPRequest, requests: list[Request]) -> list[Score]:
-        """The scores of ``requests``, scored in the queue's shared steps."""
+        """The scores of ``requests``, scored in the queue's shared steps (429 past the concurrency limit)."""
         if failure() is not None:
             raise HTTPException(503, failure())
-        try:
-            return await wait_async(batch_queue, requests, call.is_disconnected, request_timeout)
-        except ServingFailed as e:
-            raise HTTPException(503, str(e)) from None
-        except Cancelled:
-            raise HTTPException(499, "the client disconnected") from None
-        except TimeoutError as e:
-            raise HTTPException(504, f"{e} (--request-timeout); its requests not yet started were dropped") from None
-
-    async def score_objects(call: HTTPRequest, objects: list[Decoded | Malformed]) -> dict[str, Any]:
-        records, valid = check_call(objects)
-        scores = await run(call, [request for _, request in valid])
-        for (i, _), s in zip(valid, scores):
-            records[i] = s.to_json()
-        return {"scores": records}
-
-    @app.post("/score")
-    async def score(call: HTTPRequest) -> dict[str, Any]:
-        try:
-            objects = parse_call(await call.body())
-        except BadCall as e:
-            raise HTTPException(400, f"bad body: {e}") from None
-        if len(objects) > max_requests:
-            raise HTTPException(413, f"{len(objects)} requests in one call; at most {max_requests}")
         async with admitted():
-            return await score_objects(call, objects)
+            try:
+                return await wait_async(batch_queue, requests, call.is_disconnected, request_timeout)
+            except ServingFailed as e:
+                raise HTTPException(503, str(e)) from None
+            except Cancelled:
+                raise HTTPException(499, "the client disconnected") from None
+            except TimeoutError as e:
+                raise HTTPException(
+                    504, f"{e} (--request-timeout); its requests not yet started were dropped"
+                ) from None
 
-    async def relevance_of(call: HTTPRequest, pairs: list[tuple[str, str]]) -> list[tuple[float, int]]:
+    async def body_of(call: HTTPRequest) -> dict[str, Any]:
+        """The call's JSON object body (400 if it is not one; 404 if it names another model)."""
         try:
-            requests = await run_in_threadpool(scorer.requests, pairs)
-            async with admitted():
-                scores = await run(call, requests)
-            return scorer.relevance(scores, len(pairs))
-        except PairError as e:
-            raise HTTPException(400, str(e)) from None
-
-    async def relevance_call(call: HTTPRequest, parse) -> tuple[dict[str, Any], Any]:
-        if scorer is None:
-            raise HTTPException(501, f"the rerank and score APIs are not available: {scorer_error}")
-        try:
-            body = _decode_body(await call.body())
-            parsed = parse(body)
+            body = decode_body(await call.body())
         except BadCall as e:
             raise HTTPException(400, f"bad body: {e}") from None
         model = body.get("model")
         if model is not None and model_name is not None and model != model_name:
             raise HTTPException(404, f"The model `{model}` does not exist; this server serves `{model_name}`")
-        return body, parsed
+        return body
 
-    async def rerank(call: HTTPRequest) -> dict[str, Any]:
-        body, (query, documents, top_n, return_documents) = await relevance_call(
-            call, lambda b: parse_rerank(b, max_requests)
-        )
-        scored = await relevance_of(call, [(query, d) for d in documents])
-        order = sorted(range(len(documents)), key=lambda i: (-scored[i][0], i))[:top_n]
-        results = []
-        for i in order:
-            result = {"index": i, "relevance_score": scored[i][0]}
-            if return_documents:
-                result["document"] = {"text": documents[i]}
-            results.append(result)
-        return {"id": f"rerank-{uuid.uuid4().hex}", "model": body.get("model", model_name),
-                "usage": {"total_tokens": sum(t for _, t in scored)}, "results": results}  # fmt: skip
+    def prompts(inputs, truncation, tail: int) -> list[list[int]]:  # runs in a worker thread
+        try:
+            return prompt_tokens(engine, inputs, truncation, tail)
+        except BadCall as e:
+            raise HTTPException(400, f"bad body: {e}") from None
 
-    for path in ("/rerank", "/v1/rerank", "/v2/rerank"):
-        app.post(path)(rerank)
+    front = Front(engine, model_name, max_requests, scorer, scorer_error, labels, labels_error, run, body_of, prompts)
+    add_routes(app, front)
 
-    @app.post("/v1/score")
-    async def score_pairs(call: HTTPRequest) -> dict[str, Any]:
-        body, pairs = await relevance_call(call, lambda b: parse_score(b, max_requests))
-        scored = await relevance_of(call, pairs)
-        tokens = sum(t for _, t in scored)
-        return {"id": f"score-{uuid.uuid4().hex}", "object": "list", "created": int(time.time()),
-                "model": body.get("model", model_name),
-                "data": [{"index": i, "object": "score", "score": s} for i, (s, _) in enumerate(scored)],
-                "usage": {"prompt_tokens": tokens, "total_tokens": tokens, "completion_tokens": 0}}  # fmt: skip
+    @app.post("/score")
+    async def score(call: HTTPRequest) -> dict[str, Any]:
+        raw = await call.body()
+        try:
+            body = decode_body(raw)
+        except BadCall:
+            body = None  # malformed objects are answered one by one below
+        if body is not None and "requests" not in body and is_pair_score(body):
+            return await front.score_pairs(call, await body_of(call))  # vLLM's /score body
+        try:
+            objects = parse_call(raw)
+        except BadCall as e:
+            raise HTTPException(400, f"bad body: {e}") from None
+        if len(objects) > max_requests:
+            raise HTTPException(413, f"{len(objects)} requests in one call; at most {max_requests}")
+        records, valid = check_call(objects)
+        scores = await run(call, [request for _, request in valid])
+        for (i, _), s in zip(valid, scores):
+            records[i] = s.to_json()
+        return {"scores": records}
 
     @app.get("/health")
     def health():
