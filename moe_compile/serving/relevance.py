@@ -109,8 +109,9 @@ class RelevanceScorer:
         """
         truncation = truncation or Truncation()
         tail = max(len(label) for label in self.labels) - 1  # label tokens after the prompt
-        limits = [m - tail for m in (self.engine.max_tokens, truncation.limit(self.engine.max_tokens)) if m is not None]
-        limit = min(limits) if limits else None
+        model_max = self.engine.max_tokens - tail if self.engine.max_tokens is not None else None
+        limits = [m for m in (model_max, truncation.limit(model_max)) if m is not None]
+        limit = min(limits) if limits else None  # prompt tokens (the filled template), the label tail not counted
         side = truncation.side_of(self.engine.tokenizer)
         out = []
         for p, (query, document) in enumerate(pairs):
