@@ -96,6 +96,14 @@ def _front_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--request-timeout", type=at_least(float, 0.001), default=None,
                    help="seconds a call may wait and run; past it 504, and its requests not yet started are "
                    "dropped (default: no limit)")  # fmt: skip
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on every path but /health, /ready and /metrics (401 "
+                   "otherwise; default: $MOE_COMPILE_API_KEY, else none)")  # fmt: skip
+    p.add_argument("--max-body-bytes", type=at_least(int, 1), default=2_000_000,
+                   help="longest request body in bytes; a longer one is answered 413 (default 2000000)")  # fmt: skip
+    p.add_argument("--classify-labels", default=None,
+                   help="the classes of /classify, a JSON list of strings (default: $MOE_COMPILE_CLASSIFY_LABELS, "
+                   "else '[\" yes\", \" no\"]')")  # fmt: skip
 
 
 def _engine_args(p: argparse.ArgumentParser) -> None:
@@ -299,7 +307,15 @@ def _summary(scored, errors, tokens, cached, wall, skipped, malformed, router) -
 
 def _front_kwargs(args: argparse.Namespace) -> dict:
     """``create_app``'s front-end keyword arguments from ``_front_args``' flags."""
-    return {"max_concurrent_requests": args.max_concurrent_requests, "request_timeout": args.request_timeout}
+    from .classify import DEFAULT_LABELS, labels_from_env
+
+    try:
+        labels = labels_from_env(args.classify_labels, DEFAULT_LABELS)
+    except ValueError as e:
+        args.parser.error(f"argument --classify-labels: {e}")
+    return {"max_concurrent_requests": args.max_concurrent_requests, "request_timeout": args.request_timeout,
+            "api_key": args.api_key or os.environ.get("MOE_COMPILE_API_KEY") or None,
+            "max_body_bytes": args.max_body_bytes, "classify_labels": labels}  # fmt: skip
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -315,6 +331,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ValueError as e:
         args.parser.error(str(e))
     model_name = args.served_model_name or Path(args.model).resolve().name
+    front = _front_kwargs(args)  # flag errors before the model loads
     engine = _engine(args)
     runner = None
     if args.parallel == "aep":
@@ -335,13 +352,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
             return 0
         runner.start()
     print(f"serving {model_name} on http://{args.host}:{args.port} "
-          "(POST /score, /rerank, /v1/rerank, /v2/rerank, /v1/score; GET /health)", file=sys.stderr)  # fmt: skip
+          "(POST /score, /rerank, /v1/rerank, /v2/rerank, /v1/score, /classify, /v1/embeddings; "
+          "GET /health, /ready, /metrics, /v1/models)", file=sys.stderr)  # fmt: skip
     if not args.no_warmup:
         print("warming up: compiling the batch shapes serving runs; GET /health answers 503 until ready",
               file=sys.stderr)  # fmt: skip
     try:
         serve(engine, args.host, args.port, warmup=not args.no_warmup, relevance=relevance, model_name=model_name,
-              runner=runner, **_front_kwargs(args))  # fmt: skip
+              runner=runner, **front)  # fmt: skip
     finally:
         if runner is not None:
             runner.stop()

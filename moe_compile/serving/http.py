@@ -44,10 +44,12 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from .. import __version__
 from .api_shapes import is_pair_score
 from .bodies import BadCall, check_call, decode_body, parse_call
 from .classify import DEFAULT_LABELS, LabelSet, labels_from_env
 from .engine import PrefillEngine
+from .metrics import MAX_BODY_BYTES, Guard, Metrics
 from .queue import BatchQueue, Cancelled, wait_async
 from .relevance import RelevanceScorer, RelevanceTemplate
 from .requests import Request, Score
@@ -88,6 +90,8 @@ def create_app(
     max_concurrent_requests: int = MAX_CONCURRENT,
     request_timeout: float | None = None,
     classify_labels: Sequence[str] | None = None,
+    api_key: str | None = None,
+    max_body_bytes: int | None = MAX_BODY_BYTES,
 ):
     """The FastAPI application serving ``engine``.
 
@@ -102,6 +106,9 @@ def create_app(
     ``classify_labels``: the classes of ``/classify`` (default ``$MOE_COMPILE_CLASSIFY_LABELS``, else
     ``[" yes", " no"]``; :mod:`~moe_compile.serving.classify`).
 
+    ``api_key``: every path but ``/health``, ``/ready`` and ``/metrics`` needs ``Authorization:
+    Bearer KEY`` (401). ``max_body_bytes``: a longer body is answered 413 (None: no limit).
+
     ``max_concurrent_requests``: scoring calls in flight at once; one more is answered 429
     (TEI's ``--max-concurrent-requests``). ``request_timeout``: seconds a call may wait and run;
     past it the call is answered 504 and its requests not yet started are dropped (None: no limit).
@@ -113,7 +120,7 @@ def create_app(
     try:
         from fastapi import FastAPI, HTTPException
         from fastapi import Request as HTTPRequest
-        from fastapi.responses import JSONResponse
+        from fastapi.responses import JSONResponse, Response
         from starlette.concurrency import run_in_threadpool
     except ImportError as e:
         raise ImportError('the HTTP endpoint needs the serve extra: pip install "moe_compile[serve]"') from e
@@ -176,6 +183,11 @@ def create_app(
         except Exception:  # noqa: BLE001  (the engine answers it with an error record)
             return 1
 
+    started = int(time.time())
+
+    def rank_stats() -> dict[int, Any]:  # every rank's engine counters (/metrics); rank 0's are live
+        return {**getattr(runner, "rank_stats", {}), 0: engine.stats}
+
     world = getattr(getattr(runner, "router", None), "world_size", 1)
     batch_queue = BatchQueue(backend, engine.token_budget * world, length=length, before_step=before_step)
     app.state.batch_queue = batch_queue
@@ -196,6 +208,10 @@ def create_app(
         """The scores of ``requests``, scored in the queue's shared steps (429 past the concurrency limit)."""
         if failure() is not None:
             raise HTTPException(503, failure())
+        if state.get("draining"):
+            raise HTTPException(
+                503, "the server is shutting down (SIGTERM): calls in flight finish, new ones are refused"
+            )
         async with admitted():
             try:
                 return await wait_async(batch_queue, requests, call.is_disconnected, request_timeout)
@@ -250,18 +266,48 @@ def create_app(
         return {"scores": records}
 
     @app.get("/health")
-    def health():
+    def health():  # liveness: 200 while the process can serve or will once warm; 503 once it cannot
         model = type(engine.model).__name__
         if failure() is not None:
-            return JSONResponse({"status": "failed", "model": model, "error": failure()}, status_code=503)
+            body = {"status": "failed", "model": model, "version": __version__, "error": failure()}
+            return JSONResponse(body, status_code=503)
         if state["status"] != "ok":
-            body = {"status": state["status"], "model": model}
+            body = {"status": state["status"], "model": model, "version": __version__}
             if state["error"] is not None:
                 body["error"] = state["error"]
-            return JSONResponse(body, status_code=503)
+            return JSONResponse(body, status_code=503 if state["status"] == "failed" else 200)
         stats = dataclasses.asdict(engine.stats)
-        return {"status": "ok", "model": model, "hit_rate": engine.stats.hit_rate, **stats}
+        return {"status": "ok", "model": model, "version": __version__, "hit_rate": engine.stats.hit_rate, **stats}
 
+    @app.get("/ready")
+    def ready():  # readiness: 200 only when a call would be scored now
+        status = ("failed" if failure() is not None or state["status"] == "failed" else
+                  "draining" if state.get("draining") else state["status"])  # fmt: skip
+        code = 200 if status == "ok" else 503
+        return JSONResponse({"status": "ready" if code == 200 else status}, status_code=code)
+
+    @app.get("/v1/models")
+    def models():  # what OpenAI-style clients call first
+        name = model_name or type(engine.model).__name__
+        card = {"id": name, "object": "model", "created": started, "owned_by": "moe_compile",
+                "max_model_len": engine.max_tokens}  # fmt: skip
+        return {"object": "list", "data": [card]}
+
+    metrics = None
+    try:
+        metrics = Metrics(rank_stats, batch_queue)
+    except ImportError:
+        logger.warning('no /metrics: prometheus_client is not installed (pip install "moe_compile[serve]")')
+    else:
+
+        @app.get("/metrics")
+        def metrics_text():
+            body, content_type = metrics.render()
+            return Response(body, media_type=content_type)
+
+    app.state.draining = lambda: state.update(draining=True)  # serve(): SIGTERM, before uvicorn stops
+    endpoints = frozenset(route.path for route in app.routes)
+    app.add_middleware(Guard, api_key=api_key, max_body_bytes=max_body_bytes, metrics=metrics, endpoints=endpoints)
     return app
 
 
@@ -270,4 +316,10 @@ def serve(engine: PrefillEngine, host: str, port: int, warmup: bool = True, **ap
     app = create_app(engine, warmup=warmup, **app_kwargs)  # raises a clear ImportError without the serve extra
     import uvicorn
 
-    uvicorn.run(app, host=host, port=port, log_level="info")
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:  # SIGTERM/SIGINT: /ready says draining, new calls 503
+            app.state.draining()
+            super().handle_exit(sig, frame)
+
+    # uvicorn then stops listening, lets the calls in flight finish, and the lifespan's end drains the queue
+    Server(uvicorn.Config(app, host=host, port=port, log_level="info")).run()
