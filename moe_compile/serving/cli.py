@@ -226,8 +226,12 @@ def _score(args: argparse.Namespace, rank: int, world_size: int, output, done: s
     from .distributed import score_routed
     from .flops import FlopsModel
     from .jsonl import read_requests
+    from .openai_batch import is_batch_file
     from .routing import Router
 
+    batch_file = is_batch_file(args.input)
+    if batch_file and world_size > 1 and args.parallel != "aep":
+        args.parser.error("argument --input: an OpenAI batch file runs on one process or under --parallel aep")
     engine = _engine(args)
     router = Router(
         world_size,
@@ -250,6 +254,15 @@ def _score(args: argparse.Namespace, rank: int, world_size: int, output, done: s
             return 0
         lockstep.start()
         lockstep.warmup()  # every rank compiles the same graphs at the same time
+    if batch_file:  # OpenAI batch lines: calls to the HTTP endpoints, through the same app (openai_batch.py)
+        from .openai_batch import score_batch_file
+
+        try:
+            return score_batch_file(args, engine, lockstep, output, done)
+        finally:
+            if lockstep is not None:
+                lockstep.stop()
+                dist.destroy_process_group()
     todo, malformed, skipped = [], 0, 0
     for number, request in read_requests(args.input):
         if isinstance(request, str):
