@@ -127,9 +127,9 @@ def compile_graph(
 
 def _direct_calls(gm: fx.GraphModule) -> fx.GraphModule:
     """What runs when the graph runs eagerly: ``gm`` with its ``moe_compile::moe`` calls calling the
-    implementation (:func:`moe_compile.ops.moe.moe_impl`) without the dispatcher. A copy: ``gm`` itself,
+    implementation (:func:`moe_compile.ops.canonical.moe_impl`) without the dispatcher. A copy: ``gm`` itself,
     which reports and tests read, keeps the op."""
-    from .ops.moe import moe_impl
+    from .ops.canonical import moe_impl
 
     direct = {torch.ops.moe_compile.moe.default: moe_impl}
     if not any(n.target in direct for n in gm.graph.nodes):

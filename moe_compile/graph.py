@@ -1,10 +1,11 @@
-"""Small helpers over FX graphs that several passes share."""
+"""Small helpers over FX graphs that several passes share: reading a graph, and editing one."""
 
 from __future__ import annotations
 
 import re
 from collections import deque
 from collections.abc import Iterable, Iterator
+from typing import Any
 
 import networkx as nx
 import torch
@@ -245,3 +246,70 @@ def without_control_deps(gm: fx.GraphModule) -> fx.GraphModule:
         graph.erase_node(node)
     graph.eliminate_dead_code()
     return fx.GraphModule(gm, graph)
+
+
+# ---------------------------------------------------------------------------------------------
+# editing a graph: fake values of new nodes, reshapes, constants
+
+
+def set_fake_val(node: fx.Node) -> None:
+    """Fill ``node.meta["val"]`` by running its target on its inputs' fake values."""
+    from torch._guards import detect_fake_mode
+
+    def fake(a: Any) -> Any:
+        return a.meta["val"] if isinstance(a, fx.Node) else a
+
+    args = torch.fx.node.map_aggregate(node.args, fake)
+    kwargs = torch.fx.node.map_aggregate(node.kwargs, fake)
+    vals = [a.meta.get("val") for a in node.all_input_nodes]
+    mode = detect_fake_mode([v for v in vals if isinstance(v, torch.Tensor)])
+    if mode is None:
+        return
+    with mode:
+        node.meta["val"] = node.target(*args, **kwargs)  # type: ignore[operator]
+
+
+def reshape_like(graph: fx.Graph, node: fx.Node, like: fx.Node, hidden: fx.Node) -> fx.Node:
+    """``node`` reshaped to ``like``'s shape, sizes taken from ``hidden`` where symbolic.
+
+    Inserted at the graph's current insertion point; ``node`` itself when the shapes already agree.
+    """
+    target = tensor_val(like).shape
+    if same_shape(tensor_val(node).shape, target):
+        return node
+    hv = tensor_val(hidden).shape
+    sizes = []
+    for s in target:
+        if isinstance(s, int):
+            sizes.append(s)
+            continue
+        d = next((i for i, h in enumerate(hv) if same(h, s)), None)
+        if d is None:
+            sizes.append(-1)
+            continue
+        size = graph.call_function(torch.ops.aten.sym_size.int, (hidden, d))
+        size.meta["val"] = hv[d]
+        sizes.append(size)
+    out = graph.call_function(torch.ops.aten.reshape.default, (node, sizes))
+    set_fake_val(out)
+    return out
+
+
+def add_constant(gm: fx.GraphModule, name: str, tensor: torch.Tensor, fake_mode: Any) -> fx.Node:
+    """``tensor`` as a buffer of ``gm``, read through a view: ``view(view(get_attr, [-1]), shape)``.
+
+    Inserted at the graph's current insertion point. Inductor hands a constant passed
+    straight to an extern kernel (a collective, a custom op) to its fake mode as a
+    real tensor, and fails; a view of the constant is lowered as a view (no copy).
+    Without Inductor the two views cost nothing.
+    """
+    gm.register_buffer(name, tensor)
+    graph = gm.graph
+    attr = graph.get_attr(name)
+    if fake_mode is not None:
+        attr.meta["val"] = fake_mode.from_tensor(tensor, static_shapes=True)
+    flat = graph.call_function(torch.ops.aten.view.default, (attr, [-1]))
+    set_fake_val(flat)
+    view = graph.call_function(torch.ops.aten.view.default, (flat, list(tensor.shape)))
+    set_fake_val(view)
+    return view

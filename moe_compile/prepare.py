@@ -84,7 +84,7 @@ from collections.abc import Iterator
 import torch
 import torch.nn as nn
 
-from .ops import activate
+from .moe_math import activate
 from .spec import ACTIVATIONS, GATE_LAYOUTS, PARAMETRIC, ExpertSpec
 
 log = logging.getLogger(__name__)

@@ -1,15 +1,12 @@
 """The canonical op: its torch implementation against the reference loop, and its registration."""
 
-import importlib
-
 import pytest
 import torch
 from conftest import rel_err
 
+from moe_compile import moe_math as ops  # the op's maths (``moe_compile.ops.moe`` is the op)
 from moe_compile.ops import moe_reference, moe_torch
 from moe_compile.spec import ExpertSpec
-
-ops = importlib.import_module("moe_compile.ops.moe")  # the module (``ops.moe`` is the op)
 
 SPECS = [
     ExpertSpec(),

@@ -22,7 +22,8 @@ rounded up to a multiple of ``BLOCK_M`` bounds the padded length statically.
 
 The implementation is a handful of sort/scan/scatter torch ops (none of which
 syncs with the host on CUDA: no ``bincount``, whose CUDA kernel reads the max on
-the host); :func:`align_reference` is the obvious Python loop, for tests.
+the host); the obvious Python loop, the tests' reference, is in
+``tests/kernel_tests/references.py``.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["Alignment", "align", "align_reference", "padded_bound"]
+__all__ = ["Alignment", "align", "padded_bound"]
 
 
 class Alignment(NamedTuple):
@@ -82,29 +83,3 @@ def align(topk_ids_TK: torch.Tensor, num_experts: int, block_m: int) -> Alignmen
     block_expert_B = torch.searchsorted(padded_end_E, block_starts_B, right=True).clamp_(max=E - 1)
     num_blocks_1 = (padded_end_E[-1:] // block_m).to(torch.int32)  # [1]
     return Alignment(pair_ids_P, block_expert_B.to(torch.int32), num_blocks_1)
-
-
-def align_reference(topk_ids_TK: torch.Tensor, num_experts: int, block_m: int) -> Alignment:
-    """The obvious loop (host side, tests only); same layout as :func:`align`."""
-    _check(topk_ids_TK, num_experts, block_m)
-    ids = topk_ids_TK.reshape(-1).tolist()
-    S = len(ids)
-    P = padded_bound(S, num_experts, block_m)
-    pair_ids: list[int] = []
-    block_expert: list[int] = []
-    for e in range(num_experts):
-        mine = [s for s, i in enumerate(ids) if i == e]
-        if not mine:
-            continue
-        n_blocks = -(-len(mine) // block_m)
-        pair_ids += mine + [S] * (n_blocks * block_m - len(mine))
-        block_expert += [e] * n_blocks
-    num_blocks = len(block_expert)
-    pair_ids += [S] * (P - len(pair_ids))
-    block_expert += [num_experts - 1] * (P // block_m - num_blocks)
-    device = topk_ids_TK.device
-    return Alignment(
-        torch.tensor(pair_ids, dtype=torch.int32, device=device),
-        torch.tensor(block_expert, dtype=torch.int32, device=device),
-        torch.tensor([num_blocks], dtype=torch.int32, device=device),
-    )

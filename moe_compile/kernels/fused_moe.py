@@ -3,17 +3,18 @@
 Shape legend: ``T`` tokens, ``K`` experts per token, ``E`` experts, ``H`` hidden,
 ``I`` intermediate, ``N`` up width, ``S = T*K`` pairs.
 
-What it computes is ``moe_compile::moe`` (:mod:`moe_compile.ops`)::
+What it computes is ``moe_compile::moe`` (:mod:`moe_compile.moe_math`)::
 
     out[t] = sum_k  topk_weights[t, k] * down_e(act(up_e(hidden[t]))),   e = topk_ids[t, k]
 
 :func:`fused_moe` is the Python entry point; ``moe_compile::moe_triton`` (registered in
-:mod:`moe_compile.ops.moe`) is the same function as a custom op with exactly the schema of
-``moe_compile::moe``, so a graph pass can swap one for the other by target alone. Nothing on the launch path syncs
-with the host (grids come from shapes, valid block counts stay on the device), so
-the layer can be captured in a CUDA graph; the opt-in autotune
-(``MOE_COMPILE_AUTOTUNE=1``) is the exception and runs once per shape beforehand.
-The torch reference is :func:`moe_compile.ops.moe_reference`.
+:mod:`moe_compile.ops.canonical`, which imports this module on the op's first call) is the same
+function as a custom op with exactly the schema of ``moe_compile::moe``, so a graph pass can swap
+one for the other by target alone. Nothing on the launch path syncs with the host (grids come
+from shapes, valid block counts stay on the device), so the layer can be captured in a CUDA graph;
+the opt-in autotune (``MOE_COMPILE_AUTOTUNE=1``) is the exception and runs once per shape beforehand.
+The torch reference is :func:`moe_compile.moe_math.moe_reference`. This package imports the maths,
+never :mod:`moe_compile.ops` (a test of the import graph keeps it so).
 """
 
 from __future__ import annotations
@@ -21,13 +22,13 @@ from __future__ import annotations
 import torch
 import triton
 
-from ..ops.moe import check_inputs, moe_triton  # moe_triton: re-exported
+from ..moe_math import check_inputs
 from ..spec import ExpertSpec
 from .align import align
 from .configs import KernelConfig, select_config
 from .grouped_gemm import down_projection, reduce_topk, up_projection
 
-__all__ = ["fused_moe", "moe_triton"]
+__all__ = ["fused_moe"]
 
 
 def fused_moe(

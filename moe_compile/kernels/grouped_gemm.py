@@ -31,7 +31,7 @@ Each launcher (``up_projection``...) checks its inputs and runs a :class:`Launch
 ``up_launch``/``down_launch``/``reduce_launch``; :mod:`.compile_gate` compiles the same launches for
 sm_80 and sm_90 without a GPU.
 
-:func:`up_reference` and :func:`down_reference` are the same maths in torch.
+The same maths in torch, per stage, are the tests' references (``tests/kernel_tests/references.py``).
 """
 
 from __future__ import annotations
@@ -43,7 +43,6 @@ import torch
 import triton
 import triton.language as tl
 
-from ..ops import activate
 from ..spec import ExpertSpec
 from .align import Alignment
 from .configs import KernelConfig, interpreting
@@ -52,12 +51,10 @@ __all__ = [
     "Launch",
     "down_launch",
     "down_projection",
-    "down_reference",
     "reduce_launch",
     "reduce_topk",
     "up_launch",
     "up_projection",
-    "up_reference",
 ]  # fmt: skip
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -602,42 +599,3 @@ def reduce_topk(y_SH: torch.Tensor, top_k: int, out_dtype: torch.dtype, block_h:
     if launch is not None:
         launch.run()
     return out_TH
-
-
-# ---------------------------------------------------------------------------------------------
-# torch references (fp32, tests only)
-
-
-def up_reference(
-    hidden_TH: torch.Tensor,
-    topk_ids_TK: torch.Tensor,
-    w_up: torch.Tensor,
-    b_up_EN: torch.Tensor | None,
-    spec: ExpertSpec,
-) -> torch.Tensor:
-    """``act_SI [S, I]`` in fp32, one gathered weight matrix per pair."""
-    K = topk_ids_TK.shape[1]
-    ids_S = topk_ids_TK.reshape(-1).long()
-    x_SH = hidden_TH.float().repeat_interleave(K, dim=0)
-    w_SHN = w_up.float()[ids_S] if spec.transposed else w_up.float()[ids_S].transpose(1, 2)
-    up_SN = torch.einsum("sh,shn->sn", x_SH, w_SHN)
-    if b_up_EN is not None:
-        up_SN = up_SN + b_up_EN.float()[ids_S]
-    return activate(up_SN, spec)
-
-
-def down_reference(
-    act_SI: torch.Tensor,
-    topk_ids_TK: torch.Tensor,
-    topk_weights_TK: torch.Tensor,
-    w_down: torch.Tensor,
-    b_down_EH: torch.Tensor | None,
-    spec: ExpertSpec,
-) -> torch.Tensor:
-    """Weighted per-pair rows ``y_SH [S, H]`` in fp32."""
-    ids_S = topk_ids_TK.reshape(-1).long()
-    w_SIH = w_down.float()[ids_S] if spec.transposed else w_down.float()[ids_S].transpose(1, 2)
-    y_SH = torch.einsum("si,sih->sh", act_SI.float(), w_SIH)
-    if b_down_EH is not None:
-        y_SH = y_SH + b_down_EH.float()[ids_S]
-    return y_SH * topk_weights_TK.reshape(-1, 1).float()

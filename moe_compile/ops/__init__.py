@@ -5,8 +5,8 @@ Importing this package (``import moe_compile`` does) registers all of them:
 =============================== ==================== ===================================================
 op                              module               what it computes / where its implementation lives
 =============================== ==================== ===================================================
-``moe_compile::moe``            :mod:`.moe`          the canonical MoE op; torch implementation here
-``moe_compile::moe_triton``     :mod:`.moe`          the same on the Triton kernels
+``moe_compile::moe``            :mod:`.canonical`    the canonical MoE op (:mod:`moe_compile.moe_math`)
+``moe_compile::moe_triton``     :mod:`.canonical`        the same on the Triton kernels
                                                      (:func:`moe_compile.kernels.fused_moe.fused_moe`)
 ``moe_compile::moe_ep``         :mod:`.ep`           AllToAll expert parallelism (:mod:`moe_compile.runtime.ep`)
 ``moe_compile::offload_prefetch`` :mod:`.expert_store` start a prefetch into an expert store's ring
@@ -17,12 +17,15 @@ op                              module               what it computes / where it
 
 The graph passes read and write the MoE calls by argument name through
 :class:`moe_compile.passes.moe_call.MoECall`. The names below are re-exported for
-``from moe_compile.ops import moe_torch`` and friends.
+``from moe_compile.ops import moe_torch`` and friends; the maths (``activate``, ``check_inputs``,
+``moe_torch``, ``moe_reference``) live in :mod:`moe_compile.moe_math`, which the kernels import instead
+of this package. ``moe_compile.ops.moe`` is the op object (its module is :mod:`.canonical`).
 """
 
 from __future__ import annotations
 
+from ..moe_math import activate, check_inputs, moe_reference, moe_torch
 from . import ep, expert_store, predict  # noqa: F401  (registers the ops)
-from .moe import activate, check_inputs, moe, moe_fake, moe_reference, moe_torch, moe_triton
+from .canonical import moe, moe_fake, moe_triton
 
 __all__ = ["activate", "check_inputs", "moe", "moe_fake", "moe_reference", "moe_torch", "moe_triton"]

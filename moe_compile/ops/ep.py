@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import torch
 
+from ..moe_math import check_inputs
 from ..runtime.ep import expert_parallel_moe
 from ..spec import ExpertSpec
-from .moe import check_inputs
 
 __all__ = ["moe_ep"]
 

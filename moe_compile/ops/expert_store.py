@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import torch
 
+from ..moe_math import moe_torch
 from ..runtime.expert_store import get_store
 from ..spec import ExpertSpec
-from .moe import moe_torch
 
 __all__ = ["moe_offload", "offload_prefetch"]
 

@@ -45,10 +45,10 @@ import torch
 
 from ..options import Options
 from .async_expert_parallel import AsyncExpertParallel
-from .base import GraphPass, PassContext, PipelineOrderError, check_order
+from .base import GraphPass, PipelineOrderError, check_order
 from .canonicalize_moe import CanonicalizeMoE
 from .causal_attention import CausalAttention
-from .detect_moe import DetectMoE, MoEMatch
+from .detect_moe import DetectMoE
 from .expert_parallel import ExpertParallel
 from .insert_predictors import InsertPredictors
 from .lower_triton import LowerToTriton
@@ -56,6 +56,7 @@ from .offload_experts import OffloadExperts
 from .predicted_gather import PredictedGather
 from .recognize_expert_parallel import RecognizeExpertParallel
 from .released_weights import HideReleasedWeights
+from .state import MoEMatch, PassContext
 
 __all__ = ["GraphPass", "MoEMatch", "PassContext", "PipelineOrderError", "build_pipeline", "check_order"]
 

@@ -85,11 +85,11 @@ import torch
 import torch.fx as fx
 
 from .. import planner
-from ..graph import hint, op_name, tensor_val, to_networkx
+from ..graph import hint, op_name, set_fake_val, tensor_val, to_networkx
 from ..runtime.dist import World
-from .base import PassContext, set_fake_val
 from .moe_call import MoECall, is_moe_call
 from .sharded_experts import ShardedBlock, ShardedExpertsPass
+from .state import PassContext
 from .vocabulary import FLOP_MATMULS
 
 _c10d = torch.ops._c10d_functional

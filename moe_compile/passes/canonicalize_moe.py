@@ -1,6 +1,6 @@
 """Rewrite each detected MoE block into one call of the canonical op.
 
-Matches: the :class:`~.detect_moe.MoEMatch` objects in ``ctx.detected`` (provided by
+Matches: the :class:`~.state.MoEMatch` objects in ``ctx.detected`` (provided by
 :mod:`.detect_moe`), and reports the canonical calls already in the graph (from
 ``moe_compile.prepare``). Provides ``ctx.moe_blocks``: every canonical call with its
 report line, which the later passes read.
@@ -32,13 +32,14 @@ import torch
 import torch.fx as fx
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 
-from ..graph import backward_region, hint, op_name, same, tensor_val
-from ..ops import check_inputs, moe_torch
+from ..graph import backward_region, hint, op_name, reshape_like, same, set_fake_val, tensor_val
+from ..moe_math import check_inputs, moe_torch
 from ..report import BlockReport, Skipped
 from ..spec import ExpertSpec
-from .base import GraphPass, MoEBlock, PassContext, reshape_like, set_fake_val
-from .detect_moe import CanonicalCall, MoEMatch, softcap_of
+from .base import GraphPass
+from .detect_moe import softcap_of
 from .moe_call import MoECall
+from .state import CanonicalCall, MoEBlock, MoEMatch, PassContext
 from .vocabulary import GATHERS, MATMULS, VIEWS
 
 aten = torch.ops.aten
@@ -193,29 +194,39 @@ def _choose_spec(m: MoEMatch, region: _Region, roles: _BiasRoles, ctx: PassConte
 
 
 def _verify(m: MoEMatch, region: _Region, roles: _BiasRoles, ctx: PassContext) -> _Choice:
+    """Each candidate must reproduce the block twice: on unit-scale hidden states, and on hidden states scaled
+    so that the up projection is about 30 in size, so that a clamp or saturation the candidate lacks (Step-3.7's
+    ``swiglu_limits``, a bound of 7) cannot hide behind small probe values."""
     probe = _probe_inputs(m, region, ctx)
     if probe is None:
         return _Choice(m.candidates[0], "not verified (meta tensors)")
     value = dict(zip(region.inputs, probe))
-    expected = region.module(*probe)
     x, ids, weights, w_up, w_down = (value[n] for n in (m.hidden, m.topk_ids, m.topk_weights, m.w_up, m.w_down))
     if m.dense_scores:
         weights = weights.gather(1, ids)  # what the rewrite passes the op
     b_up, b_down = (value[b] if b is not None else None for b in roles)
+    scales = (1.0, _large_input_scale(w_up, m.hidden_size))
+    probes = []  # (x, the block's output on it) at each scale
+    for scale in scales:
+        scaled = [p * scale if n is m.hidden else p for n, p in zip(region.inputs, probe)]
+        probes.append((x * scale, region.module(*scaled)))
     # the tolerance of the least precise dtype involved (bf16 experts may sum in fp32)
-    tol = max(TOLERANCE.get(t.dtype, 1e-4) for t in (expected, x, w_up))
+    tol = max(TOLERANCE.get(t.dtype, 1e-4) for t in (probes[0][1], x, w_up))
     best, best_spec = float("inf"), None
     for spec in m.candidates:
         try:
             check_inputs(x.reshape(-1, m.hidden_size), ids, weights, w_up, w_down, b_up, b_down, spec)
-            got = moe_torch(x.reshape(-1, m.hidden_size), ids, weights, w_up, w_down, b_up, b_down, spec)
+            errs = []
+            for x_s, expected in probes:
+                got = moe_torch(x_s.reshape(-1, m.hidden_size), ids, weights, w_up, w_down, b_up, b_down, spec)
+                errs.append(_rel_err(got.reshape(expected.shape).to(expected.dtype), expected))
         except RuntimeError:  # the weights do not fit this layout
             continue
-        err = _rel_err(got.reshape(expected.shape).to(expected.dtype), expected)
+        err = max(errs)
         if err < best:
             best, best_spec = err, spec
         if err <= tol:
-            return _Choice(spec, f"probe rel err {err:.1e}")
+            return _Choice(spec, f"probe rel err {errs[0]:.1e} (x{scales[1]:.3g} inputs: {errs[1]:.1e})")
     closest = f", closest: {best_spec.describe()}" if best_spec is not None else ""
     raise _NotCanonical(
         f"{_unmatched_ops(m, region)} (no canonical form reproduces the block: best rel err {best:.2g}{closest})"
@@ -261,6 +272,10 @@ def _unmatched_ops(m: MoEMatch, region: _Region) -> str:
             "Inkling 2's cap(gate) * sigmoid(gate) * cap(up))",
             *odd,
         ]
+    clamps = sorted({op_name(n).removeprefix("aten::") for n in between if op_name(n).startswith("aten::clamp")})
+    if clamps:
+        bound = "a bound between the projections in a form the canonical op lacks: its one clamped activation"
+        odd.insert(0, f"{'/'.join(clamps)} ({bound} is GPT-OSS's SwiGLU; Step-3.7's swiglu_limits are not canonical)")
     if odd:
         return f"ops the canonical activations do not contain: {', '.join(odd)}"
     return "the activation or combine does not match any canonical form (no unknown op: different constants or order)"
@@ -284,6 +299,14 @@ def _between(m: MoEMatch) -> set[fx.Node]:
         seen.add(n)
         stack.extend(n.all_input_nodes)
     return seen - {m.up_mm, m.down_mm}
+
+
+def _large_input_scale(w_up: torch.Tensor, H: int) -> float:
+    """A factor for unit-variance hidden states that makes the up projection about 30 in size (the typical norm
+    of ``w_up``'s rows along its size-``H`` dimension; ``[E, N, H]`` or transposed ``[E, H, N]``)."""
+    dims = [d for d in (1, 2) if w_up.shape[d] == H] or [2]
+    norm = min(w_up.float().norm(dim=d).mean().item() for d in dims)
+    return 30.0 / norm if norm > 0 else 1.0
 
 
 def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

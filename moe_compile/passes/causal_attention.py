@@ -36,7 +36,8 @@ import torch.fx as fx
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 from ..graph import hint, op_name, same, tensor_val
-from .base import GraphPass, PassContext
+from .base import GraphPass
+from .state import PassContext
 
 #: a mask larger than this (elements, at the graph's static sizes) is not evaluated to check it
 MAX_MASK_ELEMENTS = 1 << 24

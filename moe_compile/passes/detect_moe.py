@@ -39,7 +39,7 @@ is matched when no ids feed the experts and the input is such a product
 input, so the block is the canonical op with ``scale_input`` on the same ids.
 
 Emits: nothing in the graph. Provides ``ctx.detected``
-(:class:`~.base.DetectedMoE`): each match (:class:`MoEMatch`) in ``matches``; a
+(:class:`~.state.DetectedMoE`): each match (:class:`MoEMatch`) in ``matches``; a
 near miss goes to ``ctx.report.skipped`` with its reason. :mod:`.canonicalize_moe`
 verifies and rewrites the matches. ``moe_compile::moe`` calls already in the graph
 (modules that ``moe_compile.prepare`` stacked) are recorded as :class:`CanonicalCall`
@@ -70,39 +70,14 @@ from ..graph import (
 )
 from ..report import Skipped
 from ..spec import PARAMETRIC, ExpertSpec
-from .base import DetectedMoE, GraphPass, PassContext
+from .base import GraphPass
 from .moe_call import MoECall
+from .state import CanonicalCall, DetectedMoE, MoEMatch, PassContext
 from .vocabulary import ACTIVATION_OPS, GATHERS, MATMULS, VIEWS
 
 
 class _NotMoE(Exception):
     """Two expert matmuls that do not form a block the canonical op computes: the message says why."""
-
-
-@dataclasses.dataclass
-class MoEMatch:
-    """One detected MoE block: the nodes the canonical op takes, and what it is."""
-
-    path: str
-    hidden: fx.Node  # x, any shape [..., H] with T*H elements
-    topk_ids: fx.Node  # [T, K] integer
-    topk_weights: fx.Node  # [T, K] float
-    w_up: fx.Node
-    w_down: fx.Node
-    up_mm: fx.Node
-    down_mm: fx.Node
-    out: fx.Node  # the node whose value the block produces (T*H elements)
-    num_experts: int
-    top_k: int
-    hidden_size: int
-    intermediate_size: int
-    candidates: list[ExpertSpec]  # spec guesses, most likely first; verification picks
-    router: str
-    shared_experts: bool
-    source: str  # "grouped" (sort + grouped matmul) or "batched" (weights gathered per pair)
-    #: ``topk_weights`` is a dense ``[T, E]`` score, zero outside ``topk_ids``, that scales the experts'
-    #: input (Llama 4); the rewrite gathers it at the ids (:func:`_input_scaled`)
-    dense_scores: bool = False
 
 
 def _expert_weight_uses(gm: fx.GraphModule) -> dict[fx.Node, tuple[fx.Node, int, bool]]:
@@ -500,16 +475,6 @@ def _has_shared_experts(out: fx.Node, hidden: fx.Node, order: dict) -> bool:
             return False
         prev = node
     return False
-
-
-@dataclasses.dataclass
-class CanonicalCall:
-    """A ``moe_compile::moe`` call already in the graph (a module made by ``moe_compile.prepare``)."""
-
-    node: fx.Node
-    path: str
-    router: str
-    shared_experts: bool
 
 
 class DetectMoE(GraphPass):

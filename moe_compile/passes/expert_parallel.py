@@ -37,10 +37,11 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
+from ..graph import set_fake_val
 from ..runtime.dist import World
-from .base import PassContext, set_fake_val
 from .moe_call import MoECall
 from .sharded_experts import ShardedBlock, ShardedExpertsPass
+from .state import PassContext
 
 
 class ExpertParallel(ShardedExpertsPass):

@@ -58,11 +58,12 @@ from torch import fx
 from torch._guards import detect_fake_mode
 from torch._subclasses.fake_tensor import FakeTensor, unset_fake_temporarily
 
-from ..graph import ancestors_since, module_path, numel, same, tensor_val, walk_back
+from ..graph import add_constant, ancestors_since, module_path, numel, same, set_fake_val, tensor_val, walk_back
 from ..predictor import PredictorWeights, load_predictors_for_routers
 from ..report import BlockReport, Skipped
-from .base import GraphPass, PassContext, add_constant, set_fake_val
+from .base import GraphPass
 from .moe_call import MoECall
+from .state import PassContext
 from .vocabulary import VIEWS
 
 aten = torch.ops.aten

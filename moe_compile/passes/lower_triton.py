@@ -20,8 +20,9 @@ import torch
 import torch.fx as fx
 
 from ..graph import tensor_val
-from .base import GraphPass, PassContext
+from .base import GraphPass
 from .moe_call import MoECall
+from .state import PassContext
 
 
 class LowerToTriton(GraphPass):

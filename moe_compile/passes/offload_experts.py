@@ -46,11 +46,12 @@ import torch
 from torch import fx
 from torch._subclasses.fake_tensor import FakeTensor, unset_fake_temporarily
 
-from ..graph import tensor_val
+from ..graph import set_fake_val, tensor_val
 from ..report import BlockReport, Skipped
 from ..runtime import expert_store, shards
-from .base import GraphPass, PassContext, set_fake_val
+from .base import GraphPass
 from .moe_call import MoECall
+from .state import PassContext
 
 
 class OffloadExperts(GraphPass):

@@ -53,10 +53,10 @@ from torch._subclasses.fake_tensor import FakeTensor
 from ..graph import tensor_val, walk_back
 from ..runtime.dist import World
 from ..runtime.expert_store import RanksSource, new_store
-from .base import PassContext
 from .moe_call import MoECall
 from .offload_experts import keep_store, to_store_call
 from .sharded_experts import ShardedBlock, ShardedExpertsPass
+from .state import PassContext
 from .vocabulary import VIEWS
 
 
@@ -88,8 +88,9 @@ class PredictedGather(ShardedExpertsPass):
 
 
 def _shard_tensor(gm: fx.GraphModule, ctx: PassContext, node: fx.Node) -> torch.Tensor:
-    """The tensor behind a shard node: a graph buffer (``view(view(get_attr))``, :func:`.base.add_constant`),
-    or, for a block that was already expert-parallel (:mod:`.recognize_expert_parallel`), the graph input."""
+    """The tensor behind a shard node: a graph buffer (``view(view(get_attr))``,
+    :func:`moe_compile.graph.add_constant`), or, for a block that was already expert-parallel
+    (:mod:`.recognize_expert_parallel`), the graph input."""
     *_, root = walk_back(node, VIEWS)
     if root.op == "placeholder":
         value = ctx.real_value(root)

@@ -54,11 +54,12 @@ import operator
 import torch
 import torch.fx as fx
 
-from ..graph import op_name, tensor_val, walk_back
+from ..graph import op_name, reshape_like, set_fake_val, tensor_val, walk_back
 from ..report import BlockReport, Skipped
 from ..runtime import dist as rdist
-from .base import GraphPass, MoEBlock, PassContext, reshape_like, set_fake_val
+from .base import GraphPass
 from .moe_call import MoECall
+from .state import MoEBlock, PassContext
 from .vocabulary import ALL_TO_ALL as A2A
 from .vocabulary import VIEWS, WAIT
 

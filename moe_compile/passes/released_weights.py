@@ -22,7 +22,8 @@ import torch
 import torch.fx as fx
 
 from ..runtime import shards
-from .base import GraphPass, PassContext
+from .base import GraphPass
+from .state import PassContext
 
 
 class HideReleasedWeights(GraphPass):

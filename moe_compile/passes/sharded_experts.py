@@ -20,7 +20,7 @@ in graph order, it:
    resident copies and the ``[E]`` position of each expert in the order
    ``resident + sharded`` (when ``0 < R < E``), and stores each in the graph module as
    a buffer, read by a ``get_attr`` node at the graph start (through a view, for
-   Inductor's sake: see :func:`.base.add_constant`);
+   Inductor's sake: see :func:`moe_compile.graph.add_constant`);
 5. lets the subclass rewrite the calls (:meth:`ShardedExpertsPass.rewrite`);
 6. releases the storage of every full expert tensor that no node reads any more
    (the eager model cannot run afterwards) and asks the backend to check the
@@ -45,13 +45,14 @@ import torch.fx as fx
 from torch._guards import detect_fake_mode
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 
-from ..graph import tensor_val
+from ..graph import add_constant, tensor_val
 from ..report import BlockReport, Skipped
 from ..routing_stats import RoutingStats
 from ..runtime import dist as rdist
 from ..runtime import shards
-from .base import GraphPass, MoEBlock, PassContext, add_constant
+from .base import GraphPass
 from .moe_call import ROLES, MoECall
+from .state import MoEBlock, PassContext
 
 aten = torch.ops.aten
 

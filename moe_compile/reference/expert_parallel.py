@@ -39,7 +39,7 @@ import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 import torch.nn as nn
 
-from ..ops import activate
+from ..moe_math import activate
 from ..runtime.shards import shard
 from ..spec import ExpertSpec
 

@@ -3,9 +3,10 @@
 import pytest
 import torch
 
-from moe_compile.kernels.align import align, align_reference, padded_bound
+from moe_compile.kernels.align import align, padded_bound
 
 from .kernel_testing import DEVICE
+from .references import align_reference
 
 _GEN = torch.Generator().manual_seed(0)  # never the global RNG: other test files rely on it
 CASES = {

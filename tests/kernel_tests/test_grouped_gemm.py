@@ -10,14 +10,13 @@ from moe_compile.kernels.configs import select_config
 from moe_compile.kernels.grouped_gemm import (
     _tanh,
     down_projection,
-    down_reference,
     reduce_topk,
     up_projection,
-    up_reference,
 )
 from moe_compile.spec import ExpertSpec
 
 from .kernel_testing import TOLERANCE, make_experts, rel_err, route
+from .references import down_reference, up_reference
 
 T, H, I, E, K = 9, 40, 24, 6, 2  # H and I not multiples of the blocks
 

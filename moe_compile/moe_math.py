@@ -1,4 +1,4 @@
-"""The canonical MoE operation, ``moe_compile::moe``, its torch implementations, and ``moe_compile::moe_triton``.
+"""The canonical MoE op's maths: what ``moe_compile::moe`` computes, in torch, depending only on :mod:`.spec`.
 
 Shape legend: ``T`` tokens, ``K`` experts per token, ``E`` experts, ``H`` hidden
 size, ``I`` intermediate size, ``N`` up-projection width (``2I`` gated, else ``I``),
@@ -18,17 +18,17 @@ router kind (softmax/sigmoid, renormalised or not, group-limited, biased, scaled
 is preserved exactly. Expert weights are passed as they are stored (see
 :mod:`moe_compile.spec` for the layouts), so no weight is copied or transposed.
 
-Two implementations live here, side by side:
-
+- :func:`activate`: the (gated) activation of a spec.
+- :func:`check_inputs`: the shape checks every implementation and the op's fake share.
 - :func:`moe_torch`: the default implementation of the op. Pairs are sorted by
   expert and each expert's rows run as one matmul (``grouped_mm`` when the
   device, dtype and alignment allow, see :func:`use_grouped_mm`; else a loop
   with one host sync).
 - :func:`moe_reference`: an obviously correct per-pair loop, for tests only.
 
-``moe_compile::moe_triton`` has exactly this op's schema and fake; its implementation is
-:func:`moe_compile.kernels.fused_moe.fused_moe` (imported on first call: registering the op
-does not import Triton).
+This module sits at the bottom of the package with :mod:`.spec`: the op's registration
+(:mod:`moe_compile.ops.canonical`), the Triton kernels (:mod:`moe_compile.kernels`), the passes'
+verification and ``prepare``'s replacement modules all import it; it imports none of them.
 """
 
 from __future__ import annotations
@@ -36,9 +36,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..spec import ExpertSpec
+from .spec import ExpertSpec
 
-__all__ = ["activate", "check_inputs", "moe", "moe_reference", "moe_torch", "moe_triton"]
+__all__ = ["activate", "check_inputs", "moe_reference", "moe_torch", "use_grouped_mm"]
 
 
 def activate(up_SN: torch.Tensor, spec: ExpertSpec) -> torch.Tensor:
@@ -219,56 +219,3 @@ def check_inputs(
         down_in * (2 if spec.gated else 1) == N,
         lambda: f"moe: w_up {tuple(w_up.shape)} and w_down {tuple(w_down.shape)} are not an up/down pair for {spec}",
     )
-
-
-def moe_impl(
-    hidden: torch.Tensor,
-    topk_ids: torch.Tensor,
-    topk_weights: torch.Tensor,
-    w_up: torch.Tensor,
-    w_down: torch.Tensor,
-    b_up: torch.Tensor | None,
-    b_down: torch.Tensor | None,
-    spec: str,
-) -> torch.Tensor:
-    """What ``moe_compile::moe`` computes, callable without the dispatcher.
-
-    The backend's eagerly run graphs call it directly (``backend._direct_calls``): the custom
-    op's dispatch costs about 40 us a call on CPU, a few percent of a small model's forward.
-    """
-    s = ExpertSpec.decode(spec)
-    check_inputs(hidden, topk_ids, topk_weights, w_up, w_down, b_up, b_down, s)
-    if hidden.is_meta or w_up.is_meta:  # what the op's Meta kernel (its fake) answers: shapes only
-        return hidden.new_empty(hidden.shape)
-    return moe_torch(hidden, topk_ids, topk_weights, w_up, w_down, b_up, b_down, s)
-
-
-#: ``hidden [T, H]``, ``topk_ids [T, K]``, ``topk_weights [T, K]`` and the expert weights -> ``[T, H]``
-moe = torch.library.custom_op("moe_compile::moe", mutates_args=())(moe_impl)
-
-
-@moe.register_fake
-def moe_fake(hidden, topk_ids, topk_weights, w_up, w_down, b_up, b_down, spec):
-    """Shapes of the canonical op; every op with its schema (``moe_triton``…) registers this one."""
-    check_inputs(hidden, topk_ids, topk_weights, w_up, w_down, b_up, b_down, ExpertSpec.decode(spec))
-    return hidden.new_empty(hidden.shape)
-
-
-@torch.library.custom_op("moe_compile::moe_triton", mutates_args=())
-def moe_triton(
-    hidden: torch.Tensor,
-    topk_ids: torch.Tensor,
-    topk_weights: torch.Tensor,
-    w_up: torch.Tensor,
-    w_down: torch.Tensor,
-    b_up: torch.Tensor | None,
-    b_down: torch.Tensor | None,
-    spec: str,
-) -> torch.Tensor:
-    """``moe_compile::moe`` on the Triton kernels (same schema, same semantics)."""
-    from ..kernels.fused_moe import fused_moe
-
-    return fused_moe(hidden, topk_ids, topk_weights, w_up, w_down, b_up, b_down, ExpertSpec.decode(spec))
-
-
-moe_triton.register_fake(moe_fake)
