@@ -9,24 +9,16 @@ Needs the ``serve`` extra (``pip install "moe_compile[serve]"``: FastAPI and uvi
   (:func:`parse_call`), so an object that is not UTF-8, not JSON, nested too deep, not a
   request, or that repeats an earlier id of the call gets an error record of its own and
   the others are scored; only a body that is not ``{"requests": [...]}`` is refused (400).
-- ``POST /rerank``, ``/v1/rerank``, ``/v2/rerank`` (the Cohere/Jina shape, as vLLM serves it):
-  ``{"model"?, "query", "documents": [str | {"text"}], "top_n"?, "return_documents"?}`` ->
-  ``{"id", "model", "usage": {"total_tokens"}, "results": [{"index", "relevance_score",
-  "document"?: {"text"}}]}``, the results sorted by relevance, highest first, at most ``top_n``
-  (absent or 0: all). ``return_documents`` defaults to true.
-- ``POST /v1/score`` (vLLM's score API): ``{"model"?, "text_1": str | [str], "text_2": str | [str]}``
-  -> ``{"id", "object": "list", "created", "model", "data": [{"index", "object": "score",
-  "score"}], "usage": {...}}``; a single ``text_1`` is paired with every ``text_2``, else the
-  lists pair up one to one and must be equally long.
-
-  Both read a relevance score in ``[0, 1]`` from the causal LM after a configurable template
-  (:mod:`~moe_compile.serving.relevance`). A body in the wrong shape, a ``model`` that is not
-  the served one, or a pair that cannot be scored (too long, ...) is answered 4xx with a
-  ``detail`` message naming what is wrong; nothing of such a call is scored.
-- ``GET /health`` answers ``{"status": "ok", ...}`` with the engine's counters once the
-  engine is warm; while it compiles the graphs serving needs (:meth:`PrefillEngine.warmup`,
-  run at startup) it answers 503 ``{"status": "warming up"}``, and 503 ``{"status":
-  "failed", "error": ...}`` if that failed. Calls made while warming up wait for it.
+- the scoring APIs of vLLM, SGLang, Cohere/Jina, TEI and OpenAI (``/rerank``, ``/v1/score``,
+  ``/classify``, ``/v1/embeddings``, and vLLM's bodies on ``/score``): :mod:`~moe_compile.serving.routes`
+  (shapes in :mod:`~moe_compile.serving.api_shapes`, truncation in
+  :mod:`~moe_compile.serving.truncation`; docs/serving.md has the table).
+- ``GET /health`` (liveness, with the package version and the engine's counters: 200 while
+  serving or warming up, 503 once failed), ``GET /ready`` (readiness: 200 only when warm, not
+  draining, not failed), ``GET /metrics`` (Prometheus, :mod:`~moe_compile.serving.metrics`),
+  ``GET /v1/models``. Calls made while warming up wait for it.
+- ``api_key``: ``Authorization: Bearer`` on every path but ``/health``, ``/ready``, ``/metrics``
+  (401); ``max_body_bytes``: a longer body is answered 413 (:class:`~moe_compile.serving.metrics.Guard`).
 
 One engine serves all connections through a batching queue (:mod:`~moe_compile.serving.queue`):
 the requests of concurrent calls share the engine's steps (up to its token budget) and their

@@ -242,7 +242,10 @@ async def wait_async(
 
     from starlette.concurrency import run_in_threadpool
 
-    ticket = await run_in_threadpool(queue.submit, requests, done)  # lengths may need the tokenizer
+    if all(r.tokens is not None for r in requests):
+        ticket = queue.submit(requests, done)  # cheap: lengths are the token counts
+    else:
+        ticket = await run_in_threadpool(queue.submit, requests, done)  # lengths need the tokenizer
     deadline = None if timeout is None else ticket.submitted + timeout
     try:
         while not ready.done():
