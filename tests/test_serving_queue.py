@@ -215,3 +215,19 @@ def test_http_a_call_past_its_timeout_gets_504_and_its_queued_requests_are_dropp
         assert out[0][0] == 504  # it ran past its time too; it started, so it finished, unanswered
         assert http(f"{url}/score", {"requests": [{"id": "next", "tokens": [5, 6, 8]}]})[0] == 200
     assert gated.steps == [["first"], ["next"]]
+
+
+def test_a_call_behind_a_big_one_joins_the_next_step(model):
+    engine = PrefillEngine(model, compile=False, block_size=8, token_budget=64)
+    gated = Gated(engine)
+    queue = BatchQueue(gated, step_tokens=64)
+    blocker = queue.submit([Request(id="x", tokens=tuple(range(3, 13)))])
+    assert gated.entered.wait(30)
+    big = queue.submit([Request(id=f"big{i}", tokens=tuple(range(3, 19))) for i in range(12)])  # 16 tokens each
+    small = queue.submit([Request(id="small", tokens=tuple(range(30, 46)))])
+    gated.release.set()
+    for t in (blocker, big, small):
+        t.wait(60)
+    assert gated.steps[1] == ["big0", "small", "big1", "big2"]  # round robin: the small call is not held back
+    assert [rid for step in gated.steps[2:] for rid in step] == [f"big{i}" for i in range(3, 12)]
+    queue.stop(10)

@@ -1,9 +1,9 @@
 """A batching queue in front of the engine: the requests of concurrent calls share steps.
 
 The HTTP front end (:mod:`~moe_compile.serving.http`) does not score a call on its own:
-each call's requests go into one FIFO (:meth:`BatchQueue.submit` returns a :class:`Ticket`),
-and one worker thread runs *steps*. A step takes requests from the front of the queue,
-whichever calls they belong to, until their prompt tokens reach ``step_tokens`` (the
+each call's requests join one queue (:meth:`BatchQueue.submit` returns a :class:`Ticket`),
+and one worker thread runs *steps*. A step takes requests from the waiting calls, round robin
+in arrival order (one request of each call in turn), until their prompt tokens reach ``step_tokens`` (the
 engine's token budget; a longer request goes alone), and hands them to the backend's
 ``score`` in one engine call. So
 
@@ -160,19 +160,27 @@ class BatchQueue:
     # -- the worker --------------------------------------------------------------------------------------------
 
     def _take(self) -> list[tuple[Ticket, int]]:
-        """The next step's requests as (ticket, index), FIFO over calls, up to ``step_tokens``; under the lock."""
+        """The next step's requests as (ticket, index), up to ``step_tokens``; under the lock.
+
+        Round robin over the waiting calls in arrival order, one request of each in turn (each
+        call's own requests in order), so a call that arrives behind a big one joins the next
+        step instead of waiting for all of the big one's steps.
+        """
         step: list[tuple[Ticket, int]] = []
         used = 0
-        while self._pending:
-            ticket = self._pending[0]
-            while ticket.taken < len(ticket.requests):
+        full = False
+        while self._pending and not full:
+            for ticket in self._pending:
+                if ticket.taken == len(ticket.requests):
+                    continue
                 n = ticket.lengths[ticket.taken]
                 if step and used + n > self.step_tokens:
-                    return step
+                    full = True
+                    break
                 step.append((ticket, ticket.taken))
                 ticket.taken += 1
                 used += n
-            self._pending.popleft()
+            self._pending = collections.deque(t for t in self._pending if t.taken < len(t.requests))
         return step
 
     def _loop(self) -> None:
