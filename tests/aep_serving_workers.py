@@ -171,8 +171,11 @@ def front_worker(rank: int, world_size: int) -> dict:
               for i in range(3)] for c in range(8)]  # fmt: skip
     answers: dict = {}
     with serving(create_app(engine, runner=lockstep, warmup=False)) as url:
-        threads = [threading.Thread(target=lambda c=c: answers.__setitem__(c, http(f"{url}/score", {"requests": call})))
-                   for c, call in enumerate(calls)]  # fmt: skip
+
+        def send(c: int, call: list) -> None:
+            answers[c] = http(f"{url}/score", {"requests": call})
+
+        threads = [threading.Thread(target=send, args=(c, call)) for c, call in enumerate(calls)]
         for t in threads:
             t.start()
         for t in threads:
