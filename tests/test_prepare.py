@@ -2,6 +2,7 @@
 
 import copy
 
+import pytest
 import torch
 import torch.nn.functional as F
 from conftest import rel_err
@@ -154,3 +155,24 @@ def test_single_linear_experts_are_named_and_left_alone():
     [(name, what)] = prepare_report()
     assert name == "heads" and what.startswith("left alone: its 4 experts are single nn.Linear layers"), what
     assert "forward(hidden, indices)" in what
+
+
+def test_the_driver_returns_its_report_and_each_model_keeps_its_own():
+    """``prepare_model`` returns its report; a second ``prepare`` no longer erases the first model's."""
+    from moe_compile.prepare import prepare_model
+
+    torch.manual_seed(0)
+    first, second = PerExpertLM(layers=2).eval(), PerExpertLM(layers=1).eval()
+    input_ids = torch.randint(0, 64, (2, 6))
+    with torch.no_grad():
+        expected = first(input_ids)
+    report = prepare_model(first)
+    assert [name for name, _ in report] == ["blocks.0.experts", "blocks.1.experts"], report
+    assert all(what.startswith("stacked: 4 per-expert nn.Linear") for _, what in report), report
+    with torch.no_grad():
+        assert rel_err(first(input_ids), expected) < 1e-6
+    moe_compile.prepare(second)
+    assert [name for name, _ in prepare_report(second)] == ["blocks.0.experts"]
+    assert prepare_report() == prepare_report(second)  # the compatibility call: the latest prepare
+    with pytest.raises(KeyError, match="was not prepared; call moe_compile.prepare"):
+        prepare_report(first)  # prepared by the driver alone, which keeps nothing

@@ -21,7 +21,7 @@ from conftest import rel_err
 import moe_compile
 from moe_compile.backend import collect_reports
 from moe_compile.prepare import PostNormExperts, RoutedExperts, StackedExperts, prepare_report
-from moe_compile.prepare import _is_interface_experts as is_interface_experts
+from moe_compile.prepare.probe import is_interface_experts
 from moe_compile.testing import coverage
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}

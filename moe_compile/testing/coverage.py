@@ -489,7 +489,7 @@ def check_family(model_type: str) -> Row:
 
         with _quiet():
             prepare(model)
-        done = prepare_report()
+        done = prepare_report(model)
         kinds = [what.partition(":")[0] for _, what in done if not what.startswith("left alone")]
         row.prepared = ", ".join(f"{kinds.count(k)} {k}" for k in dict.fromkeys(kinds))
         refused = [f"prepare left {name} alone: {what.removeprefix('left alone: ')}"
