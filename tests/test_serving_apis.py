@@ -229,3 +229,25 @@ def test_tei_rerank_shape_with_truncate(shipped):  # noqa: F811
         assert abs(answer[0]["score"] - eager_relevance(shipped, query, piece)) < 1e-5
         status, answer = http(f"{url}/rerank", {"query": query, "texts": texts, "truncation_direction": "up"})
         assert status == 400 and "'truncation_direction' must be 'Right' or 'Left'" in answer["detail"]
+
+
+@torch.no_grad()
+def test_tei_embed_shape_normalize_and_truncate(shipped):  # noqa: F811
+    # TEI's documented body: {"inputs": "What is Deep Learning?"}
+    with serving(make_app(shipped)) as url:
+        status, answer = http(f"{url}/embed", {"inputs": "What is Deep Learning?"})
+        assert status == 200 and isinstance(answer, list) and len(answer) == 1, answer
+        expected = eager_pooled(shipped, ids(shipped, "What is Deep Learning?"))
+        got = torch.tensor(answer[0], dtype=torch.float64)
+        assert ((got - expected).norm() / expected.norm()).item() < 1e-5
+        texts = ["a b c", "Deep learning stacks layers. " * 6]  # the second: 174 bytes, longer than 128
+        status, answer = http(f"{url}/embed", {"inputs": texts, "normalize": False})
+        assert status == 400 and "input[1]: too long: 174 tokens" in answer["detail"], answer
+        status, answer = http(f"{url}/embed", {"inputs": texts, "normalize": False, "truncate": True,
+                                               "truncation_direction": "Left"})  # fmt: skip
+        assert status == 200, answer
+        model = shipped[0]
+        for vector, prompt in zip(answer, [ids(shipped, texts[0]), ids(shipped, texts[1])[-128:]]):
+            hidden = model(input_ids=torch.tensor([prompt]), output_hidden_states=True).hidden_states[-1][0]
+            raw = hidden.double().mean(dim=0)  # not normalised
+            assert ((torch.tensor(vector, dtype=torch.float64) - raw).norm() / raw.norm()).item() < 1e-5

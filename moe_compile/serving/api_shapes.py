@@ -23,6 +23,7 @@ _TEI_RERANK_KEYS = frozenset({"query", "texts", "raw_scores", "return_text", "tr
 _SCORE_KEYS = frozenset({"model", "text_1", "text_2", "queries", "documents"}) | _VLLM_TRUNCATION | _IGNORED
 _SGLANG_SCORE_KEYS = frozenset({"model", "query", "items", "label_token_ids", "apply_softmax", "item_first"})
 _CLASSIFY_KEYS = frozenset({"model", "input"}) | _VLLM_TRUNCATION | _IGNORED
+_TEI_EMBED_KEYS = frozenset({"inputs", "normalize", "truncate", "truncation_direction", "dimensions"})
 _EMBEDDING_KEYS = frozenset({"model", "input", "encoding_format", "dimensions"}) | _VLLM_TRUNCATION | _IGNORED
 ENCODINGS = ("float", "base64")
 
@@ -172,6 +173,7 @@ class Embeddings:
     inputs: list[str | list[int]]
     encoding_format: str = "float"
     truncation: Truncation = dataclasses.field(default_factory=Truncation)
+    normalize: bool = True
 
 
 def parse_embeddings(body: dict[str, Any], max_inputs: int, hidden: int) -> Embeddings:
@@ -198,3 +200,14 @@ def parse_embeddings(body: dict[str, Any], max_inputs: int, hidden: int) -> Embe
         raise BadCall(f"'dimensions' {dimensions!r}: this model's embeddings have {hidden} dimensions and are not "
                       "shortened; leave 'dimensions' out")  # fmt: skip
     return Embeddings(inputs, encoding, _truncation(body))
+
+
+def parse_tei_embed(body: dict[str, Any], max_inputs: int, hidden: int) -> Embeddings:
+    """TEI's ``/embed`` body ``{inputs: str | [str], normalize?, truncate?, truncation_direction?}``."""
+    check_keys(body, _TEI_EMBED_KEYS, ("inputs",))
+    dimensions = body.get("dimensions")
+    if dimensions is not None and dimensions != hidden:
+        raise BadCall(f"'dimensions' {dimensions!r}: this model's embeddings have {hidden} dimensions and are not "
+                      "shortened; leave 'dimensions' out")  # fmt: skip
+    return Embeddings(list(_texts(body["inputs"], "inputs", max_inputs)), "float", _truncation(body),
+                      _bool(body, "normalize", True))  # fmt: skip

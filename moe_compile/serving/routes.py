@@ -6,7 +6,8 @@
   ``{query, items, label_token_ids, ...}`` (told apart by their keys); ``POST /score`` with vLLM's
   bodies goes to the same pair scoring (the native ``{"requests": [...]}`` body stays in http.py);
 - ``POST /classify``, ``/v1/classify``: vLLM's ``{input, truncate_prompt_tokens?}``;
-- ``POST /v1/embeddings``, ``/embeddings``: OpenAI's ``{model, input, encoding_format?}``.
+- ``POST /v1/embeddings``, ``/embeddings``: OpenAI's ``{model, input, encoding_format?}``;
+  ``POST /embed``: TEI's ``{inputs, normalize?, truncate?, truncation_direction?}``.
 
 Every call's engine requests go through the front's batching queue (``front.run``). The
 shapes are parsed in :mod:`~moe_compile.serving.api_shapes`; truncation is
@@ -29,6 +30,7 @@ from .api_shapes import (
     parse_rerank,
     parse_score,
     parse_sglang_score,
+    parse_tei_embed,
 )
 from .bodies import BadCall
 from .classify import softmax, unit
@@ -144,24 +146,38 @@ def add_routes(app: Any, front: Any) -> None:
     for path in ("/classify", "/v1/classify"):
         app.post(path)(classify)
 
+    async def pooled(call: HTTPRequest, e) -> tuple[list, int]:
+        """The embeddings of a parsed call (unit vectors unless ``e.normalize`` is false) and its prompt tokens."""
+        prompts = await run_in_threadpool(front.prompts, e.inputs, e.truncation, 0)
+        requests = [Request(id=i, tokens=tuple(t), read="all", output="pooled") for i, t in enumerate(prompts)]
+        scores = await front.run(call, requests)
+        vectors = []
+        for i, s in enumerate(scores):
+            if s.error is not None:
+                raise HTTPException(400, f"input[{i}]: {s.error}")
+            vectors.append(unit(s.value) if e.normalize else s.value.float())  # [H], float32
+        return vectors, sum(len(p) for p in prompts)
+
+    @app.post("/embed")
+    async def tei_embed(call: HTTPRequest) -> list:
+        """TEI's shape: a bare list of vectors."""
+        body = await front.body(call)
+        e = parsed(body, lambda b: parse_tei_embed(b, front.max_requests, front.engine.config.hidden_size))
+        vectors, _ = await pooled(call, e)
+        return [v.tolist() for v in vectors]
+
     async def embeddings(call: HTTPRequest) -> dict[str, Any]:
         body = await front.body(call)
         hidden = front.engine.config.hidden_size
         e = parsed(body, lambda b: parse_embeddings(b, front.max_requests, hidden))
-        prompts = await run_in_threadpool(front.prompts, e.inputs, e.truncation, 0)
-        requests = [Request(id=i, tokens=tuple(t), read="all", output="pooled") for i, t in enumerate(prompts)]
-        scores = await front.run(call, requests)
+        vectors, tokens = await pooled(call, e)
         data = []
-        for i, s in enumerate(scores):
-            if s.error is not None:
-                raise HTTPException(400, f"input[{i}]: {s.error}")
-            vector = unit(s.value)  # [H], float32
+        for i, vector in enumerate(vectors):
             if e.encoding_format == "base64":  # little-endian float32, as OpenAI's client decodes it
                 embedding: Any = base64.b64encode(vector.numpy().astype("<f4").tobytes()).decode("ascii")
             else:
                 embedding = vector.tolist()
             data.append({"object": "embedding", "index": i, "embedding": embedding})
-        tokens = sum(len(p) for p in prompts)
         return {"id": f"embd-{uuid.uuid4().hex}", "object": "list", "created": int(time.time()),
                 "model": body.get("model", front.model_name), "data": data,
                 "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}  # fmt: skip
