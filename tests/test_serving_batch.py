@@ -40,6 +40,8 @@ LINES = [
     {"custom_id": "chat", "method": "POST", "url": "/v1/chat/completions", "body": {"messages": []}},
     {"custom_id": "get", "method": "GET", "url": "/v1/rerank", "body": {}},
     {"custom_id": "bad-body", "method": "POST", "url": "/v1/rerank", "body": {"query": QUERY}},
+    {"custom_id": "cut", "method": "POST", "url": "/v1/score",
+     "body": {"text_1": "q" * 200, "text_2": "d", "truncate_prompt_tokens": -1}},
 ]  # fmt: skip
 
 
@@ -61,7 +63,7 @@ def test_openai_batch_file_lines_errors_and_resume(shipped, tiny_dir, tmp_path, 
     err = capsys.readouterr()
     assert f"{requests}:4: skipped malformed line: not JSON" in err.err
     assert f"{requests}:5: skipped malformed line: duplicate custom_id 'rerank' (first on line 1)" in err.err
-    assert "answered 9 batch lines" in err.out
+    assert "answered 10 batch lines" in err.out
     lines = [json.loads(x) for x in output.read_text().splitlines()]
     for line in lines:
         check_openai_batch_line(line)
@@ -85,12 +87,14 @@ def test_openai_batch_file_lines_errors_and_resume(shipped, tiny_dir, tmp_path, 
     bad = by_id["bad-body"]["response"]
     assert bad["status_code"] == 400 and "missing key(s) 'query'" not in bad["body"]["detail"]
     assert "missing key(s) 'documents'" in bad["body"]["detail"]
+    cut = by_id["cut"]["response"]  # a truncation that would cut the template: that line alone fails
+    assert cut["status_code"] == 400 and "cannot truncate: the template and the query take" in cut["body"]["detail"]
 
     # interrupted after four lines, the fifth half written: a rerun answers the rest, each custom_id once
     kept = output.read_text().splitlines(keepends=True)
     output.write_text("".join(kept[:4]) + kept[4][:30])
     assert run_cli(argv) == 1
-    assert "answered 5 batch lines" in capsys.readouterr().out
+    assert "answered 6 batch lines" in capsys.readouterr().out
     resumed = [json.loads(x) for x in output.read_text().splitlines()]
     assert sorted(line["custom_id"] for line in resumed) == sorted(by_id)
     for line in resumed:
