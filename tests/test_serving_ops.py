@@ -179,3 +179,30 @@ def test_sigterm_drains_the_call_in_flight_then_exits(tmp_path):
         if server.poll() is None:
             server.kill()
             server.wait()
+
+
+def test_serve_flags_api_key_from_the_environment_and_bad_classify_labels(tmp_path, monkeypatch, capsys):
+    import argparse
+
+    from test_serving_cli import run_cli
+
+    from moe_compile.serving.cli import _front_kwargs, add_subcommands
+
+    parser = argparse.ArgumentParser(prog="moe-compile")
+    add_subcommands(parser.add_subparsers(dest="command", required=True))
+    monkeypatch.setenv("MOE_COMPILE_API_KEY", "from-env")
+    args = parser.parse_args(["serve", "--model", str(tmp_path), "--max-concurrent-requests", "7",
+                              "--request-timeout", "2.5", "--max-body-bytes", "100"])  # fmt: skip
+    front = _front_kwargs(args)
+    assert front["api_key"] == "from-env" and front["max_concurrent_requests"] == 7
+    assert front["request_timeout"] == 2.5 and front["max_body_bytes"] == 100
+    assert front["classify_labels"] == [" yes", " no"]
+    args = parser.parse_args(["serve", "--model", str(tmp_path), "--api-key", "flag"])
+    assert _front_kwargs(args)["api_key"] == "flag"  # a flag wins over the environment
+    with pytest.raises(SystemExit) as exited:
+        run_cli(["serve", "--model", str(tmp_path), "--classify-labels", '["only one"]'])
+    assert exited.value.code == 2
+    assert "argument --classify-labels" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        run_cli(["serve", "--model", str(tmp_path), "--max-concurrent-requests", "0"])
+    assert "--max-concurrent-requests: must be an integer >= 1" in capsys.readouterr().err
