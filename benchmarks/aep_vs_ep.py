@@ -39,6 +39,7 @@ import transformers
 import moe_compile
 from moe_compile import planner
 from moe_compile.runtime import init_distributed
+from moe_compile.verify import rel_err
 
 QWEN3_235B = Path(__file__).parent / "configs" / "qwen3_235b_a22b.json"
 
@@ -70,7 +71,7 @@ def measure(model, batch: torch.Tensor, options: dict | None, steps: int, workin
             compiled = torch.compile(model, backend="moe_prefill", options={"inductor": False, **(options or {})})
             for _ in range(2):  # warm-up; the first call compiles
                 got = compiled(batch).logits
-            err = ((got - expected).norm() / expected.norm()).item()
+            err = rel_err(got, expected)
         seconds = []
         for _ in range(steps):
             dist.barrier()

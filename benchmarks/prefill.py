@@ -105,7 +105,7 @@ def measure(
         with torch.no_grad():
             for name, fn in contenders.items():
 
-                def run(x, fn=fn):
+                def run(x, fn=fn, kwargs=kwargs):
                     return fn(x, **kwargs).logits
 
                 seconds = timed(run, input_ids, warmup=warmup, iters=iters, sync=sync)

@@ -57,6 +57,7 @@ import transformers
 import moe_compile
 from moe_compile.serving import FlopsModel, PrefillEngine, Request, simulate
 from moe_compile.serving.workload import synthetic_prompts
+from moe_compile.verify import rel_err
 
 SMALL_QWEN3_MOE = dict(
     vocab_size=4096, hidden_size=256, intermediate_size=512, moe_intermediate_size=128,
@@ -144,9 +145,7 @@ def main() -> None:
             t_hf, reference = median_time(args.repeats, hf_loop, model, prompts)
             t_eager, (eager_scores, hit) = median_time(args.repeats, engine_run, eager, prompts)
             t_comp, (comp_scores, _) = median_time(args.repeats, engine_run, compiled, prompts)
-            err = max(
-                ((s - reference).norm() / reference.norm()).item() for s in (eager_scores, comp_scores)
-            )  # fmt: skip
+            err = max(rel_err(s, reference) for s in (eager_scores, comp_scores))
             rows.append((shared, hit, t_hf, t_eager, t_comp, err))
     n, tokens = args.requests, args.requests * args.tokens
     print("| shared prefix | cache hit | HF loop req/s | engine eager req/s | engine req/s | engine tok/s "
@@ -219,8 +218,8 @@ def ranks_table(args) -> dict:
     for level, shared in enumerate(SHARED):
         scores = {row["mode"]: torch.tensor(row["scores"]) for row in rows if row["level"] == level}
         expected = torch.tensor(ref[level])
-        entry = {"shared": shared, "vs_hf": {m: _rel(s, expected) for m, s in scores.items()}}
-        entry["between_modes"] = {f"{a} vs {b}": _rel(scores[a], scores[b]) for a, b in
+        entry = {"shared": shared, "vs_hf": {m: rel_err(s, expected) for m, s in scores.items()}}
+        entry["between_modes"] = {f"{a} vs {b}": rel_err(scores[a], scores[b]) for a, b in
                                   (("aep", "replicas"), ("ep", "replicas"), ("aep", "ep"))}  # fmt: skip
         agreement.append(entry)
 
@@ -273,10 +272,6 @@ def ranks_table(args) -> dict:
 
 SHARED = (0.0, 0.5, 0.9)
 MODES = ("replicas", "aep", "ep")
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 def _rank_entry(rank: int, args, port: int, queue) -> None:

@@ -50,14 +50,14 @@ _collector: contextvars.ContextVar[list[Report] | None] = contextvars.ContextVar
 
 
 def moe_prefill_backend(gm: fx.GraphModule, example_inputs: list[Any], **kwargs: Any) -> Callable:
-    """A torch.compile backend (``backend="moe_prefill"``)."""
-    return compile_graph(gm, example_inputs, kwargs.get("options"))
+    """A torch.compile backend (``backend="moe_prefill"``); ``options`` is the user's dict."""
+    return compile_graph(gm, example_inputs, Options.from_user(kwargs.get("options")))
 
 
 def compile_graph(
     gm: fx.GraphModule,
     example_inputs: list[Any],
-    user_options: dict[str, Any] | None = None,
+    options: Options | None = None,
     pipeline: Callable[[Options], list[Callable[[fx.GraphModule, PassContext], Any]]] = build_pipeline,
 ) -> Callable:
     """What the backend does, with the passes that ``pipeline(options)`` returns (default: :func:`build_pipeline`).
@@ -65,7 +65,10 @@ def compile_graph(
     :class:`moe_compile.testing.pass_harness.PassHarness` passes its own ``pipeline``: chosen passes,
     each graph kept before and after each pass.
     """
-    options = Options.from_user(user_options)
+    if options is None:
+        options = Options()
+    elif not isinstance(options, Options):
+        raise TypeError(f"compile_graph takes Options (Options.from_user(a dict)), got {type(options).__name__}")
     graph_name = f"graph_{next(_graph_ids)}"
     report = Report(graphs=1)
     tensors = [t for t in example_inputs if isinstance(t, torch.Tensor)]

@@ -143,12 +143,12 @@ def cmd_routing_stats(args: argparse.Namespace) -> int:
     try:
         model = load_model(args.model)
     except (FileNotFoundError, OSError, ValueError) as err:
-        raise SystemExit(f"moe-compile: cannot load the model at {args.model}: {err}")
+        raise SystemExit(f"moe-compile: cannot load the model at {args.model}: {err}") from err
     chunks = chunks_or_exit(args.texts, "train", args.max_tokens, args.seq_len)  # [B, S] byte tokens
     try:
         stats = collect_routing_stats(model, chunks.split(args.batch_size))
     except ValueError as err:
-        raise SystemExit(f"moe-compile: {args.model}: {err}")
+        raise SystemExit(f"moe-compile: {args.model}: {err}") from err
     stats.save(args.out)
     print(f"wrote {args.out}: {len(stats.blocks)} MoE block(s), {stats.samples['tokens']} tokens")
     for block in stats.blocks:

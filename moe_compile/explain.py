@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from .backend import collect_reports, moe_prefill_backend, register_root
+from .backend import collect_reports, compile_graph, register_root
 from .options import Options
 from .report import Report
 
@@ -20,7 +20,7 @@ def explain(model: torch.nn.Module, *args: Any, options: dict[str, Any] | None =
     opts = Options.from_user(options)
 
     def backend(gm, example_inputs, **kw):  # a fresh backend object: Dynamo compiles anew for it
-        return moe_prefill_backend(gm, example_inputs, options=opts)
+        return compile_graph(gm, example_inputs, opts)
 
     register_root(model)  # block paths read as model's module paths, also after graph breaks
     with collect_reports() as report, torch.no_grad():

@@ -70,7 +70,7 @@ def read_file(path: str | Path, fmt: FileFormat) -> tuple[dict[str, torch.Tensor
             names = f.keys()
             tensors = {name: f.get_tensor(name) for name in names}
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
-        raise error(f"{path}: not a readable safetensors file, corrupted or truncated ({err}); {remake}")
+        raise error(f"{path}: not a readable safetensors file, corrupted or truncated ({err}); {remake}") from err
     if metadata.get("format") != fmt.name:
         raise error(
             f"{path}: not a moe_compile {fmt.what} file (metadata format is {metadata.get('format')!r}, "

@@ -238,8 +238,8 @@ def without_control_deps(gm: fx.GraphModule) -> fx.GraphModule:
         with graph.inserting_before(node):
             plain = graph.call_function(
                 op.target,
-                fx.node.map_arg(op.args, lambda n: env[n]),
-                fx.node.map_arg(op.kwargs, lambda n: env[n]),
+                fx.node.map_arg(op.args, lambda n, env=env: env[n]),
+                fx.node.map_arg(op.kwargs, lambda n, env=env: env[n]),
             )
         plain.meta = dict(node.meta)
         node.replace_all_uses_with(plain)

@@ -6,9 +6,12 @@ graph before the post-grad passes, the Inductor config and each custom pass's ``
 bypasses the cache). The ``moe_prefill`` passes run as Inductor's post-grad custom pre-pass, so
 their ``uuid`` (:func:`pass_uuid`) is a hash of
 
-- the source of every module of the ``moe_compile`` package (the passes, the ops they emit, the
-  kernels, the spec encoding: any change to any of them is a new identity, as vLLM's
-  ``InductorPass.hash_source`` and PyTorch's ``get_hash_for_files`` do), and
+- the source of every module the compiled graph and its report depend on: the passes, the backend and
+  this module, and every module of the package they import, directly or not, lazily or not
+  (:func:`source_files`, from :mod:`moe_compile.import_graph`: the ops they emit, the kernels, the
+  runtime those ops call, the spec encoding...; any change to one of them is a new identity, as vLLM's
+  ``InductorPass.hash_source`` and PyTorch's ``get_hash_for_files`` do, while an edit to, say, the
+  HTTP server or the predictor's command line leaves the cache valid), and
 - the options that change the rewritten graph (every option but ``debug`` / ``debug_dir``).
 
 No identity (no caching) when the passes leave runtime state that a cached graph would not
@@ -35,24 +38,41 @@ from typing import Any
 
 import torch
 
+from . import import_graph
 from .options import Options
 from .report import BlockReport, Report, Skipped
 
-__all__ = ["load_report", "pass_uuid", "report_key", "save_report", "source_hash"]
+__all__ = ["load_report", "pass_uuid", "report_key", "save_report", "source_files", "source_hash"]
+
+#: the modules whose import closure decides the compiled graph (the passes, the backend) and its stored report
+KEY_ROOTS = ("passes", "backend", "inductor_cache")
 
 #: options that do not change the rewritten graph
 _NOT_IN_KEY = ("debug", "debug_dir")
 
 
-@functools.cache
-def source_hash() -> str:
-    """sha256 of every ``.py`` file of the ``moe_compile`` package (path and contents, in path order)."""
-    root = Path(__file__).parent
+def source_files(root: Path = import_graph.ROOT) -> list[Path]:
+    """The package's sources in the key: :data:`KEY_ROOTS` and everything they import (in path order)."""
+    package = import_graph.PACKAGE
+    graph = import_graph.imports(root, package)
+    needed = import_graph.closure(graph, [f"{package}.{name}" for name in KEY_ROOTS])
+    files = import_graph.modules(root, package)
+    return sorted(files[name] for name in needed)
+
+
+def hash_sources(root: Path = import_graph.ROOT) -> str:
+    """sha256 of :func:`source_files` of the package at ``root`` (paths relative to it, and contents)."""
     digest = hashlib.sha256()
-    for path in sorted(root.rglob("*.py")):
+    for path in source_files(root):
         digest.update(str(path.relative_to(root)).encode())
         digest.update(path.read_bytes())
     return digest.hexdigest()
+
+
+@functools.cache
+def source_hash() -> str:
+    """:func:`hash_sources` of the installed package (computed once per process)."""
+    return hash_sources()
 
 
 def pass_uuid(options: Options) -> str | None:

@@ -33,6 +33,8 @@ verification and ``prepare``'s replacement modules all import it; it imports non
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 
@@ -61,6 +63,15 @@ def activate(up_SN: torch.Tensor, spec: ExpertSpec) -> torch.Tensor:
         capped_gate_SI = torch.tanh(g_SI / spec.gate_softcap) * spec.gate_softcap
         capped_up_SI = torch.tanh(u_SI / spec.up_softcap) * spec.up_softcap
         return (capped_gate_SI * torch.sigmoid(g_SI) * capped_up_SI).to(gate_SI.dtype)
+    if spec.clamp != "none":  # GLM-5-Next / HY-V4 ("before"), Step-3.7 ("after")
+        assert up_SI is not None
+        up_SI = up_SI.clamp(min=-spec.limit, max=spec.limit)
+        if spec.clamp == "before":
+            gate_SI = gate_SI.clamp(max=spec.limit)
+        act_SI = activate(gate_SI, dataclasses.replace(spec, gated=False, clamp="none"))
+        if spec.clamp == "after":
+            act_SI = act_SI.clamp(max=spec.limit)
+        return act_SI * up_SI
     if spec.activation == "silu":
         act_SI = F.silu(gate_SI)
     elif spec.activation == "gelu":

@@ -73,10 +73,12 @@ class Options:
 
     @classmethod
     def from_user(cls, options: dict[str, Any] | None) -> Options:
+        """The user's ``options`` dict (``torch.compile(..., options=...)``, ``explain(options=...)``) validated.
+
+        The one conversion: what flows on, to ``compile_graph`` and the passes, is always an :class:`Options`.
+        """
         if options is None:
             return cls()
-        if isinstance(options, Options):
-            return options
         if not isinstance(options, dict):
             raise ValueError(f"moe_prefill options must be a dict, got {type(options).__name__}")
         valid = [f.name for f in dataclasses.fields(cls)]

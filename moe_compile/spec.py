@@ -27,6 +27,10 @@ ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "relu2", "swiglu_oai", "swig
 #: activations with constants of their own (read from the model, never guessed): gated only
 PARAMETRIC = ("swiglu_oai", "swiglu_softcap")
 GATE_LAYOUTS = ("concat", "interleaved")
+#: where a plain gated activation is bounded by ``limit`` (GLM-5-Next's and HY-V4's ``swiglu_limit``:
+#: ``act(gate.clamp(max=limit)) * up.clamp(-limit, limit)``; Step-3.7's ``swiglu_limits``:
+#: ``act(gate).clamp(max=limit) * up.clamp(-limit, limit)``)
+CLAMPS = ("none", "before", "after")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,7 +42,10 @@ class ExpertSpec:
     gate_layout: str = "concat"  # one of GATE_LAYOUTS (ignored when not gated)
     transposed: bool = False  # weights stored [E, in, out] instead of [E, out, in]
     alpha: float = 1.702  # swiglu_oai (GPT-OSS's clamped SwiGLU): glu = gate * sigmoid(alpha * gate)
-    limit: float = 7.0  # swiglu_oai: gate clamped above, up clamped to [-limit, limit]
+    limit: float = 7.0  # swiglu_oai or clamp != "none": gate clamped above, up clamped to [-limit, limit]
+    #: a non-parametric gated activation bounded by ``limit``: "before" clamps the gate before the activation,
+    #: "after" clamps the activated gate; the up half is clamped to [-limit, limit] in both (see CLAMPS)
+    clamp: str = "none"
     # swiglu_softcap (Inkling 2's softcapped SwiGLU), computed in fp32 whatever the weights' dtype:
     #   cap(gate, gate_softcap) * sigmoid(gate) * cap(up, up_softcap),   cap(x, c) = tanh(x / c) * c
     gate_softcap: float = 4.0
@@ -53,6 +60,10 @@ class ExpertSpec:
             raise ValueError(f"unknown gate layout {self.gate_layout!r}; expected one of {GATE_LAYOUTS}")
         if self.activation in PARAMETRIC and not self.gated:
             raise ValueError(f"{self.activation} is a gated activation")
+        if self.clamp not in CLAMPS:
+            raise ValueError(f"unknown clamp {self.clamp!r}; expected one of {CLAMPS}")
+        if self.clamp != "none" and (not self.gated or self.activation in PARAMETRIC):
+            raise ValueError(f"clamp={self.clamp!r} bounds a plain gated activation, not {self.describe_plain()}")
         if not (self.gate_softcap > 0 and self.up_softcap > 0):
             raise ValueError(f"softcaps must be positive, got {self.gate_softcap} and {self.up_softcap}")
 
@@ -89,6 +100,13 @@ class ExpertSpec:
             return f"clamped SwiGLU (alpha={self.alpha:g}, limit={self.limit:g}){scaled}"
         if self.activation == "swiglu_softcap":
             return f"softcapped SwiGLU (gate cap={self.gate_softcap:g}, up cap={self.up_softcap:g}){scaled}"
+        clamped = "" if self.clamp == "none" else f", clamped at {self.limit:g} {self.clamp} the activation"
+        return self.describe_plain() + clamped + scaled
+
+    def describe_plain(self) -> str:
+        """The activation's name and gating alone, e.g. ``SiLU-gated``."""
+        if self.activation in PARAMETRIC:
+            return self.activation
         names = {"silu": "SiLU", "gelu": "GELU", "gelu_tanh": "GELU-tanh", "relu": "ReLU", "relu2": "ReLU²"}
         name = names[self.activation]
-        return (f"{name}-gated" if self.gated else f"{name} (non-gated)") + scaled
+        return f"{name}-gated" if self.gated else f"{name} (non-gated)"

@@ -14,6 +14,7 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 import moe_compile  # noqa: E402,F401  (registers the backend and the op)
+from moe_compile.verify import rel_err  # noqa: F401  (the tests' rel_err is the library's)
 
 
 @pytest.fixture(autouse=True)
@@ -31,10 +32,6 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 @pytest.fixture

@@ -29,6 +29,7 @@ import torch.fx as fx
 import torch.multiprocessing as mp
 
 from moe_compile.testing.pass_harness import PassHarness
+from moe_compile.verify import rel_err
 
 FAMILIES = ("qwen3_moe", "mixtral", "deepseek_v3", "gpt_oss")
 
@@ -148,7 +149,7 @@ def graph_facts(gm: fx.GraphModule) -> dict[str, Any]:
     moe = [n for n in nodes if op_name(n).startswith("moe_compile::moe")]
     names = [op_name(n) for n in nodes]
     layers = []
-    for i, call in enumerate(moe):
+    for call in moe:
         weights = [a for a in call.args[3:7] if isinstance(a, fx.Node)]
         layer: dict[str, Any] = {
             "weights_from": sorted({op_name(w) if w.op == "call_function" else w.op for w in weights})
@@ -178,10 +179,6 @@ def graph_facts(gm: fx.GraphModule) -> dict[str, Any]:
         "peak_gathered_layers": peak,
         "layers": layers,
     }
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 # ---------------------------------------------------------------------------------------------

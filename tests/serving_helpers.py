@@ -13,6 +13,7 @@ import random
 import torch
 
 from moe_compile.serving import Request, Score
+from moe_compile.verify import rel_err
 
 
 @torch.no_grad()
@@ -27,10 +28,6 @@ def eager_value(model, request: Request) -> torch.Tensor:
     if request.output == "logits":
         return logits[reads]  # [n_read, V]
     return out.hidden_states[-1][0, reads].float().mean(dim=0)  # [H]
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 def max_error(model, requests: list[Request], scores: list[Score]) -> float:

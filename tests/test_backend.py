@@ -37,6 +37,21 @@ def test_bad_options_name_the_problem(options, message):
         torch.compile(model, backend="moe_prefill", options=options)(torch.randint(0, 64, (1, 4)))
 
 
+def test_one_options_type_flows_from_the_user_to_the_passes():
+    """The user's dict becomes ``Options`` once (``Options.from_user``); ``compile_graph`` takes only that."""
+    from moe_compile.backend import compile_graph
+
+    opts = moe_compile.Options.from_user({"kernels": "torch"})
+    assert isinstance(opts, moe_compile.Options) and opts.kernels == "torch"
+    with pytest.raises(ValueError, match="moe_prefill options must be a dict, got Options"):
+        moe_compile.Options.from_user(opts)
+    gm = torch.fx.symbolic_trace(torch.nn.Linear(2, 2))
+    with pytest.raises(TypeError, match=r"compile_graph takes Options \(Options.from_user\(a dict\)\), got dict"):
+        compile_graph(gm, [torch.randn(1, 2)], {"kernels": "torch"})
+    report = moe_compile.explain(TinyLM(), torch.randint(0, 64, (1, 4)), options={"kernels": "torch"})
+    assert report.blocks and all(b.implementation == "torch" for b in report.blocks), report
+
+
 def test_custom_module_detected_and_exact():
     torch.manual_seed(0)
     model = TinyLM(layers=3, dense_layers=(1,)).eval()

@@ -161,7 +161,7 @@ def test_a_failing_section_does_not_stop_the_others(tmp_path, monkeypatch):
             return 0, 1.0
         return 1, 1.0  # tests, offload: crashed before writing anything
 
-    monkeypatch.setattr(suite, "_run_child", fake_child)
+    monkeypatch.setattr(suite.runner, "_run_child", fake_child)
     code = suite.main(["--cpu-smoke", "--out", str(tmp_path), "--quiet"])
     res = json.loads((tmp_path / "results.json").read_text())
     status = {n: s["status"] for n, s in res["sections"].items()}

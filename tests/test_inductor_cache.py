@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -85,6 +86,28 @@ def test_pass_identity_follows_the_options_and_the_sources(monkeypatch):
     assert inductor_cache.pass_uuid(base) != uuid
 
 
+def test_the_key_covers_the_sources_the_passes_and_the_backend_import(tmp_path):
+    """Derived from the import graph: a pass, the op's maths or a kernel changes the key; the HTTP server does not."""
+    import shutil
+
+    root = tmp_path / "moe_compile"
+    shutil.copytree(Path(moe_compile.__file__).parent, root, ignore=shutil.ignore_patterns("__pycache__"))
+    files = {p.relative_to(root).as_posix() for p in inductor_cache.source_files(root)}
+    assert {"passes/canonicalize_moe.py", "backend.py", "moe_math.py", "kernels/grouped_gemm.py", "spec.py"} <= files
+    assert {"serving/http.py", "serving/engine.py", "cli.py", "predictor/cli.py", "testing/zoo/families.py"}.isdisjoint(
+        files
+    )
+    key = inductor_cache.hash_sources(root)
+    assert key == inductor_cache.hash_sources(root)  # stable
+    (root / "serving" / "http.py").write_text((root / "serving" / "http.py").read_text() + "\n# an edit\n")
+    assert inductor_cache.hash_sources(root) == key
+    for edited in ("passes/lower_triton.py", "moe_math.py", "kernels/grouped_gemm.py"):
+        path = root / edited
+        path.write_text(path.read_text() + "\n# an edit\n")
+        assert inductor_cache.hash_sources(root) != key, edited
+        key = inductor_cache.hash_sources(root)
+
+
 def test_report_round_trips_beside_the_cache_entry(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
     report = moe_compile.Report(
@@ -115,6 +138,8 @@ def test_a_pass_harness_is_never_served_from_the_cache(monkeypatch, tmp_path):
     monkeypatch.setattr(backend._InductorPostGradHook, "__init__", recording)
     monkeypatch.setattr("torch._inductor.compile_fx.compile_fx", lambda gm, inputs, config_patches: gm)
     gm = torch.fx.symbolic_trace(torch.nn.Linear(2, 2))
-    backend.compile_graph(gm, [torch.randn(1, 2)], {"inductor": True})
-    backend.compile_graph(gm, [torch.randn(1, 2)], {"inductor": True}, pipeline=PassHarness()._pipeline)
+    backend.compile_graph(gm, [torch.randn(1, 2)], moe_compile.Options.from_user({"inductor": True}))
+    backend.compile_graph(
+        gm, [torch.randn(1, 2)], moe_compile.Options.from_user({"inductor": True}), pipeline=PassHarness()._pipeline
+    )
     assert uuids[0] is not None and uuids[1] is None

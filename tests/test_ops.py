@@ -1,5 +1,7 @@
 """The canonical op: its torch implementation against the reference loop, and its registration."""
 
+import sys
+
 import pytest
 import torch
 from conftest import rel_err
@@ -22,6 +24,9 @@ SPECS = [
     # small caps: the tanh bites on these O(1) activations
     ExpertSpec(activation="swiglu_softcap", gate_softcap=0.7, up_softcap=1.3),
     ExpertSpec("swiglu_softcap", gate_layout="interleaved", transposed=True, gate_softcap=1.1, up_softcap=0.6),
+    # small limits: the clamps bite on these O(1) projections
+    ExpertSpec(clamp="before", limit=0.4),  # GLM-5-Next / HY-V4
+    ExpertSpec(activation="gelu", gate_layout="interleaved", transposed=True, clamp="after", limit=0.3),  # Step-3.7
 ]
 
 
@@ -117,6 +122,40 @@ def test_spec_round_trip_and_validation():
         ExpertSpec(activation="swiglu_softcap", up_softcap=0.0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_clamped_activations_equal_transformers(dtype):
+    """The two clamped SwiGLUs against the transformers experts they stand for: GLM-5-Next/HY-V4 bound the gate
+    before the SiLU, Step-3.7 bounds the activated gate; both bound up to [-limit, limit]."""
+    from types import SimpleNamespace
+
+    import torch.nn.functional as F
+
+    hy_v4 = pytest.importorskip("transformers.models.hy_v4.modeling_hy_v4", reason="HY-V4 is new in transformers 5.25")
+    step3p7 = pytest.importorskip("transformers.models.step3p7.modeling_step3p7")
+    g = torch.Generator().manual_seed(2)
+    up_SN = (torch.randn(64, 2 * 24, generator=g) * 12).to(dtype)  # wide enough that a limit of 7 bites
+    before = ExpertSpec(clamp="before", limit=7.0)
+    want = hy_v4.HYV4Experts._apply_gate(SimpleNamespace(swiglu_limit=7.0), up_SN)
+    torch.testing.assert_close(ops.activate(up_SN, before), want, rtol=0, atol=0)
+    after = ExpertSpec(clamp="after", limit=7.0)
+    want = step3p7.Step3p7Experts._apply_gate(SimpleNamespace(act_fn=F.silu, limit=7.0), up_SN)
+    torch.testing.assert_close(ops.activate(up_SN, after), want, rtol=0, atol=0)
+    # and the bounds matter: the plain SwiGLU and the other placement are not these
+    assert rel_err(ops.activate(up_SN, ExpertSpec()), want) > 1e-2
+    if dtype == torch.float32:  # silu(7) = 6.994 (7 in bf16): the placements differ by limit * sigmoid(-limit)
+        assert rel_err(ops.activate(up_SN, before), want) > 1e-4
+
+
+def test_clamp_is_for_plain_gated_activations():
+    with pytest.raises(ValueError, match="unknown clamp"):
+        ExpertSpec(clamp="around")
+    with pytest.raises(ValueError, match="bounds a plain gated activation"):
+        ExpertSpec(gated=False, clamp="before")
+    with pytest.raises(ValueError, match="bounds a plain gated activation"):
+        ExpertSpec(activation="swiglu_oai", clamp="after")
+    assert "clamped at 10 before" in ExpertSpec(clamp="before", limit=10.0).describe()
+
+
 @pytest.mark.parametrize(
     "spec",
     [
@@ -190,3 +229,13 @@ def test_grouped_and_loop_paths_agree(H, I, grouped, dtype, monkeypatch):  # noq
     args = _inputs(spec, T=11, K=3, E=6, H=H, I=I, dtype=dtype)
     assert rel_err(moe_torch(*args, spec), moe_reference(*args, spec)) < (1e-5 if dtype == torch.float32 else 2e-2)
     assert len(calls) == (2 if grouped else 0), calls
+
+
+def test_the_op_and_its_module_have_different_names():
+    """``moe_compile.ops.moe`` is the op; its module is ``moe_compile.ops.canonical`` (no shadowing)."""
+    import importlib
+
+    import moe_compile.ops
+
+    assert moe_compile.ops.moe is importlib.import_module("moe_compile.ops.canonical").moe
+    assert "moe_compile.ops.moe" not in sys.modules and moe_compile.ops.moe_torch is ops.moe_torch

@@ -11,8 +11,7 @@ from handwritten_moe import HandwrittenLM
 
 import moe_compile
 from moe_compile.prepare import RoutedExperts, prepare_report
-
-TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
+from moe_compile.verify import tolerance
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -36,7 +35,7 @@ def test_handwritten_moe_prepared_compiled_and_exact(form, act, gated, bias, dty
     compiled = torch.compile(model, backend="moe_prefill")
     with torch.no_grad():
         for x, e in zip(ids, expected):
-            assert rel_err(compiled(x), e) < TOLERANCE[dtype]
+            assert rel_err(compiled(x), e) < tolerance(dtype)
 
 
 def test_top1_unnormalised_routing_is_found():

@@ -23,8 +23,16 @@ from moe_compile.backend import collect_reports
 from moe_compile.prepare import PostNormExperts, RoutedExperts, StackedExperts, prepare_report
 from moe_compile.prepare.probe import is_interface_experts
 from moe_compile.testing import coverage
+from moe_compile.verify import tolerance
 
-TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
+
+def _needs_family(family: str) -> None:
+    """Skip, naming the reason, on a transformers that has no such family (the lowest-versions lane)."""
+    import transformers
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    if family not in CONFIG_MAPPING:
+        pytest.skip(f"transformers {transformers.__version__} has no {family} (a newer release added it)")
 
 
 def _interface_experts(model) -> int:
@@ -64,7 +72,7 @@ def _check(
         torch._dynamo.reset()
     assert len({b.path for b in found.blocks}) in (blocks if isinstance(blocks, set) else {blocks}), found
     for g, e in zip(got, expected):
-        assert rel_err(g, e) < TOL[dtype]
+        assert rel_err(g, e) < tolerance(dtype)
     return model
 
 
@@ -117,11 +125,13 @@ def test_jetmoe_mlp_is_routed_and_its_attention_moe_left_alone(dtype):
     assert all("mixture of attention (`map`/`reduce`)" in what for _, what in refused)
 
 
-def test_clamped_step3p7_experts_are_left_alone():
-    """Step-3.7-Flash clamps some layers' experts (`swiglu_limits`): no canonical form; the large probe shows it.
+def test_clamped_step3p7_experts():
+    """Step-3.7-Flash clamps some layers' experts (`swiglu_limits`): ``act(gate).clamp(max=7) * up.clamp(-7, 7)``.
 
-    Before transformers 5.25 prepare refuses the loop; from 5.25 the experts use the experts interface and the
-    backend's verification refuses the block (its probes at a large input scale reach the clamp), naming it.
+    Before transformers 5.25, prepare refuses that loop (its probes at a large input scale reach the clamp). From
+    5.25 the experts use the experts interface; the backend rewrites the layer as the op with ``clamp="after"``,
+    verified at unit and at large input scale, and stays exact where the clamp bites (layer 1's gate/up weights are
+    scaled so that its projections reach 40, far past 7).
     """
     config = coverage.tiny_config("step3p7")
     text = config.get_text_config()
@@ -130,9 +140,10 @@ def test_clamped_step3p7_experts_are_left_alone():
     torch.manual_seed(0)
     with coverage._quiet():
         model = coverage._model_class("step3p7", config)._from_config(config, dtype=torch.float32).eval()
-    experts = model.language_model.layers[1].mlp.experts
+    layer = model.language_model.layers[1]
+    experts = layer.mlp.experts
     moe_compile.prepare(model)
-    assert model.language_model.layers[1].mlp.experts is experts
+    assert layer.mlp.experts is experts
     if not is_interface_experts(experts):
         ((name, what),) = prepare_report()
         assert name == "language_model.layers.1.mlp.experts"
@@ -140,17 +151,23 @@ def test_clamped_step3p7_experts_are_left_alone():
         return
     assert prepare_report() == []
     kw = coverage._inputs(model, 8, seed=1)
+    sizes = []  # the largest |projection| of layer 1's experts on their real input: past the limit, the clamp bites
+    hook = experts.register_forward_hook(lambda m, args, out: sizes.append((args[0] @ m.gate_up_proj.mT).abs().max()))
     with torch.no_grad(), coverage._quiet():
+        model(**kw)
+        experts.gate_up_proj.mul_(40.0 / max(sizes))  # projections up to 40: far past the limit of 7
+        sizes.clear()
         expected = coverage._output(model(**kw)).clone()
+    hook.remove()
+    assert sizes and max(sizes) > 2 * 7.0, sizes
     torch._dynamo.reset()
     try:
         with torch.no_grad(), coverage._quiet(), collect_reports() as found:
             got = coverage._output(torch.compile(model, backend="moe_prefill", options={"inductor": False})(**kw))
     finally:
         torch._dynamo.reset()
-    assert "language_model.layers.1.mlp" not in {b.path for b in found.blocks}, found
-    (skipped,) = [s for s in found.skipped if s.where == "language_model.layers.1.mlp"]
-    assert "clamp" in skipped.reason and "swiglu_limits are not canonical" in skipped.reason, skipped
+    (block,) = [b for b in found.blocks if b.path == "language_model.layers.1.mlp"]
+    assert "clamped at 7 after the activation" in block.activation, block
     assert rel_err(got, expected) < 1e-5
 
 
@@ -228,12 +245,14 @@ def test_hand_written_transposed_interleaved_experts_are_stacked():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_muse_spark_post_expert_norm_runs_after_the_op_on_each_pair(dtype):
+    _needs_family("muse_spark_text")
     model = _check("muse_spark_text", dtype, PostNormExperts, "each output normed", modules=2, blocks=2)
     experts = model.layers[0].mlp.experts
     assert experts.norm is not None and type(experts.norm).__name__ == "MuseSparkTextInputScaledRMSNorm"
 
 
 def test_post_norm_experts_are_refused_when_no_activation_fits():
+    _needs_family("muse_spark_text")
     with coverage._quiet():
         model = coverage._build_model("muse_spark_text")
     experts = model.layers[0].mlp.experts

@@ -80,6 +80,8 @@ ACTIVATIONS = {
     "relu2": ExpertSpec(activation="relu2"),
     "swiglu_oai": ExpertSpec(activation="swiglu_oai"),
     "swiglu_softcap": ExpertSpec(activation="swiglu_softcap"),
+    "silu/clamp-before": ExpertSpec(activation="silu", clamp="before", limit=10.0),
+    "silu/clamp-after": ExpertSpec(activation="silu", clamp="after"),
     "silu/ungated": ExpertSpec(activation="silu", gated=False),
     "gelu/ungated": ExpertSpec(activation="gelu", gated=False),
     "relu/ungated": ExpertSpec(activation="relu", gated=False),

@@ -107,8 +107,22 @@ def _tanh(z):
 
 
 @triton.jit
-def _activate(gate, up, alpha, limit, gate_cap, up_cap, ACTIVATION: tl.constexpr, GATED: tl.constexpr):
-    """fp32 tiles -> ``act(gate) * up`` (or ``act(gate)`` when not gated)."""
+def _activate(
+    gate,
+    up,
+    alpha,
+    limit,
+    gate_cap,
+    up_cap,
+    ACTIVATION: tl.constexpr,
+    GATED: tl.constexpr,
+    CLAMP: tl.constexpr = "none",
+):
+    """fp32 tiles -> ``act(gate) * up`` (or ``act(gate)`` when not gated); ``CLAMP`` as ``ExpertSpec.clamp``."""
+    if CLAMP != "none":
+        up = tl.minimum(tl.maximum(up, -limit), limit)
+        if CLAMP == "before":
+            gate = tl.minimum(gate, limit)
     if ACTIVATION == "swiglu_oai":
         gate = tl.minimum(gate, limit)
         up = tl.minimum(tl.maximum(up, -limit), limit)
@@ -129,6 +143,8 @@ def _activate(gate, up, alpha, limit, gate_cap, up_cap, ACTIVATION: tl.constexpr
             out = out * out
         else:  # relu
             out = tl.maximum(gate, 0.0)
+        if CLAMP == "after":
+            out = tl.minimum(out, limit)
         if GATED:
             out = out * up
     return out
@@ -184,6 +200,7 @@ def _up_kernel(
     TOP_K: tl.constexpr,
     ACTIVATION: tl.constexpr,
     GATED: tl.constexpr,
+    CLAMP: tl.constexpr,
     INTERLEAVED: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
@@ -246,7 +263,7 @@ def _up_kernel(
             acc_gate += tl.load(b_base + gate_col_N * stride_bn, mask=col_ok_N, other=0.0).to(tl.float32)[None, :]
             if GATED:
                 acc_up += tl.load(b_base + up_col_N * stride_bn, mask=col_ok_N, other=0.0).to(tl.float32)[None, :]
-    act = _activate(acc_gate, acc_up, alpha, limit, gate_cap, up_cap, ACTIVATION, GATED)
+    act = _activate(acc_gate, acc_up, alpha, limit, gate_cap, up_cap, ACTIVATION, GATED, CLAMP)
 
     out_ptrs = out_ptr + pair_M[:, None] * stride_os + offs_i_N[None, :] * stride_oi
     tl.store(out_ptrs, act.to(out_ptr.dtype.element_ty), mask=row_ok_M[:, None] & col_ok_N[None, :])
@@ -457,7 +474,7 @@ def up_launch(
             stride_be, stride_bn, out_SI.stride(0), out_SI.stride(1),
         ),
         {
-            "TOP_K": top_k, "ACTIVATION": spec.activation, "GATED": spec.gated,
+            "TOP_K": top_k, "ACTIVATION": spec.activation, "GATED": spec.gated, "CLAMP": spec.clamp,
             "INTERLEAVED": spec.gated and spec.gate_layout == "interleaved", "HAS_BIAS": b_up_EN is not None,
             "DOT_DTYPE": dot_dtype, "DOT_PRECISION": precision,
             "BLOCK_M": c.block_m, "BLOCK_N": block_n, "BLOCK_K": c.block_k,

@@ -149,7 +149,7 @@ def _match(local: fx.Node, world: rdist.World) -> EPBlock:
     W = len(send)
     if list(ids_a2a.args[1]) != list(recv) or list(ids_a2a.args[2]) != list(send):
         raise _Miss("the ids and the hidden rows are dispatched with different split sizes")
-    if group != world.group_name or W != world.size:
+    if group != world.group_name or world.size != W:
         raise _Miss(f"the AllToAlls run on group {group!r} of {W} ranks, not the default group of {world.size}")
 
     # combine: the local output goes back with the dispatch's splits swapped

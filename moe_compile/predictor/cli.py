@@ -35,11 +35,11 @@ def _load_model(path: str):
     try:
         model = load_model(path)
     except (FileNotFoundError, OSError, ValueError) as err:
-        raise SystemExit(f"moe-compile: cannot load the model at {path}: {err}")
+        raise SystemExit(f"moe-compile: cannot load the model at {path}: {err}") from err
     try:
         moe_layers(model)
     except (TypeError, ValueError) as err:
-        raise SystemExit(f"moe-compile: {path}: {err}")
+        raise SystemExit(f"moe-compile: {path}: {err}") from err
     return model
 
 
@@ -50,7 +50,7 @@ def chunks_or_exit(texts: list[str] | None, split: str, max_tokens: int, seq_len
     try:
         return text_chunks(texts, split, seq_len, max_tokens)
     except (FileNotFoundError, ValueError) as err:
-        raise SystemExit(f"moe-compile: {err}")
+        raise SystemExit(f"moe-compile: {err}") from err
 
 
 def cmd_train_predictor(args: argparse.Namespace) -> int:
@@ -85,7 +85,7 @@ def cmd_eval_predictor(args: argparse.Namespace) -> int:
     try:
         bundle = load_bundle(args.predictor, model)
     except PredictorFileError as err:
-        raise SystemExit(f"moe-compile: {err}")
+        raise SystemExit(f"moe-compile: {err}") from err
     chunks = chunks_or_exit(args.texts, "heldout", args.max_tokens, args.seq_len)
     print(format_table(evaluate(model, bundle, chunks, progress=not args.quiet)))
     return 0

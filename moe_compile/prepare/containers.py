@@ -76,7 +76,7 @@ def _same_container(container: nn.Module, stacked: StackedExperts, H: int, dtype
         fit = ((got.double() * expected.double()).sum() / got.double().square().sum()).item()
         for digits in range(1, 7):
             scale = round(fit, digits)
-            if 0 < scale and scale != 1.0:
+            if scale > 0 and scale != 1.0:
                 stacked.output_scale = scale
                 if close(stacked(x, selection, w), expected):
                     return True

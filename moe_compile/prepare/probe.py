@@ -18,11 +18,10 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn as nn
 
+from .. import verify
 from ..moe_math import activate
 from ..spec import ACTIVATIONS, GATE_LAYOUTS, PARAMETRIC, ExpertSpec
 from .modules import StackedExperts
-
-_TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-9, torch.float16: 2e-2, torch.bfloat16: 2e-2}
 
 
 class Form(NamedTuple):
@@ -93,8 +92,8 @@ def in_eval(module: nn.Module) -> Iterator[None]:
 
 
 def close(a: torch.Tensor, b: torch.Tensor) -> bool:
-    err = ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
-    return err <= _TOLERANCE.get(b.dtype, 1e-5)
+    """``a`` equals the module's own output ``b`` within ``b``'s dtype tolerance (:mod:`moe_compile.verify`)."""
+    return verify.close(a, b)
 
 
 def same_output(got, expected) -> bool:
@@ -245,7 +244,7 @@ def weight_forms(views: list[tuple[str, torch.Tensor]], hidden: int | None = Non
             names = ", ".join(f"{views[i][0]}{'.T' if f else ''}" for i, f in zip(order, flips))
             *ups, down = ws
             H, I = down.shape[1], down.shape[2]
-            if (hidden is not None and H != hidden) or any(u.shape[2] != H for u in ups):
+            if (hidden is not None and hidden != H) or any(u.shape[2] != H for u in ups):
                 continue
             if len(ups) == 2:  # gate, up
                 if ups[0].shape[1] != I or ups[1].shape[1] != I:

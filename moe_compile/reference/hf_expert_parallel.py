@@ -30,10 +30,9 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from .. import verify
 from ..spec import ACTIVATIONS, ExpertSpec
 from .expert_parallel import ExpertParallelExperts
-
-_TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-9, torch.float16: 2e-2, torch.bfloat16: 2e-2}
 
 
 def _ep_module():
@@ -125,8 +124,7 @@ def _swiglu_constants(module: nn.Module, act: str) -> dict:
 
 
 def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
-    err = ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
-    return err <= _TOLERANCE.get(b.dtype, 1e-5)
+    return verify.close(a, b)
 
 
 @torch.no_grad()

@@ -103,7 +103,7 @@ def is_record(obj: Any) -> bool:
         return False
     if set(obj) == {"id", "error"} or set(obj) == {"id", "custom_id", "response", "error"}:  # native; OpenAI batch
         return True
-    return _RECORD_KEYS <= set(obj) and any(key in obj for key in JSON_KEYS.values())
+    return set(obj) >= _RECORD_KEYS and any(key in obj for key in JSON_KEYS.values())
 
 
 class ScoresOutput:

@@ -107,7 +107,7 @@ class PassHarness:
 
     def __call__(self, gm: fx.GraphModule, example_inputs: list[Any], **kwargs: Any) -> Callable:
         options = {**self.options, **(kwargs.get("options") or {})}
-        return compile_graph(gm, example_inputs, options or None, pipeline=self._pipeline)
+        return compile_graph(gm, example_inputs, Options.from_user(options), pipeline=self._pipeline)
 
     def _pipeline(self, options: Options) -> list[_Recorded]:
         passes = list(self.passes) if self.passes else build_pipeline(options)

@@ -30,6 +30,9 @@ SPECS = [
     # caps small enough that tanh works on both sides of _tanh's series/exp switch (|x / cap| = 0.25)
     ExpertSpec(activation="swiglu_softcap", gate_softcap=0.5, up_softcap=0.8),
     ExpertSpec("swiglu_softcap", gate_layout="interleaved", transposed=True, gate_softcap=0.9, up_softcap=0.3),
+    # limits small enough that the clamps bite on O(1) projections
+    ExpertSpec(clamp="before", limit=0.5),
+    ExpertSpec(activation="gelu_tanh", gate_layout="interleaved", transposed=True, clamp="after", limit=0.2),
 ]
 
 

@@ -8,10 +8,7 @@ import torch
 import torch.distributed as dist
 
 from moe_compile.testing.pass_harness import PassHarness
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+from moe_compile.verify import rel_err
 
 
 def run(harness: PassHarness, model: torch.nn.Module, *inputs: torch.Tensor, options=None, tol: float = 1e-5):

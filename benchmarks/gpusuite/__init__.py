@@ -1,0 +1,3 @@
+"""The GPU suite's parts, one module per section of ``benchmarks/gpu_suite.py`` (the command)."""
+
+from __future__ import annotations
