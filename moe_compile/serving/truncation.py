@@ -71,9 +71,9 @@ def _int_option(body: dict[str, Any], key: str) -> int | None:
 def parse_truncation(body: dict[str, Any]) -> Truncation:
     """The :class:`Truncation` of a body (any of the keys above); ValueError naming a bad value."""
     max_tokens = body.get("truncate_prompt_tokens")
-    if max_tokens is not None:
-        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or (max_tokens < 1 and max_tokens != -1):
-            raise ValueError(f"'truncate_prompt_tokens' must be -1 (the model's maximum) or >= 1, not {max_tokens!r}")
+    bad = not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or (max_tokens < 1 and max_tokens != -1)
+    if max_tokens is not None and bad:
+        raise ValueError(f"'truncate_prompt_tokens' must be -1 (the model's maximum) or >= 1, not {max_tokens!r}")
     truncate = body.get("truncate")
     if truncate is not None:
         if not isinstance(truncate, bool):
