@@ -56,8 +56,11 @@ DEFAULT_MFU = 0.4
 DEFAULT_EP_IMBALANCE = 1.25
 #: EP's per-layer host sync for the AllToAll split sizes (count exchange + device sync)
 EP_SYNC_S = 50e-6
-#: bytes per weight element; fp8 keeps embeddings and head in bf16
-WEIGHT_BYTES = {"bf16": 2, "fp8": 1, "fp32": 4}
+#: [fp8] block-fp8 weights carry one fp32 scale per 128x128 block (``weight_scale_inv``): bytes per weight on top
+#: of its one byte (sizes that are not multiples of 128 round their blocks up: slightly more)
+FP8_SCALE_BYTES = 4 / (128 * 128)
+#: bytes per weight element, scales included; fp8 keeps embeddings and head in bf16
+WEIGHT_BYTES = {"bf16": 2, "fp8": 1 + FP8_SCALE_BYTES, "fp32": 4}
 ACTIVATION_BYTES = {"bf16": 2, "fp8": 1, "fp32": 4}  # EP dispatch; the combine is in bf16
 
 

@@ -33,6 +33,8 @@ class BlockReport:
     schedule: dict[str, object] = dataclasses.field(default_factory=dict)
     #: predictor=PATH: the layer's predictor node and what it reads, e.g. "pre-attention of model.layers.3: ..."
     predictor: str = "-"
+    #: [fp8] the experts' weight quantization, e.g. "fp8 e4m3 W8A8, 128x128 weight blocks, float32 scales"
+    quantization: str = "-"
 
     def row(self) -> list[str]:
         shared = "yes (dense)" if self.shared_experts else "-"

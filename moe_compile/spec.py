@@ -31,6 +31,9 @@ GATE_LAYOUTS = ("concat", "interleaved")
 #: ``act(gate.clamp(max=limit)) * up.clamp(-limit, limit)``; Step-3.7's ``swiglu_limits``:
 #: ``act(gate).clamp(max=limit) * up.clamp(-limit, limit)``)
 CLAMPS = ("none", "before", "after")
+#: weight quantization forms: "none" (weights in the activation dtype), "fp8_block" (e4m3 weights, one scale per
+#: ``block_n x block_k`` block, W8A8 with dynamic per-token activation quantization; :mod:`moe_compile.quant.fp8`)
+QUANT_FORMS = ("none", "fp8_block")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +55,12 @@ class ExpertSpec:
     up_softcap: float = 25.0
     #: the routing weight scales the expert's *input* (``expert(w * x)``, Llama 4) instead of its output
     scale_input: bool = False
+    # [fp8] the experts' weight quantization (QUANT_FORMS); with "fp8_block" the op is moe_compile::moe_fp8 and
+    # takes the scales too: one per block_n x block_k block of each weight, in scale_dtype (dequantized = q * s)
+    quant: str = "none"
+    block_n: int = 0
+    block_k: int = 0
+    scale_dtype: str = "-"
 
     def __post_init__(self) -> None:
         if self.activation not in ACTIVATIONS:
@@ -66,6 +75,26 @@ class ExpertSpec:
             raise ValueError(f"clamp={self.clamp!r} bounds a plain gated activation, not {self.describe_plain()}")
         if not (self.gate_softcap > 0 and self.up_softcap > 0):
             raise ValueError(f"softcaps must be positive, got {self.gate_softcap} and {self.up_softcap}")
+        if self.quant not in QUANT_FORMS:
+            raise ValueError(f"unknown quantization {self.quant!r}; expected one of {QUANT_FORMS}")
+        if self.quant == "fp8_block":
+            self._check_fp8_block()
+
+    def _check_fp8_block(self) -> None:
+        """The constraints of ``quant="fp8_block"`` (ValueError); the arithmetic is :mod:`moe_compile.quant.fp8`."""
+        if self.block_n <= 0 or self.block_k <= 0:
+            raise ValueError(f"fp8_block needs a positive block, got {self.block_n}x{self.block_k}")
+        if self.scale_dtype != "float32":
+            raise ValueError(
+                f"fp8_block scales must be float32 in the op, got {self.scale_dtype}; convert them with "
+                "moe_compile.quant.fp8.scales_to_float32"
+            )
+        if self.transposed:
+            raise ValueError(
+                "fp8_block weights are [E, out, in] (transposed=False): transposed fp8 experts unsupported"
+            )
+        if self.gated and self.gate_layout != "concat":
+            raise ValueError("fp8_block gated experts need the concat gate/up layout: interleaved rows straddle blocks")
 
     def encode(self) -> str:
         """A compact, stable string, e.g. ``activation=silu;gated=1;gate_layout=concat;...``.
@@ -90,7 +119,8 @@ class ExpertSpec:
             if key not in types:
                 raise ValueError(f"unknown ExpertSpec field {key!r} in {text!r}")
             kind = types[key]
-            kwargs[key] = bool(int(value)) if kind == "bool" else float(value) if kind == "float" else value
+            convert = {"bool": lambda v: bool(int(v)), "float": float, "int": int}.get(kind, str)
+            kwargs[key] = convert(value)
         return ExpertSpec(**kwargs)  # type: ignore[arg-type]
 
     def describe(self) -> str:
@@ -110,3 +140,9 @@ class ExpertSpec:
         names = {"silu": "SiLU", "gelu": "GELU", "gelu_tanh": "GELU-tanh", "relu": "ReLU", "relu2": "ReLU²"}
         name = names[self.activation]
         return f"{name}-gated" if self.gated else f"{name} (non-gated)"
+
+    def describe_quant(self) -> str:
+        """``-`` or, e.g., ``fp8 e4m3 W8A8, 128x128 weight blocks, float32 scales``."""
+        if self.quant == "none":
+            return "-"
+        return f"fp8 e4m3 W8A8, {self.block_n}x{self.block_k} weight blocks, {self.scale_dtype} scales"

@@ -17,13 +17,13 @@ from moe_compile import import_graph
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     # the op's semantics and the small value types every layer uses; they import nothing of the package
     ("spec & maths", ("spec", "moe_math", "verify", "import_graph", "options", "report", "graph", "file_format",
-                      "planner")),
+                      "planner", "quant")),  # quant: fp8's format and W8A8 arithmetic (quant.fp8)
     ("kernels", ("kernels",)),  # Triton: they import the maths, never the ops
     ("runtime", ("runtime", "predictor", "reference", "routing_stats")),  # what the ops call at run time
     ("ops", ("ops",)),  # the custom ops: names, schemas, fakes, dispatch
     ("passes", ("passes", "debug")),
     ("backend", ("backend", "inductor_cache", "explain", "testing.pass_harness")),
-    ("api", ("prepare", "")),  # "": the package itself (``import moe_compile``)
+    ("api", ("prepare", "", "quant.prepare_fp8", "quant.loading")),  # "": the package itself (``import moe_compile``)
     ("serving", ("serving",)),
     ("testing", ("testing",)),
     ("cli", ("cli", "serving.cli", "predictor.cli")),

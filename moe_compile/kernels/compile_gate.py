@@ -16,7 +16,10 @@ What it compiles (:func:`cases`), for sm_80 (A100) and sm_90 (H100/H200):
   the clamped SwiGLU) on every config the default path (seed table or heuristic) can return;
 - every activation, gated and not, on the config with the largest tile per dtype (the epilogue is the
   only code an activation changes, and the largest accumulator is where registers run out);
-- the top-k reduce for every dtype.
+- the top-k reduce for every dtype;
+- [fp8] the block-fp8 up and down kernels (:mod:`.fp8_moe`, dtype ``fp8``: e4m3 weights and activations,
+  bf16 output) on every config the fp8 layer can select (bf16's seed table and heuristic), for sm_90
+  (``native``: e4m3 dots) and sm_80 (``decode``: e4m3 decoded to bf16 in the kernel).
 
 ``GROUP_M`` is a runtime argument of the kernels, so configs that differ only in it compile to one
 kernel; the routing's ``top_k`` is a compile-time constant that only enters index arithmetic and is
@@ -26,9 +29,11 @@ A case fails on: a compile error; any register spill (ptxas: spill stores or loa
 a kernel over 255 registers shows as 32 registers plus a stack); shared memory over the device's
 per-block limit (166,912 B on sm_80, 232,448 B on sm_90); a 16-bit GEMM with ``BLOCK_M >= 64`` on sm_90
 whose PTX has no warp-group MMA (``wgmma``), or a pipelined (``num_stages > 1``) wgmma kernel whose every
-``wgmma.wait_group`` leaves no MMA in flight. Results are cached by a hash of the kernel source, the
-case and the Triton version (``--cache-dir``), so a rerun compiles only what changed; a process pool
-compiles the rest.
+``wgmma.wait_group`` leaves no MMA in flight. fp8 cases on sm_90 with ``BLOCK_M >= 64`` must use
+``wgmma ... e4m3.e4m3``; the in-flight rule does not apply to them: each K step's dot is scaled (per K
+block) as soon as it is done, so its MMA is waited for by design; their loads are still pipelined.
+Results are cached by a hash of the kernel source, the case and the Triton version (``--cache-dir``),
+so a rerun compiles only what changed; a process pool compiles the rest.
 """
 
 from __future__ import annotations
@@ -58,6 +63,8 @@ __all__ = ["SHARED_LIMIT", "Case", "Result", "cases", "check", "compile_case", "
 SHARED_LIMIT = {80: 166_912, 90: 232_448}
 TARGETS = tuple(SHARED_LIMIT)
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+#: [fp8] the block-fp8 kernels' case dtype: e4m3 operands, fp32 scales, bf16 output
+FP8 = "fp8"
 
 # A representative MoE layer (Qwen3-30B-A3B-like widths): the sizes only matter through Triton's
 # specialization (all are multiples of 16, as in every supported model).
@@ -183,6 +190,24 @@ def cases(targets: tuple[int, ...] = TARGETS) -> list[Case]:
             largest, sources = max(merged.values(), key=lambda cs: (cs[0].block_m * cs[0].block_n, cs[0].block_k))
             out += [Case("up", largest, name, act, cc, ",".join(sorted(sources))) for act in ACTIVATIONS]
             out.append(Case("reduce", None, name, "-", cc))
+    out += fp8_cases(targets)
+    return out
+
+
+def fp8_cases(targets: tuple[int, ...] = TARGETS) -> list[Case]:
+    """[fp8] The block-fp8 up and down kernels on every config fused_moe_fp8 can select (no autotune there):
+    on sm_90 the 16-bit seed table and heuristic (native e4m3), on sm_80 ``fp8_moe.DECODE_CONFIGS``."""
+    from .fp8_moe import DECODE_CONFIGS
+
+    merged: dict[tuple, tuple[KernelConfig, set[str]]] = {}
+    for config, sources in _selectable(torch.bfloat16).items():
+        if sources & {"seed", "heuristic"}:
+            entry = merged.setdefault(_compile_key(config), (config, set()))
+            entry[1].update(sources & {"seed", "heuristic"})
+    out = []
+    for cc in targets:
+        chosen = merged.values() if cc >= 89 else [(c, {"fp8-decode"}) for _, c in DECODE_CONFIGS]
+        out += [Case(k, c, FP8, "standard", cc, ",".join(sorted(s))) for c, s in chosen for k in ("up", "down")]
     return out
 
 
@@ -195,6 +220,8 @@ def _launch(case: Case):
     from . import grouped_gemm
     from .align import padded_bound
 
+    if case.dtype == FP8:
+        return _fp8_launch(case)
     dtype = DTYPES[case.dtype]
     meta = torch.device("meta")
     spec, bias = case.spec_and_bias()
@@ -223,6 +250,37 @@ def _launch(case: Case):
     return grouped_gemm.down_launch(act_SI, alignment, weights_TK, w_down, b_down, spec, case.config, interpret=False)[
         0
     ]
+
+
+def _fp8_launch(case: Case):
+    """[fp8] The block-fp8 launcher's Launch for ``case`` (SiLU-gated, 128x128 blocks), on meta tensors."""
+    from . import fp8_moe, grouped_gemm
+    from .align import padded_bound
+
+    meta, e4m3, f32 = torch.device("meta"), torch.float8_e4m3fn, torch.float32
+    spec = ExpertSpec(quant="fp8_block", block_n=128, block_k=128, scale_dtype="float32")
+    mode = fp8_moe.fp8_mode(cc=case.cc)
+    P = padded_bound(_T * _K, _E, case.config.block_m)
+    alignment = grouped_gemm.Alignment(
+        torch.empty(P, dtype=torch.int32, device=meta),
+        torch.empty(P // case.config.block_m, dtype=torch.int32, device=meta),
+        torch.empty(1, dtype=torch.int32, device=meta),
+    )
+    kb_h, kb_i = -(-_H // 128), -(-_I // 128)
+    if case.kernel == "up":
+        qx = torch.empty(_T, _H, dtype=e4m3, device=meta)
+        sx = torch.empty(_T, kb_h, dtype=f32, device=meta)
+        w_up = torch.empty(_E, 2 * _I, _H, dtype=e4m3, device=meta)
+        s_up = torch.empty(_E, 2 * kb_i, kb_h, dtype=f32, device=meta)
+        args = (qx, sx, alignment, w_up, s_up, None, spec, _K, case.config, torch.bfloat16, mode)
+        return fp8_moe.up_fp8_launch(*args, interpret=False)[0]
+    qa = torch.empty(_T * _K, _I, dtype=e4m3, device=meta)
+    sa = torch.empty(_T * _K, kb_i, dtype=f32, device=meta)
+    weights = torch.empty(_T, _K, dtype=f32, device=meta)
+    w_down = torch.empty(_E, _H, _I, dtype=e4m3, device=meta)
+    s_down = torch.empty(_E, kb_h, kb_i, dtype=f32, device=meta)
+    args = (qa, sa, alignment, weights, w_down, s_down, None, spec, case.config, torch.bfloat16, mode)
+    return fp8_moe.down_fp8_launch(*args, interpret=False)[0]
 
 
 def ast_source(launch, cc: int):
@@ -261,6 +319,8 @@ _PTXAS_REGS = re.compile(r"Used (\d+) registers")
 
 
 def _mma_kind(ptx: str, kernel: str) -> str:
+    if re.search(r"wgmma\.mma_async\S*\.e4m3\.e4m3", ptx):
+        return "wgmma-e4m3"  # [fp8]
     if "wgmma.mma_async" in ptx:
         return "wgmma"
     if re.search(r"\bmma\.sync", ptx):
@@ -314,6 +374,9 @@ def check(result: Result) -> list[str]:
     wants_wgmma = case.kernel in ("up", "down") and case.dtype in ("fp16", "bf16") and case.config.block_m >= 64
     if case.cc == 90 and wants_wgmma and result.mma != "wgmma":
         failures.append(f"16-bit BLOCK_M={case.config.block_m} GEMM on sm_90 without wgmma ({result.mma})")
+    if case.dtype == FP8 and case.cc == 90 and case.config.block_m >= 64 and result.mma != "wgmma-e4m3":
+        failures.append(f"fp8 BLOCK_M={case.config.block_m} GEMM on sm_90 without wgmma e4m3 ({result.mma})")
+    # fp8: each K step's MMA is waited for before its block scale applies (by design), so no in-flight rule
     if result.mma == "wgmma" and case.config.num_stages > 1 and not result.wgmma_in_flight:
         failures.append("wgmma not pipelined: every wait leaves no MMA group in flight")
     return failures
@@ -328,7 +391,8 @@ def _source_hash() -> str:
     import inspect
 
     digest = hashlib.sha256((Path(__file__).parent / "grouped_gemm.py").read_bytes())
-    for fn in (_launch, ast_source, compile_case, _mma_kind):
+    digest.update((Path(__file__).parent / "fp8_moe.py").read_bytes())  # [fp8]
+    for fn in (_launch, _fp8_launch, ast_source, compile_case, _mma_kind):
         digest.update(inspect.getsource(fn).encode())
     digest.update(repr((_E, _H, _I, _T, _K, UP_LAYOUTS, DOWN_LAYOUTS, ACTIVATIONS)).encode())
     return digest.hexdigest()

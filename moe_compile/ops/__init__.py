@@ -13,6 +13,9 @@ op                              module               what it computes / where it
 ``moe_compile::moe_offload``    :mod:`.expert_store` the canonical op on a store's experts
                                                      (:mod:`moe_compile.runtime.expert_store`)
 ``moe_compile::predict_experts`` :mod:`.predict`     an expert predictor (:mod:`moe_compile.predictor.net`)
+``moe_compile::moe_fp8``        :mod:`.fp8`          the canonical op on block-fp8 experts (W8A8,
+                                                     :mod:`moe_compile.quant.fp8`); ``moe_fp8_triton`` the
+                                                     same on Triton; ``fp8_linear`` a dense block-fp8 layer
 =============================== ==================== ===================================================
 
 The graph passes read and write the MoE calls by argument name through
@@ -25,7 +28,7 @@ of this package. ``moe_compile.ops.moe`` is the op object (its module is :mod:`.
 from __future__ import annotations
 
 from ..moe_math import activate, check_inputs, moe_reference, moe_torch
-from . import ep, expert_store, predict  # noqa: F401  (registers the ops)
+from . import ep, expert_store, fp8, predict  # noqa: F401  (registers the ops)
 from .canonical import moe, moe_fake, moe_triton
 
 __all__ = ["activate", "check_inputs", "moe", "moe_fake", "moe_reference", "moe_torch", "moe_triton"]

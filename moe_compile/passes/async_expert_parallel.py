@@ -184,10 +184,19 @@ class AsyncExpertParallel(ShardedExpertsPass):
         """Gather after ``anchor``, wait before the block's call."""
         graph = gm.graph
         roles = list(block.shards)
+        sent = [block.shards[r] for r in roles]
+        dtypes = [tensor_val(s).dtype for s in sent]
+        # [fp8] gloo has no float8 types, and one coalesced gather of mixed dtypes (e4m3 weights, fp32 scales)
+        # corrupts them: a block with fp8 tensors gathers all of its tensors as their bytes (views: no copy)
+        as_bytes = torch.float8_e4m3fn in dtypes
+        for j in range(len(sent)) if as_bytes else ():
+            with graph.inserting_after(anchor):
+                sent[j] = graph.call_function(aten.view.dtype, (sent[j], torch.uint8))
+            set_fake_val(sent[j])
+            anchor = sent[j]
         with graph.inserting_after(anchor):
             gather = graph.call_function(
-                _c10d.all_gather_into_tensor_coalesced.default,
-                ([block.shards[r] for r in roles], world.size, world.group_name),
+                _c10d.all_gather_into_tensor_coalesced.default, (sent, world.size, world.group_name)
             )
         set_fake_val(gather)
         parts, last = [], gather
@@ -201,11 +210,14 @@ class AsyncExpertParallel(ShardedExpertsPass):
         changes: dict[str, fx.Node] = {}
         waits: list[fx.Node] = []
         with graph.inserting_before(block.node):
-            for role, part in zip(roles, parts):
+            for j, (role, part) in enumerate(zip(roles, parts)):
                 wait = graph.call_function(_c10d.wait_tensor.default, (part,))  # [E-R, ...]
                 set_fake_val(wait)
                 waits.append(wait)
                 changes[role] = wait
+                if as_bytes:  # [fp8] the gathered bytes read back in their dtype
+                    changes[role] = graph.call_function(aten.view.dtype, (wait, dtypes[j]))
+                    set_fake_val(changes[role])
             if block.resident:  # the full layer in the order resident + gathered, ids remapped to it
                 for role in roles:
                     layer = graph.call_function(aten.cat.default, ([block.resident[role], changes[role]],))

@@ -340,6 +340,7 @@ def _report_existing(existing: CanonicalCall) -> BlockReport:
     up, down = tensor_val(call.w_up), tensor_val(call.w_down)
     I = down.shape[1] if spec.transposed else down.shape[2]  # noqa: E741
     n = "2I" if spec.gated else "I"
+    quant = spec.describe_quant()  # [fp8] "-" or the block-fp8 form
     return BlockReport(
         path=existing.path,
         num_experts=up.shape[0],
@@ -348,7 +349,9 @@ def _report_existing(existing: CanonicalCall) -> BlockReport:
         intermediate_size=int(I),
         activation=spec.describe(),
         layout=f"expert weights stacked by prepare() into [E,{n},H]/[E,H,I]"
-        + (", biases" if call.b_up is not None else ""),
+        + (", biases" if call.b_up is not None else "")
+        + (f"; {quant}" if quant != "-" else ""),
+        quantization=quant,
         router=existing.router,
         shared_experts=existing.shared_experts,
         verified="checked by moe_compile.prepare on random inputs",

@@ -494,6 +494,10 @@ class DetectMoE(GraphPass):
         detected = ctx.detected = DetectedMoE()
         matches = detected.matches
         canonical = gm.graph.find_nodes(op="call_function", target=torch.ops.moe_compile.moe.default)
+        fp8 = gm.graph.find_nodes(op="call_function", target=torch.ops.moe_compile.moe_fp8.default)  # [fp8] prepare's
+        if fp8:
+            position = {n: i for i, n in enumerate(gm.graph.nodes)}
+            canonical = sorted([*canonical, *fp8], key=position.__getitem__)
         uses = _expert_weight_uses(gm)
         order = {n: i for i, n in enumerate(gm.graph.nodes)}
         for where, reason in _experts_as_table_rows(gm, order, ctx):

@@ -33,6 +33,12 @@ class LowerToTriton(GraphPass):
         changed = False
         for node, report in ctx.moe_blocks:
             on_cuda = tensor_val(MoECall.from_node(node).hidden).device.type == "cuda"
+            if node.target is torch.ops.moe_compile.moe_fp8.default and ctx.options.kernel_impl(on_cuda) == "triton":
+                node.target = torch.ops.moe_compile.moe_fp8_triton.default  # [fp8] the same schema
+                report.implementation = "triton"
+                report.rewrites.append("triton fp8 grouped GEMM")
+                changed = True
+                continue
             # calls retargeted before (moe_offload) keep their implementation
             if node.target is not torch.ops.moe_compile.moe.default or ctx.options.kernel_impl(on_cuda) != "triton":
                 continue

@@ -6,6 +6,8 @@ The passes meet four ops of one family, all computing the canonical op's result 
     moe_compile.moe_triton  (same arguments)
     moe_compile.moe_ep      (same arguments, group_name, world_size, impl)
     moe_compile.moe_offload (hidden, topk_ids, topk_weights, token, store, layer, spec)
+    moe_compile.moe_fp8     (hidden, topk_ids, topk_weights, w_up, w_down, w_up_scale, w_down_scale, b_up, b_down,
+                             spec)   block-fp8 experts; moe_compile.moe_fp8_triton: the same arguments
 
 :meth:`MoECall.from_node` reads a call's arguments by the names of its op's schema (no pass reads
 them by position); :meth:`MoECall.replace` writes some of them back, optionally retargeting the
@@ -25,11 +27,32 @@ from .. import ops  # noqa: F401  (registers the moe_compile ops)
 
 #: the canonical op's expert tensors, in schema order (``b_up``/``b_down`` may be None)
 ROLES = ("w_up", "w_down", "b_up", "b_down")
+#: [fp8] the block scales of ``moe_fp8``'s weights (:mod:`moe_compile.ops.fp8`)
+SCALE_ROLES = ("w_up_scale", "w_down_scale")
 
 
 def _ops() -> tuple[Any, ...]:
     mc = torch.ops.moe_compile
-    return (mc.moe.default, mc.moe_triton.default, mc.moe_ep.default, mc.moe_offload.default)
+    return (
+        mc.moe.default,
+        mc.moe_triton.default,
+        mc.moe_ep.default,
+        mc.moe_offload.default,
+        *fp8_ops(),
+    )
+
+
+def fp8_ops() -> tuple[Any, ...]:
+    """[fp8] the MoE ops on block-fp8 experts (which take the scales too)."""
+    mc = torch.ops.moe_compile
+    return (mc.moe_fp8.default, mc.moe_fp8_triton.default)
+
+
+def fp8_refusal(node: fx.Node, what: str) -> str | None:
+    """[fp8] Why ``what`` (a pass moving expert weights) leaves a block-fp8 call as it is; None for other calls."""
+    if node.target not in fp8_ops():
+        return None
+    return f"{what}: block-fp8 experts (weights and their block scales) are not supported by this pass yet; left as is"
 
 
 def is_moe_call(node: fx.Node) -> bool:
@@ -54,6 +77,9 @@ class MoECall:
     w_down: fx.Node | None = None
     b_up: fx.Node | None = None
     b_down: fx.Node | None = None
+    #: moe_fp8: the weights' block scales
+    w_up_scale: fx.Node | None = None
+    w_down_scale: fx.Node | None = None
     #: moe_offload: the prefetch token (None: everything on demand), the store handle, the layer
     token: fx.Node | None = None
     store: int | None = None
@@ -77,7 +103,7 @@ class MoECall:
 
     @property
     def op(self) -> str:
-        """``moe``, ``moe_triton``, ``moe_ep`` or ``moe_offload``."""
+        """``moe``, ``moe_triton``, ``moe_ep``, ``moe_offload``, ``moe_fp8`` or ``moe_fp8_triton``."""
         return self.node.target._schema.name.split("::")[-1]
 
     def experts(self) -> dict[str, fx.Node]:

@@ -50,7 +50,7 @@ from ..graph import set_fake_val, tensor_val
 from ..report import BlockReport, Skipped
 from ..runtime import expert_store, shards
 from .base import GraphPass
-from .moe_call import MoECall
+from .moe_call import MoECall, fp8_refusal
 from .state import PassContext
 
 
@@ -68,6 +68,9 @@ class OffloadExperts(GraphPass):
         store = expert_store.new_store(tensor_val(MoECall.from_node(blocks[0].node).hidden).device)
         released = 0
         for node, report in sorted(blocks, key=lambda b: order[b.node]):
+            if (why := fp8_refusal(node, f"offload={ctx.options.offload}")) is not None:  # [fp8]
+                ctx.report.skipped.append(Skipped(report.path, why))
+                continue
             tensors = {role: _real(ctx, arg) for role, arg in MoECall.from_node(node).experts().items()}
             unknown = [role for role, t in tensors.items() if t is None]
             if unknown:

@@ -34,6 +34,9 @@ FORMS: tuple[Form, ...] = (
 def prepare_model(model: nn.Module) -> PrepareReport:
     """Make ``model``'s MoE blocks traceable, in place; returns what was replaced and what was left, and why."""
     report: PrepareReport = []
+    from ..quant.prepare_fp8 import prepare_fp8  # [fp8] transformers' FP8Experts/FP8Linear, before anything probes them
+
+    report.extend(prepare_fp8(model))
     _switch_eager_experts(model, report)
     _make_expert_parallel_traceable(model, report)
     for form in FORMS:

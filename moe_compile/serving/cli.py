@@ -147,7 +147,15 @@ def _engine(args: argparse.Namespace):
     if restore:
         hf_logging.disable_progress_bar()  # a log file gets no "Loading weights" bar
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).eval()
+        from ..quant.loading import is_fp8_checkpoint, load_fp8_model
+
+        if is_fp8_checkpoint(path):  # [fp8] experts and dense layers kept in fp8, prepared (never dequantized)
+            try:
+                model = load_fp8_model(path, torch.bfloat16 if dtype == "auto" else dtype).eval()
+            except ValueError as why:
+                args.parser.error(f"argument --model: {why}")
+        else:
+            model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).eval()
     finally:
         if restore:
             hf_logging.enable_progress_bar()

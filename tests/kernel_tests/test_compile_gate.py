@@ -47,6 +47,30 @@ def test_check_asks_wgmma_only_where_hopper_can_use_it():
     assert check(_result(ampere, mma="mma.sync")) == []
 
 
+def test_check_fp8_rules():
+    """[fp8] sm_90 wants wgmma on e4m3 operands at BLOCK_M >= 64; no in-flight rule (scaled per K step by design)."""
+    fp8 = Case("up", _MID, "fp8", "standard", 90)
+    assert check(_result(fp8, mma="wgmma-e4m3", wgmma_in_flight=0)) == []
+    assert "without wgmma e4m3 (wgmma)" in check(_result(fp8, mma="wgmma"))[0]
+    assert "without wgmma e4m3 (mma.sync)" in check(_result(fp8, mma="mma.sync"))[0]
+    assert check(_result(dataclasses.replace(fp8, cc=80), mma="mma.sync", wgmma_in_flight=0)) == []
+
+
+def test_fp8_cases_cover_both_targets():
+    from moe_compile.kernels.fp8_moe import DECODE_CONFIGS
+
+    fp8 = [c for c in compile_gate.cases() if c.dtype == "fp8"]
+    for cc in compile_gate.TARGETS:
+        assert {("up", cc), ("down", cc)} <= {(c.kernel, c.cc) for c in fp8}
+    assert {c.config for c in fp8 if c.cc == 80} == {c for _, c in DECODE_CONFIGS}
+    native = {compile_gate._compile_key(c.config) for c in fp8 if c.cc == 90}
+    reachable = set(configs.heuristic_configs(torch.bfloat16)) | {
+        c for table in configs.SEED_CONFIGS.values() for bs in table.values() for _, c in bs
+    }
+    assert {compile_gate._compile_key(c) for c in reachable} <= native
+    assert all(128 % c.config.block_k == 0 for c in fp8)  # a K step never straddles two scale blocks
+
+
 def _compile_keys(dtype_name: str) -> set[tuple]:
     return {compile_gate._compile_key(c.config) for c in compile_gate.cases() if c.dtype == dtype_name and c.config}
 
@@ -89,3 +113,5 @@ def test_every_launchable_kernel_compiles_clean_for_sm80_and_sm90():
     assert not failed, "\n".join(f"{c}: {f}" for c, f in failed)
     gpt_oss = [r for r in results if r.case.layout == "gpt-oss" and r.case.dtype == "bf16" and r.case.cc == 90]
     assert gpt_oss and all(r.mma == "wgmma" for r in gpt_oss if r.case.config.block_m >= 64)
+    fp8 = [r for r in results if r.case.dtype == "fp8" and r.case.cc == 90 and r.case.config.block_m >= 64]
+    assert fp8 and all(r.mma == "wgmma-e4m3" for r in fp8)

@@ -1,0 +1,1 @@
+"""Quantized expert weights: the arithmetic every implementation shares (:mod:`.fp8`)."""
