@@ -88,7 +88,25 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--rerank-negative", default=None,
                    help="label it is weighed against: relevance = p(pos) / (p(pos) + p(neg)); '' for p(pos) alone "
                    "(default: $MOE_COMPILE_RERANK_NEGATIVE, else ' no')")  # fmt: skip
+    _front_args(p)
     p.set_defaults(func=cmd_serve, parser=p)
+
+
+def _front_args(p: argparse.ArgumentParser) -> None:
+    """The HTTP front end's limits (``moe-compile serve``)."""
+    p.add_argument("--max-concurrent-requests", type=at_least(int, 1), default=512,
+                   help="scoring calls in flight at once; one more is answered 429 (default 512)")  # fmt: skip
+    p.add_argument("--request-timeout", type=at_least(float, 0.001), default=None,
+                   help="seconds a call may wait and run; past it 504, and its requests not yet started are "
+                   "dropped (default: no limit)")  # fmt: skip
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on every path but /health, /ready and /metrics (401 "
+                   "otherwise; default: $MOE_COMPILE_API_KEY, else none)")  # fmt: skip
+    p.add_argument("--max-body-bytes", type=at_least(int, 1), default=2_000_000,
+                   help="longest request body in bytes; a longer one is answered 413 (default 2000000)")  # fmt: skip
+    p.add_argument("--classify-labels", default=None,
+                   help="the classes of /classify, a JSON list of strings (default: $MOE_COMPILE_CLASSIFY_LABELS, "
+                   "else '[\" yes\", \" no\"]')")  # fmt: skip
 
 
 def _engine_args(p: argparse.ArgumentParser) -> None:
@@ -243,8 +261,12 @@ def _score(args: argparse.Namespace, rank: int, world_size: int, output, done: s
     from .distributed import score_routed
     from .flops import FlopsModel
     from .jsonl import read_requests
+    from .openai_batch import is_batch_file
     from .routing import Router
 
+    batch_file = is_batch_file(args.input)
+    if batch_file and world_size > 1 and args.parallel != "aep":
+        args.parser.error("argument --input: an OpenAI batch file runs on one process or under --parallel aep")
     engine = _engine(args)
     router = Router(
         world_size,
@@ -267,6 +289,15 @@ def _score(args: argparse.Namespace, rank: int, world_size: int, output, done: s
             return 0
         lockstep.start()
         lockstep.warmup()  # every rank compiles the same graphs at the same time
+    if batch_file:  # OpenAI batch lines: calls to the HTTP endpoints, through the same app (openai_batch.py)
+        from .openai_batch import score_batch_file
+
+        try:
+            return score_batch_file(args, engine, lockstep, output, done)
+        finally:
+            if lockstep is not None:
+                lockstep.stop()
+                dist.destroy_process_group()
     todo, malformed, skipped = [], 0, 0
     for number, request in read_requests(args.input):
         if isinstance(request, str):
@@ -325,6 +356,19 @@ def _summary(scored, errors, tokens, cached, wall, skipped, malformed, router) -
         print(f"  {r:>4}  {result.requests[r]:>8}  {result.tokens[r]:>7}  {result.flops[r] / 1e9:>6.3f}")
 
 
+def _front_kwargs(args: argparse.Namespace) -> dict:
+    """``create_app``'s front-end keyword arguments from ``_front_args``' flags."""
+    from .classify import DEFAULT_LABELS, labels_from_env
+
+    try:
+        labels = labels_from_env(args.classify_labels, DEFAULT_LABELS)
+    except ValueError as e:
+        args.parser.error(f"argument --classify-labels: {e}")
+    return {"max_concurrent_requests": args.max_concurrent_requests, "request_timeout": args.request_timeout,
+            "api_key": args.api_key or os.environ.get("MOE_COMPILE_API_KEY") or None,
+            "max_body_bytes": args.max_body_bytes, "classify_labels": labels}  # fmt: skip
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from .http import serve
     from .relevance import RelevanceTemplate
@@ -338,6 +382,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ValueError as e:
         args.parser.error(str(e))
     model_name = args.served_model_name or Path(args.model).resolve().name
+    front = _front_kwargs(args)  # flag errors before the model loads
     engine = _engine(args)
     runner = None
     if args.parallel == "aep":
@@ -358,13 +403,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
             return 0
         runner.start()
     print(f"serving {model_name} on http://{args.host}:{args.port} "
-          "(POST /score, /rerank, /v1/rerank, /v2/rerank, /v1/score; GET /health)", file=sys.stderr)  # fmt: skip
+          "(POST /score, /rerank, /v1/rerank, /v2/rerank, /v1/score, /classify, /v1/embeddings; "
+          "GET /health, /ready, /metrics, /v1/models)", file=sys.stderr)  # fmt: skip
     if not args.no_warmup:
         print("warming up: compiling the batch shapes serving runs; GET /health answers 503 until ready",
               file=sys.stderr)  # fmt: skip
     try:
         serve(engine, args.host, args.port, warmup=not args.no_warmup, relevance=relevance, model_name=model_name,
-              runner=runner)  # fmt: skip
+              runner=runner, **front)  # fmt: skip
     finally:
         if runner is not None:
             runner.stop()
