@@ -47,6 +47,14 @@ KNOWN_GAPS: dict[str, Gap] = {
         "rewrite for this module: the backend says so and leaves it",
     ),
     # --- skipped with a reason ---
+    "ergo": Gap(
+        "skipped",
+        "ops the canonical activations do not contain: mean, new_ones, rsqrt",
+        "each (token, expert) route is its own row, then an RMSNorm whose scale is the expert's own "
+        "(`ErgoExpertNorm`: `weight[expert_ids]`), then the routing weight: a norm between the experts and the "
+        "weighted sum, with a per-expert scale, which neither the canonical op nor `PostNormExperts` (one norm "
+        "shared by every expert, MuseSpark) expresses; the backend names the norm's ops and leaves the block",
+    ),
     # --- not built: the generic tiny config or the family's inputs do not fit ---
     "diffusion_gemma_text": Gap(
         "not-built",
