@@ -105,6 +105,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         mfu=args.mfu,
         ep_imbalance=args.ep_imbalance,
         hot_experts=args.hot_experts,
+        prefix_cache_tokens=args.prefix_cache_tokens,
     )
     print(planner.format_plan(planner.plan(shape, setting)))
     return 0
@@ -231,6 +232,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mfu", type=_positive(float), default=0.4, help="model FLOPs utilisation of the compute")
     p.add_argument("--ep-imbalance", type=_positive(float), default=1.25,
                    help="EP: the busiest rank's expert work over the mean")  # fmt: skip
+    p.add_argument("--prefix-cache-tokens", type=at_least(int, 0), default=65536,
+                   help="the serving prefix cache per GPU, counted in memory (default 65536, serving's)")  # fmt: skip
     p.add_argument("--hot-experts", type=at_least(int, 0), default=0, metavar="R",
                    help="AEP: R experts per layer resident on every GPU, only the rest gathered")  # fmt: skip
     p.set_defaults(func=cmd_plan, parser=p)

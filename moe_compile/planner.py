@@ -86,6 +86,7 @@ class ModelShape:
     layers: tuple[Layer, ...]
     attention_flops_per_context_token: int  # 2 * heads * (d_qk + d_v): per token, per token of context
     embedding_params: int  # embedding and head
+    kv_elements_per_token: int = 0  # keys and values of every layer for one token (the prefix cache's unit)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,6 +100,7 @@ class Setting:
     mfu: float = DEFAULT_MFU
     ep_imbalance: float = DEFAULT_EP_IMBALANCE
     hot_experts: int = 0  # AEP: experts per layer resident on every GPU (``hot_experts``), not gathered
+    prefix_cache_tokens: int = 65536  # the serving engine's prefix cache per GPU (its default)
 
     @property
     def flops_per_s(self) -> float:
@@ -180,8 +182,31 @@ def hiding_depth(gather_s: float, window_s: Callable[[int], float], max_depth: i
     return next(d for d in range(max_depth + 1) if gather_s <= window_s(d))
 
 
+def memory_parts(model: ModelShape, s: Setting, depth: int) -> dict[str, float]:
+    """Bytes per GPU of an AEP rank, by part: what ``moe_compile.serving.memory.memory_accounting``
+    measures on a loaded rank (``dense_bytes``, ``expert_bytes``, ``ring_bytes``, ``prefix_cache_bytes``).
+
+    The prefix cache at capacity: ``prefix_cache_tokens`` x the keys and values of every layer, in the
+    activation dtype (bf16 for fp8 weights). Activations are not counted.
+    """
+    wbytes = WEIGHT_BYTES[s.dtype]
+    R = s.hot_experts
+    experts = sum(layer.experts * layer.expert_params for layer in model.layers) * wbytes
+    resident = sum(min(R, layer.experts) * layer.expert_params for layer in model.layers) * wbytes
+    gathered = [max(layer.experts - R, 0) * layer.expert_params * wbytes for layer in model.layers]
+    cat = max((layer.experts * layer.expert_params * wbytes for layer in model.layers), default=0) if R else 0
+    return {
+        "dense_bytes": sum(layer.dense_params for layer in model.layers) * wbytes
+        + model.embedding_params * (4 if s.dtype == "fp32" else 2),
+        "expert_bytes": resident + (experts - resident) / s.gpus,
+        "ring_bytes": sum(sorted(gathered, reverse=True)[: depth + 1]) + cat if s.gpus > 1 else 0,
+        "prefix_cache_bytes": s.prefix_cache_tokens * model.kv_elements_per_token * (4 if s.dtype == "fp32" else 2),
+    }
+
+
 def _memory_gb(model: ModelShape, s: Setting, depth: int) -> dict[str, float]:
     wbytes = WEIGHT_BYTES[s.dtype]
+    parts = memory_parts(model, s, depth)
     dense = sum(layer.dense_params for layer in model.layers) * wbytes + model.embedding_params * 2
     experts = sum(layer.experts * layer.expert_params for layer in model.layers) * wbytes
     R = s.hot_experts
@@ -194,6 +219,7 @@ def _memory_gb(model: ModelShape, s: Setting, depth: int) -> dict[str, float]:
         "aep": (dense + resident + (experts - resident) / s.gpus + ring) / 1e9,
         "ep": (dense + experts / s.gpus) / 1e9,
         "tp": (dense + experts) / s.gpus / 1e9,
+        "prefix_cache": parts["prefix_cache_bytes"] / 1e9,  # per GPU, beside the weights (every mode keeps one)
     }
 
 
@@ -224,12 +250,14 @@ def model_shape(config: Any) -> ModelShape:
         or text.hidden_size // heads
     )
     d_v = getattr(text, "v_head_dim", None) or d_qk
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
     return ModelShape(
         name=getattr(config, "_name_or_path", "") or config.model_type,
         hidden_size=text.hidden_size,
         layers=tuple(layers),
         attention_flops_per_context_token=2 * heads * (d_qk + d_v),
         embedding_params=sum(p.numel() for p in model.parameters()) - in_layers,
+        kv_elements_per_token=len(layers) * kv_heads * (d_qk + d_v),
     )
 
 
@@ -332,6 +360,9 @@ def format_plan(p: Plan) -> str:
             "memory per GPU (weights + AEP ring; activations not counted): "
             + ", ".join(f"{m.upper()} {p.memory_gb[m]:.1f} GB" for m in ("tp", "ep", "aep"))
         ),
+        f"prefix cache of {s.prefix_cache_tokens:,} tokens (serving's --prefix-cache-tokens): "
+        f"{p.memory_gb['prefix_cache']:.1f} GB per GPU more; AEP with it: "
+        f"{p.memory_gb['aep'] + p.memory_gb['prefix_cache']:.1f} GB",
     ]
     capacity = GPU_MEMORY_GB[s.gpu]
     for mode in ("tp", "ep", "aep"):

@@ -147,3 +147,57 @@ def dead_rank_worker(rank: int, world_size: int, how: str) -> dict:
         store.wait(["rank1_saw_it"], datetime.timedelta(seconds=120))
     lockstep.stop()
     return out
+
+
+def front_worker(rank: int, world_size: int) -> dict:
+    """Rank 0 serves HTTP over the lockstep ranks: concurrent calls through the batching queue, exact scores,
+    and /metrics with one series per rank."""
+    import threading
+
+    from test_serving_cli import http, serving
+
+    from moe_compile.serving.http import create_app
+
+    model = _model("qwen3_moe")
+    engine, lockstep = _lockstep(model, world_size, slack=0.25)
+    if rank != 0:
+        lockstep.serve_worker()
+        return {"prompt_tokens": engine.stats.prompt_tokens, "requests": engine.stats.requests}
+    lockstep.start()
+    lockstep.warmup()
+    vocab = model.config.get_text_config().vocab_size
+    rng = random.Random(1)
+    calls = [[{"id": f"k{c}r{i}", "tokens": [rng.randrange(3, vocab) for _ in range(6 + 3 * i + c)], "labels": [5, 9]}
+              for i in range(3)] for c in range(8)]  # fmt: skip
+    answers: dict = {}
+    with serving(create_app(engine, runner=lockstep, warmup=False)) as url:
+
+        def send(c: int, call: list) -> None:
+            answers[c] = http(f"{url}/score", {"requests": call})
+
+        threads = [threading.Thread(target=send, args=(c, call)) for c, call in enumerate(calls)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(300)
+        from prometheus_client.parser import text_string_to_metric_families
+
+        with __import__("urllib.request").request.urlopen(f"{url}/metrics", timeout=60) as response:
+            text = response.read().decode()
+    lockstep.stop()
+    metrics = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(text) for s in family.samples}  # fmt: skip
+    reference = _model("qwen3_moe")
+    from serving_helpers import eager_value, rel_err
+
+    errors, ranks = [], set()
+    for c, call in enumerate(calls):
+        status, body = answers[c]
+        assert status == 200, body
+        for request, record in zip(call, body["scores"]):
+            r = Request(id=0, tokens=tuple(request["tokens"]), labels=tuple(request["labels"]))
+            errors.append(rel_err(torch.tensor(record["logprobs"]), eager_value(reference, r)))
+            ranks.add(record["rank"])
+    per_rank = {r: metrics[("moe_compile:prompt_tokens_total", (("rank", str(r)),))] for r in range(world_size)}
+    return {"errors": errors, "ranks": sorted(ranks), "metrics_prompt_tokens": per_rank,
+            "prompt_tokens": engine.stats.prompt_tokens}  # fmt: skip

@@ -126,7 +126,7 @@ def test_full_experts_are_released_and_a_recompile_reuses_the_shards(one_rank, f
     assert len(graphs) == 2 and len(report.blocks) == 4, report  # the second shape recompiled
     assert all(p.untyped_storage().nbytes() == 0 and p.shape[0] == 8 for p in experts.values())
     assert {w for b in report.blocks for w in b.weights.values()} == set(experts)
-    assert "released by an earlier parallel compile: rewrites verified with random weights" in str(report)
+    assert "rewrites verified on this rank's own expert rows" in str(report)  # the shards kept at the release
     assert all(b.verified.startswith("probe rel err") for b in report.blocks)
     if mode == "ep":
         assert all(g["moe_calls"] == ["moe_compile::moe_ep"] * 2 and g["gathers"] == 0 for g in graphs)

@@ -4,7 +4,7 @@ A rank that fails gives clear errors.
 """
 
 import pytest
-from aep_serving_workers import aep_parity_worker, dead_rank_worker
+from aep_serving_workers import aep_parity_worker, dead_rank_worker, front_worker
 from dist_workers import spawn
 
 pytestmark = pytest.mark.slow  # multi-process runs with compiles
@@ -74,3 +74,14 @@ def test_torchrun_score_parallel_aep_writes_eager_scores(tmp_path):
         expected = eager_value(model, Request(id=r["id"], tokens=tuple(r["tokens"]), labels=tuple(r["labels"])))
         assert rel_err(torch.tensor(records[r["id"]]["logprobs"]), expected) < 1e-5, r["id"]
     assert {records[r["id"]]["rank"] for r in requests[:-1]} == {0, 1}  # both ranks scored
+
+
+@pytest.mark.timeout(960)
+def test_the_front_end_batches_concurrent_calls_on_rank_0_and_reports_metrics_per_rank():
+    pytest.importorskip("fastapi")
+    pytest.importorskip("prometheus_client")
+    rank0, rank1 = spawn(front_worker, 2, timeout_s=900, group_timeout_s=120)
+    assert len(rank0["errors"]) == 24 and max(rank0["errors"]) < 1e-5, rank0["errors"]
+    assert rank0["ranks"] == [0, 1]  # the concurrent calls' requests were spread over both ranks
+    assert rank0["metrics_prompt_tokens"] == {0: rank0["prompt_tokens"], 1: rank1["prompt_tokens"]}
+    assert rank1["prompt_tokens"] > 0

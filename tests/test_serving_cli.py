@@ -11,6 +11,7 @@ import pytest
 import torch
 from serving_helpers import eager_value, rel_err
 
+import moe_compile
 from moe_compile.serving import Request
 from moe_compile.serving.cli import add_subcommands
 from moe_compile.testing import zoo
@@ -384,8 +385,9 @@ def test_health_says_warming_up_until_the_engine_is_warm(checkpoint, monkeypatch
     warmup = engine.warmup
     monkeypatch.setattr(engine, "warmup", lambda: release.wait(60) and warmed.append(warmup()))
     with serving(create_app(engine)) as url:
-        status, health = http(f"{url}/health")
-        assert (status, health["status"]) == (503, "warming up")
+        status, health = http(f"{url}/health")  # liveness: alive while warming up
+        assert (status, health["status"], health["version"]) == (200, "warming up", moe_compile.__version__)
+        assert http(f"{url}/ready") == (503, {"status": "warming up"})  # readiness: not yet
         answers = []
         early = threading.Thread(target=lambda: answers.append(http(f"{url}/score", {"requests": [
             {"id": "early", "tokens": [5, 6, 7], "labels": [5]}]})))  # fmt: skip
@@ -399,6 +401,7 @@ def test_health_says_warming_up_until_the_engine_is_warm(checkpoint, monkeypatch
         assert warmed and warmed[0] >= 4
         status, health = http(f"{url}/health")
         assert (status, health["status"], health["requests"]) == (200, "ok", 1)  # warm-up's own calls not counted
+        assert http(f"{url}/ready") == (200, {"status": "ready"})
 
 
 def test_health_reports_a_failed_warmup(checkpoint, monkeypatch):
@@ -422,3 +425,4 @@ def test_health_reports_a_failed_warmup(checkpoint, monkeypatch):
         assert status == 503 and body["status"] == "failed" and "RuntimeError: the backend failed" in body["error"]
         status, body = http(f"{url}/score", {"requests": [{"id": 1, "tokens": [5, 6]}]})
         assert status == 503 and "warm-up failed" in body["detail"]
+        assert http(f"{url}/ready") == (503, {"status": "failed"})

@@ -36,6 +36,7 @@ from .. import verify
 from ..graph import backward_region, hint, op_name, reshape_like, same, set_fake_val, tensor_val
 from ..moe_math import check_inputs, moe_torch
 from ..report import BlockReport, Skipped
+from ..runtime import shards
 from ..spec import ExpertSpec
 from .base import GraphPass
 from .detect_moe import softcap_of
@@ -157,6 +158,19 @@ def _depends_on(node: fx.Node, source: fx.Node) -> bool:
     return False
 
 
+def _own_rows(ctx: PassContext, node: fx.Node, shape: list[int]) -> torch.Tensor | None:
+    """An expert tensor whose full value is gone (released, or a sharded load's): the rows this rank holds
+    of it (its shards and resident experts, :mod:`moe_compile.runtime.shards`), tiled to ``shape`` [E, ...],
+    so that the probe runs on this rank's own weights; None when it holds none."""
+    index = ctx.placeholder_index(node)
+    full = ctx.released_inputs.get(index) if index is not None else None
+    kept = [t for t in shards.registered(full) if tuple(t.shape[1:]) == tuple(shape[1:])] if full is not None else []
+    if not kept or not shape:
+        return None
+    rows = torch.cat([t.detach() for t in kept])  # [n, ...]
+    return rows.repeat(-(-shape[0] // rows.shape[0]), *[1] * (rows.dim() - 1))[: shape[0]].contiguous()
+
+
 def _probe_inputs(m: MoEMatch, region: _Region, ctx: PassContext, seed: int = 0) -> list | None:
     """Random hidden states, routing and weights, real expert weights (None when on meta)."""
     gen = torch.Generator().manual_seed(seed)
@@ -168,6 +182,8 @@ def _probe_inputs(m: MoEMatch, region: _Region, ctx: PassContext, seed: int = 0)
             continue
         shape = [hint(s) for s in v.shape]
         real = ctx.real_value(node) if node.op == "placeholder" else None
+        if real is None and node.op == "placeholder":
+            real = _own_rows(ctx, node, shape)  # released or never loaded whole: this rank's experts
         if isinstance(real, torch.Tensor) and not isinstance(real, torch._subclasses.FakeTensor):
             if real.is_meta:
                 return None

@@ -130,16 +130,89 @@ def check_same_on_all_ranks(value: int, what: str) -> None:
         )
 
 
-def init_distributed(backend: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S) -> World:
+#: the dtypes ``--dtype`` / ``dtype=`` name, besides ``"auto"`` (the checkpoint's own dtype)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(device: str | torch.device | None = "auto", local_rank: int | None = None) -> torch.device:
+    """The device a rank runs on: ``"auto"`` (or None) is ``cuda:LOCAL_RANK`` when CUDA is available, else the CPU.
+
+    ``"cuda"`` is ``cuda:LOCAL_RANK``; ``"cuda:N"`` is GPU N. ``ValueError`` (one line, saying what to do)
+    for CUDA without CUDA, a local rank (or N) beyond the GPUs there are, or a device that is neither.
+    """
+    local_rank = int(os.environ.get("LOCAL_RANK", "0")) if local_rank is None else local_rank
+    text = "auto" if device is None else str(device)
+    if text == "auto":
+        text = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(text)
+    except RuntimeError:
+        raise ValueError(f"device {text!r}: use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cpu":
+        return torch.device("cpu")
+    if dev.type != "cuda":
+        raise ValueError(f"device {text!r}: use auto, cpu, cuda or cuda:N (moe_compile serves on CUDA or the CPU)")
+    if not torch.cuda.is_available():
+        raise ValueError(f"device {text!r}: CUDA is not available on this machine; use --device cpu (or auto)")
+    count = torch.cuda.device_count()
+    index = local_rank if dev.index is None else dev.index
+    if index >= count:
+        why = f"local rank {local_rank}" if dev.index is None else f"GPU {index}"
+        raise ValueError(
+            f"device {text!r}: {why} needs GPU {index}, but this machine has {count} GPU(s); start at most {count} "
+            f"rank(s) per node (torchrun --nproc-per-node {count}) or name an existing device"
+        )
+    return torch.device("cuda", index)
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device, checkpoint_dtype: torch.dtype) -> torch.dtype:
+    """The compute dtype: None means ``"auto"`` on CUDA and float32 on the CPU; ``"auto"`` the checkpoint's own.
+
+    ``ValueError`` for a dtype the device cannot run (bfloat16 on a GPU without it) or one not in :data:`DTYPES`.
+    A checkpoint dtype that is not a compute dtype (fp8 and other quantised storage) resolves to bfloat16 on
+    ``auto``: the weights are read as stored, the compute runs in bfloat16.
+    """
+    if dtype is None:
+        dtype = "auto" if device.type == "cuda" else "float32"
+    if isinstance(dtype, torch.dtype):
+        resolved = dtype
+    elif dtype == "auto":
+        resolved = checkpoint_dtype if checkpoint_dtype in DTYPES.values() else torch.bfloat16
+    elif dtype in DTYPES:
+        resolved = DTYPES[dtype]
+    else:
+        raise ValueError(f"dtype {dtype!r}: use one of {', '.join([*DTYPES, 'auto'])}")
+    if resolved not in DTYPES.values():
+        raise ValueError(f"dtype {resolved}: moe_compile computes in {', '.join(DTYPES)}; pick one of them")
+    if resolved == torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported(False):
+        raise ValueError(f"dtype bfloat16: {torch.cuda.get_device_name(device)} cannot run it; use --dtype float16")
+    return resolved
+
+
+def backend_for(device: torch.device) -> str:
+    """The collective backend of ranks on ``device``: NCCL on CUDA, gloo on the CPU (chosen here only)."""
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+def init_distributed(
+    backend: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S, device: str | torch.device | None = None
+) -> World:
     """``init_process_group`` from torchrun's environment, with a timeout, and the resulting world.
 
-    ``backend``: ``"nccl"`` when CUDA is available, else ``"gloo"``. On CUDA the
-    rank's device is set from ``LOCAL_RANK``. A rank that does not join within
+    ``backend``: :func:`backend_for` the rank's device (``device``, resolved by :func:`resolve_device`:
+    ``cuda:LOCAL_RANK`` when CUDA is available, else the CPU): ``"nccl"`` on CUDA, ``"gloo"`` on the CPU.
+    On CUDA the rank's device is set (``torch.cuda.set_device``). A rank that does not join within
     ``timeout_s`` makes the others raise; collectives use the same timeout.
     """
-    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
-    if backend == "nccl":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    if backend is None:
+        dev = resolve_device(device)
+        backend = backend_for(dev)
+    elif backend == "nccl":
+        dev = resolve_device("cuda" if device is None else device)
+    else:
+        dev = torch.device("cpu")
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
     size = os.environ.get("WORLD_SIZE", "?")
     try:
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))

@@ -100,3 +100,47 @@ def release(full: torch.Tensor) -> int:
         return 0
     storage.resize_(0)
     return nbytes
+
+
+def unallocated(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.Tensor:
+    """A tensor of ``shape`` with no storage (released from the start): the stand-in for a full expert tensor
+    that a sharded loader never reads (:mod:`moe_compile.loading`), its shards registered with :func:`register`."""
+    # NOTE: the allocation is never touched (CPU: no page becomes resident; CUDA: the block goes back to the
+    # caching allocator at once and the next tensor reuses it)
+    tensor = torch.empty(shape, dtype=dtype, device=device)
+    tensor.untyped_storage().resize_(0)
+    return tensor
+
+
+def register(
+    full: torch.Tensor,
+    world_size: int,
+    rank: int,
+    shard_tensor: torch.Tensor | None,
+    resident_ids: tuple[int, ...] = (),
+    resident_tensor: torch.Tensor | None = None,
+) -> None:
+    """Record ``shard_tensor`` as rank ``rank``'s shard of ``full`` (and ``resident_tensor`` as its resident
+    experts ``resident_ids``), as :func:`shard` and :func:`resident` would have built them: the parallel
+    passes then take them as they are, and ``full`` (:func:`unallocated`) is never read."""
+    E, R = full.shape[0], len(resident_ids)
+    per_tensor = _SHARDS.setdefault(full, {})
+    if shard_tensor is not None:
+        want = ((E - R) // world_size, *full.shape[1:])
+        if tuple(shard_tensor.shape) != want:
+            raise ValueError(
+                f"shard of shape {tuple(shard_tensor.shape)} for a tensor {tuple(full.shape)}: want {want}"
+            )
+        per_tensor[("shard", world_size, rank, tuple(resident_ids))] = shard_tensor
+    if resident_tensor is not None:
+        per_tensor[("resident", tuple(resident_ids))] = resident_tensor
+
+
+def registered(full: torch.Tensor) -> list[torch.Tensor]:
+    """The shards and resident copies recorded for ``full`` (built or :func:`register`-ed)."""
+    return list(_SHARDS.get(full, {}).values())
+
+
+def resident_count(full: torch.Tensor) -> int:
+    """How many experts of ``full`` are kept whole on every rank (the ``R`` of the copies recorded for it)."""
+    return max((len(key[1]) for key in _SHARDS.get(full, {}) if key[0] == "resident"), default=0)

@@ -42,6 +42,7 @@ forward of that request within float32 rounding.
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import queue
 import threading
 import traceback
@@ -51,7 +52,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .engine import PrefillEngine
+from .engine import EngineStats, PrefillEngine
 from .requests import Request, Score
 from .routing import Router
 
@@ -84,6 +85,10 @@ class LockstepScorer:
         self.heartbeat_s = heartbeat_s
         self.failed: str | None = None
         self.steps = 0
+        #: every rank's engine counters as of its last step (rank 0 only; ``/metrics`` per rank)
+        self.rank_stats: dict[int, dict[str, Any]] = {
+            r: dataclasses.asdict(EngineStats()) for r in range(self.world_size)
+        }
         self._real = engine._decoder
         engine._decoder = self._stepped  # every real decoder call first says "I have a batch"
         self._jobs: queue.Queue = queue.Queue()
@@ -154,8 +159,8 @@ class LockstepScorer:
                 if message[0] == "noop":
                     continue
                 scores = self._run_step(message)
-                if scores is not None:
-                    dist.gather_object(scores, None, dst=0)
+                if scores is not None:  # with this rank's counters, for rank 0's per-rank metrics
+                    dist.gather_object((scores, dataclasses.asdict(self.engine.stats)), None, dst=0)
                 else:
                     dist.barrier()
                 self.steps += 1
@@ -179,6 +184,7 @@ class LockstepScorer:
     def reset(self) -> None:
         """Empty every rank's prefix cache and zero its counters (and the router's view of them)."""
         self._submit(("reset",))
+        self.rank_stats = {r: dataclasses.asdict(EngineStats()) for r in range(self.world_size)}
         old, cache = self.router, self.router.caches[0]
         self.router = Router(
             self.world_size,
@@ -270,10 +276,12 @@ class LockstepScorer:
             dist.broadcast_object_list([message], src=0)
             local = self._run_step(message)
             gathered: list[Any] = [None] * self.world_size
-            dist.gather_object(local, gathered, dst=0)
-            for part in gathered:
+            dist.gather_object((local, None), gathered, dst=0)
+            gathered[0] = (local, dataclasses.asdict(self.engine.stats))
+            for rank, (part, stats) in enumerate(gathered):
                 for i, score in part:
                     answers[i] = score
+                self.rank_stats[rank] = stats
             self.steps += 1
         self.engine.stats.requests += len(requests) - len(plan)  # the others were counted by the ranks' engines
         self.engine.stats.errors += len(requests) - len(plan)

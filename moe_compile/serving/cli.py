@@ -11,10 +11,13 @@ and per-rank load. Malformed input lines are reported on stderr with their line 
 and skipped (the exit status is then 1). Rerunning with the same output resumes: ids
 already in it are not scored again. The output is checked and locked before the model
 loads: never the input, only a scores file of this tool, one run at a time
-(:class:`~moe_compile.serving.jsonl.ScoresOutput`). The model runs in ``--dtype``, float32
-by default, where scores do not depend on batching. Launched by ``torchrun --nproc-per-node W``, every
-process is one data-parallel rank (gloo): requests are routed by prefix and true FLOPs,
-and rank 0 writes the output.
+(:class:`~moe_compile.serving.jsonl.ScoresOutput`). The model runs on ``--device`` (auto:
+``cuda:LOCAL_RANK`` where CUDA is, else the CPU) in ``--dtype`` (on CUDA the checkpoint's own by
+default; on the CPU float32, where scores do not depend on batching), loaded by
+:func:`moe_compile.loading.load_model`. Launched by ``torchrun --nproc-per-node W``, every
+process is one data-parallel rank (NCCL on CUDA, gloo on the CPU): requests are routed by
+prefix and true FLOPs, and rank 0 writes the output; with ``--parallel aep`` each rank reads
+only its 1/W of the experts from the checkpoint.
 """
 
 from __future__ import annotations
@@ -85,14 +88,36 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--rerank-negative", default=None,
                    help="label it is weighed against: relevance = p(pos) / (p(pos) + p(neg)); '' for p(pos) alone "
                    "(default: $MOE_COMPILE_RERANK_NEGATIVE, else ' no')")  # fmt: skip
+    _front_args(p)
     p.set_defaults(func=cmd_serve, parser=p)
+
+
+def _front_args(p: argparse.ArgumentParser) -> None:
+    """The HTTP front end's limits (``moe-compile serve``)."""
+    p.add_argument("--max-concurrent-requests", type=at_least(int, 1), default=512,
+                   help="scoring calls in flight at once; one more is answered 429 (default 512)")  # fmt: skip
+    p.add_argument("--request-timeout", type=at_least(float, 0.001), default=None,
+                   help="seconds a call may wait and run; past it 504, and its requests not yet started are "
+                   "dropped (default: no limit)")  # fmt: skip
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on every path but /health, /ready and /metrics (401 "
+                   "otherwise; default: $MOE_COMPILE_API_KEY, else none)")  # fmt: skip
+    p.add_argument("--max-body-bytes", type=at_least(int, 1), default=2_000_000,
+                   help="longest request body in bytes; a longer one is answered 413 (default 2000000)")  # fmt: skip
+    p.add_argument("--classify-labels", default=None,
+                   help="the classes of /classify, a JSON list of strings (default: $MOE_COMPILE_CLASSIFY_LABELS, "
+                   "else '[\" yes\", \" no\"]')")  # fmt: skip
 
 
 def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="a transformers checkpoint directory (causal LM)")
-    p.add_argument("--dtype", choices=DTYPES, default="float32",
-                   help="weights and compute (default float32: scores do not depend on batching; "
-                   "bfloat16/float16/auto are faster but batch-dependent, see docs/serving.md)")  # fmt: skip
+    p.add_argument("--device", default="auto",
+                   help="auto (default: cuda:LOCAL_RANK where CUDA is, else cpu), cpu, cuda (cuda:LOCAL_RANK) "
+                   "or cuda:N")  # fmt: skip
+    p.add_argument("--dtype", choices=DTYPES, default=None,
+                   help="weights and compute (default: auto on CUDA, the checkpoint's own dtype; float32 on the "
+                   "CPU, where scores do not depend on batching; bfloat16/float16/auto are faster but "
+                   "batch-dependent, see docs/serving.md)")  # fmt: skip
     p.add_argument("--token-budget", type=at_least(int, 1), default=2048,
                    help="padded tokens per forward pass (default 2048)")  # fmt: skip
     p.add_argument("--prefix-cache-tokens", type=at_least(int, 0), default=65536,
@@ -116,15 +141,29 @@ def _check_model_dir(args: argparse.Namespace) -> Path:
     return path
 
 
+def _device(args: argparse.Namespace):
+    """``--device`` resolved (:func:`moe_compile.runtime.dist.resolve_device`), or argparse's one-line error."""
+    from ..runtime.dist import resolve_device
+
+    try:
+        return resolve_device(args.device)
+    except ValueError as e:
+        args.parser.error(f"argument --device: {e}")
+
+
 def _engine(args: argparse.Namespace):
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
+    from ..loading import CheckpointError, load_model
     from .engine import PrefillEngine
 
     path = _check_model_dir(args)
-    dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
+    device = _device(args)
+    parallel = "aep" if getattr(args, "parallel", "none") == "aep" else None
+    if parallel and args.no_compile:
+        args.parser.error("argument --parallel aep: the experts are sharded by the compile; drop --no-compile")
     restore = not sys.stderr.isatty() and hf_logging.is_progress_bar_enabled()
     if restore:
         hf_logging.disable_progress_bar()  # a log file gets no "Loading weights" bar
@@ -132,23 +171,28 @@ def _engine(args: argparse.Namespace):
         from ..quant.loading import is_fp8_checkpoint, load_fp8_model
 
         if is_fp8_checkpoint(path):  # [fp8] experts and dense layers kept in fp8, prepared (never dequantized)
-            try:
-                model = load_fp8_model(path, torch.bfloat16 if dtype == "auto" else dtype).eval()
+            from ..runtime.dist import DTYPES
+
+            compute = torch.bfloat16 if args.dtype in (None, "auto") else DTYPES[args.dtype]
+            try:  # loaded whole (the fp8 loader does not shard yet), then put on the device
+                model = load_fp8_model(path, compute).eval().to(device)
             except ValueError as why:
                 args.parser.error(f"argument --model: {why}")
-        else:
-            model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).eval()
+        else:  # aep: this rank reads only its 1/W of the experts (moe_compile.loading)
+            model = load_model(path, device=device, dtype=args.dtype, parallel=parallel)
+    except CheckpointError as e:
+        raise SystemExit(f"moe-compile {args.func.__name__.removeprefix('cmd_')}: {e}") from None
+    except ValueError as e:
+        args.parser.error(f"argument --dtype: {e}" if str(e).startswith("dtype") else str(e))
     finally:
         if restore:
             hf_logging.enable_progress_bar()
     has_tokenizer = any((path / name).exists() for name in ("tokenizer.json", "tokenizer_config.json"))
     tokenizer = AutoTokenizer.from_pretrained(str(path)) if has_tokenizer else None
     options = None
-    if getattr(args, "parallel", "none") == "aep":
-        if args.no_compile:
-            args.parser.error("argument --parallel aep: the experts are sharded by the compile; drop --no-compile")
+    if parallel:
         options = {"parallel": "aep"}
-        if model.device.type == "cpu":
+        if device.type == "cpu":
             options["inductor"] = False
     with torch.no_grad():
         return PrefillEngine(
@@ -163,7 +207,7 @@ def _engine(args: argparse.Namespace):
 
 
 def _init_ranks(args: argparse.Namespace) -> tuple[int, int]:
-    """Join torchrun's group (gloo on CPU) with ``--dist-timeout``; ``(world_size, rank)``."""
+    """Join torchrun's group (NCCL on CUDA, gloo on the CPU) with ``--dist-timeout``; ``(world_size, rank)``."""
     import torch.distributed as dist
 
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -173,7 +217,8 @@ def _init_ranks(args: argparse.Namespace) -> tuple[int, int]:
     if world_size > 1 and not dist.is_initialized():
         from ..runtime.dist import init_distributed
 
-        init_distributed("gloo", timeout_s=args.dist_timeout)  # torchrun sets the rendezvous variables
+        # NCCL on CUDA, gloo on the CPU (runtime.dist.backend_for); torchrun sets the rendezvous variables
+        init_distributed(timeout_s=args.dist_timeout, device=_device(args))
     return world_size, (dist.get_rank() if world_size > 1 else 0)
 
 
@@ -216,8 +261,12 @@ def _score(args: argparse.Namespace, rank: int, world_size: int, output, done: s
     from .distributed import score_routed
     from .flops import FlopsModel
     from .jsonl import read_requests
+    from .openai_batch import is_batch_file
     from .routing import Router
 
+    batch_file = is_batch_file(args.input)
+    if batch_file and world_size > 1 and args.parallel != "aep":
+        args.parser.error("argument --input: an OpenAI batch file runs on one process or under --parallel aep")
     engine = _engine(args)
     router = Router(
         world_size,
@@ -240,6 +289,15 @@ def _score(args: argparse.Namespace, rank: int, world_size: int, output, done: s
             return 0
         lockstep.start()
         lockstep.warmup()  # every rank compiles the same graphs at the same time
+    if batch_file:  # OpenAI batch lines: calls to the HTTP endpoints, through the same app (openai_batch.py)
+        from .openai_batch import score_batch_file
+
+        try:
+            return score_batch_file(args, engine, lockstep, output, done)
+        finally:
+            if lockstep is not None:
+                lockstep.stop()
+                dist.destroy_process_group()
     todo, malformed, skipped = [], 0, 0
     for number, request in read_requests(args.input):
         if isinstance(request, str):
@@ -277,6 +335,9 @@ def _score(args: argparse.Namespace, rank: int, world_size: int, output, done: s
         lockstep.stop()
     if rank == 0:
         _summary(scored, errors, tokens, cached, wall, skipped, malformed, router)
+        from .memory import describe, memory_accounting
+
+        print(describe(memory_accounting(engine)))
     if world_size > 1:
         dist.destroy_process_group()
     return 1 if malformed else 0
@@ -295,6 +356,19 @@ def _summary(scored, errors, tokens, cached, wall, skipped, malformed, router) -
         print(f"  {r:>4}  {result.requests[r]:>8}  {result.tokens[r]:>7}  {result.flops[r] / 1e9:>6.3f}")
 
 
+def _front_kwargs(args: argparse.Namespace) -> dict:
+    """``create_app``'s front-end keyword arguments from ``_front_args``' flags."""
+    from .classify import DEFAULT_LABELS, labels_from_env
+
+    try:
+        labels = labels_from_env(args.classify_labels, DEFAULT_LABELS)
+    except ValueError as e:
+        args.parser.error(f"argument --classify-labels: {e}")
+    return {"max_concurrent_requests": args.max_concurrent_requests, "request_timeout": args.request_timeout,
+            "api_key": args.api_key or os.environ.get("MOE_COMPILE_API_KEY") or None,
+            "max_body_bytes": args.max_body_bytes, "classify_labels": labels}  # fmt: skip
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from .http import serve
     from .relevance import RelevanceTemplate
@@ -308,6 +382,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ValueError as e:
         args.parser.error(str(e))
     model_name = args.served_model_name or Path(args.model).resolve().name
+    front = _front_kwargs(args)  # flag errors before the model loads
     engine = _engine(args)
     runner = None
     if args.parallel == "aep":
@@ -328,13 +403,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
             return 0
         runner.start()
     print(f"serving {model_name} on http://{args.host}:{args.port} "
-          "(POST /score, /rerank, /v1/rerank, /v2/rerank, /v1/score; GET /health)", file=sys.stderr)  # fmt: skip
+          "(POST /score, /rerank, /v1/rerank, /v2/rerank, /v1/score, /classify, /v1/embeddings; "
+          "GET /health, /ready, /metrics, /v1/models)", file=sys.stderr)  # fmt: skip
     if not args.no_warmup:
         print("warming up: compiling the batch shapes serving runs; GET /health answers 503 until ready",
               file=sys.stderr)  # fmt: skip
     try:
         serve(engine, args.host, args.port, warmup=not args.no_warmup, relevance=relevance, model_name=model_name,
-              runner=runner)  # fmt: skip
+              runner=runner, **front)  # fmt: skip
     finally:
         if runner is not None:
             runner.stop()

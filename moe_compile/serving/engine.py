@@ -39,6 +39,7 @@ import torch
 from transformers import DynamicCache, PreTrainedModel
 from transformers.cache_utils import DynamicLayer
 
+from ..loading.model import experts_zeroed_if_sharded
 from .batching import Batch, Row, collate, plan_batches
 from .prefix_cache import BlockKV, PrefixCache, shared_prefixes
 from .readout import LogitHead
@@ -400,8 +401,11 @@ class PrefillEngine:
         """
         n = min(PROBE_TOKENS, self.max_tokens or PROBE_TOKENS)
         probe = (torch.arange(n, device=self.device) * 7 + 3) % self.vocab_in  # [n]
-        out = self.decoder(input_ids=probe[None], use_cache=self.cache is not None)
-        self.head.check(self.model, out.last_hidden_state, probe[None])  # hidden [1, n, H]
+        # a sharded load (moe_compile.loading) cannot run its experts eagerly: they give zeros here, which the
+        # head's check and the cache's shapes do not depend on
+        with experts_zeroed_if_sharded(self.model):
+            out = self.decoder(input_ids=probe[None], use_cache=self.cache is not None)
+            self.head.check(self.model, out.last_hidden_state, probe[None])  # hidden [1, n, H]
         if self.cache is None:
             return None
         return [(layer.keys[0, :, :0], layer.values[0, :, :0]) for layer in out.past_key_values.layers]

@@ -9,269 +9,68 @@ Needs the ``serve`` extra (``pip install "moe_compile[serve]"``: FastAPI and uvi
   (:func:`parse_call`), so an object that is not UTF-8, not JSON, nested too deep, not a
   request, or that repeats an earlier id of the call gets an error record of its own and
   the others are scored; only a body that is not ``{"requests": [...]}`` is refused (400).
-- ``POST /rerank``, ``/v1/rerank``, ``/v2/rerank`` (the Cohere/Jina shape, as vLLM serves it):
-  ``{"model"?, "query", "documents": [str | {"text"}], "top_n"?, "return_documents"?}`` ->
-  ``{"id", "model", "usage": {"total_tokens"}, "results": [{"index", "relevance_score",
-  "document"?: {"text"}}]}``, the results sorted by relevance, highest first, at most ``top_n``
-  (absent or 0: all). ``return_documents`` defaults to true.
-- ``POST /v1/score`` (vLLM's score API): ``{"model"?, "text_1": str | [str], "text_2": str | [str]}``
-  -> ``{"id", "object": "list", "created", "model", "data": [{"index", "object": "score",
-  "score"}], "usage": {...}}``; a single ``text_1`` is paired with every ``text_2``, else the
-  lists pair up one to one and must be equally long.
+- the scoring APIs of vLLM, SGLang, Cohere/Jina, TEI and OpenAI (``/rerank``, ``/v1/score``,
+  ``/classify``, ``/v1/embeddings``, and vLLM's bodies on ``/score``): :mod:`~moe_compile.serving.routes`
+  (shapes in :mod:`~moe_compile.serving.api_shapes`, truncation in
+  :mod:`~moe_compile.serving.truncation`; docs/serving.md has the table).
+- ``GET /health`` (liveness, with the package version and the engine's counters: 200 while
+  serving or warming up, 503 once failed), ``GET /ready`` (readiness: 200 only when warm, not
+  draining, not failed), ``GET /metrics`` (Prometheus, :mod:`~moe_compile.serving.metrics`),
+  ``GET /v1/models``. Calls made while warming up wait for it.
+- ``api_key``: ``Authorization: Bearer`` on every path but ``/health``, ``/ready``, ``/metrics``
+  (401); ``max_body_bytes``: a longer body is answered 413 (:class:`~moe_compile.serving.metrics.Guard`).
 
-  Both read a relevance score in ``[0, 1]`` from the causal LM after a configurable template
-  (:mod:`~moe_compile.serving.relevance`). A body in the wrong shape, a ``model`` that is not
-  the served one, or a pair that cannot be scored (too long, ...) is answered 4xx with a
-  ``detail`` message naming what is wrong; nothing of such a call is scored.
-- ``GET /health`` answers ``{"status": "ok", ...}`` with the engine's counters once the
-  engine is warm; while it compiles the graphs serving needs (:meth:`PrefillEngine.warmup`,
-  run at startup) it answers 503 ``{"status": "warming up"}``, and 503 ``{"status":
-  "failed", "error": ...}`` if that failed. Calls made while warming up wait for it.
-
-One engine serves all connections: calls are scored one at a time (a lock), each as one
-:meth:`~moe_compile.serving.PrefillEngine.score` call, so the requests of a call are
-batched and share prefixes with each other and with earlier calls (the prefix cache).
+One engine serves all connections through a batching queue (:mod:`~moe_compile.serving.queue`):
+the requests of concurrent calls share the engine's steps (up to its token budget) and their
+prefixes; a call past ``max_concurrent_requests`` in flight is answered 429, a call whose client
+disconnects has its requests that have not started dropped, and one that takes longer than
+``request_timeout`` seconds is answered 504.
 """
 
 # no `from __future__ import annotations`: FastAPI must resolve the endpoint's annotations
 import contextlib
 import dataclasses
-import json
 import logging
-import re
 import threading
 import time
-import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
+from .. import __version__
+from .api_shapes import is_pair_score
+from .bodies import BadCall, check_call, decode_body, parse_call
+from .classify import DEFAULT_LABELS, LabelSet, labels_from_env
 from .engine import PrefillEngine
-from .jsonl import Decoded, Malformed, decode_json
-from .relevance import PairError, RelevanceScorer, RelevanceTemplate
-from .requests import MalformedRequest, Request
+from .memory import memory_accounting
+from .metrics import MAX_BODY_BYTES, Guard, Metrics
+from .queue import BatchQueue, Cancelled, wait_async
+from .relevance import RelevanceScorer, RelevanceTemplate
+from .requests import Request, Score
+from .routes import add_routes, prompt_tokens
 
 #: most request objects in one POST /score (and most documents / pairs in a rerank or score call)
 MAX_REQUESTS = 1024
-#: keys of a rerank body: those that change the answer, then those accepted and ignored (Cohere's client sends them)
-_RERANK_KEYS = frozenset({"model", "query", "documents", "top_n", "return_documents"})
-_RERANK_IGNORED = frozenset({"max_tokens_per_doc", "priority", "user"})
-_SCORE_KEYS = frozenset({"model", "text_1", "text_2", "user"})
+#: scoring calls in flight at once before a new one is answered 429 (TEI's default)
+MAX_CONCURRENT = 512
 
 logger = logging.getLogger(__name__)
 
 
-class BadCall(ValueError):
-    """A body that is not ``{"requests": [...]}`` at all (HTTP 400); the message says where."""
+@dataclasses.dataclass
+class Front:
+    """What the routes of :mod:`~moe_compile.serving.routes` need from the app (built in :func:`create_app`)."""
 
-
-def parse_call(body: bytes) -> list[Decoded | Malformed]:
-    """The request objects of a ``POST /score`` body: each decoded, or a :class:`Malformed` with the reason.
-
-    The body is split into its request objects before any is decoded, so one object that is
-    not UTF-8, not JSON, or nested too deep for the parser is an error of that object alone.
-    """
-    text = body.decode("utf-8", "surrogateescape")  # undecodable bytes -> U+DC80..U+DCFF, caught per object
-    try:
-        whole = None if _ESCAPED.search(text) else json.loads(text)
-    except (ValueError, RecursionError):
-        whole = None
-    if isinstance(whole, dict) and isinstance(whole.get("requests"), list):
-        return [Decoded(obj) for obj in whole["requests"]]  # the common case: the whole body parses
-    return [decode_json(segment) for segment in _split(text)]
-
-
-_ESCAPED = re.compile("[\\udc80-\\udcff]")
-_WS = re.compile(r"\s*")
-_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
-_SPECIAL = re.compile(r'["\[\]{}]')
-_SCALAR_END = re.compile(r"[\s,\]}]")
-
-
-def _split(text: str) -> list[str]:
-    """The source text of each element of the body's ``"requests"`` array (no element is decoded here)."""
-    i = _WS.match(text, 0).end()
-    if text[i : i + 1] != "{":
-        raise BadCall('the body must be a JSON object {"requests": [...]}')
-    i = _WS.match(text, i + 1).end()
-    segments = None
-    while text[i : i + 1] != "}":
-        end = _value_end(text, i)
-        key = decode_json(text[i:end])
-        if not (text[i : i + 1] == '"' and not isinstance(key, Malformed) and isinstance(key.value, str)):
-            raise BadCall(f"expected a key at character {i}")
-        i = _expect(text, _WS.match(text, end).end(), ":")
-        if key.value == "requests":
-            if text[i : i + 1] != "[":
-                raise BadCall(f"'requests' must be a list of request objects (character {i})")
-            segments, i = [], _WS.match(text, i + 1).end()
-            while text[i : i + 1] != "]":
-                end = _value_end(text, i)
-                segments.append(text[i:end])
-                i = _WS.match(text, end).end()
-                if text[i : i + 1] == ",":
-                    i = _WS.match(text, i + 1).end()
-                elif text[i : i + 1] != "]":
-                    raise BadCall(f"expected ',' or ']' at character {i}")
-            i += 1
-        else:
-            i = _value_end(text, i)
-        i = _WS.match(text, i).end()
-        if text[i : i + 1] == ",":
-            i = _WS.match(text, i + 1).end()
-        elif text[i : i + 1] != "}":
-            raise BadCall(f"expected ',' or '}}' at character {i}")
-    if text[_WS.match(text, i + 1).end() :]:
-        raise BadCall(f"extra data after the object (character {i + 1})")
-    if segments is None:
-        raise BadCall('the body has no "requests" list')
-    return segments
-
-
-def _expect(text: str, i: int, char: str) -> int:
-    if text[i : i + 1] != char:
-        raise BadCall(f"expected {char!r} at character {i}")
-    return _WS.match(text, i + 1).end()
-
-
-def _value_end(text: str, i: int) -> int:
-    """Where the JSON value starting at ``text[i]`` ends: strings and brackets matched, nothing decoded."""
-    c = text[i : i + 1]
-    if c == '"':
-        m = _STRING.match(text, i)
-        if m is None:
-            raise BadCall(f"unterminated string at character {i}")
-        return m.end()
-    if c in ("[", "{"):
-        depth, j = 0, i
-        while True:
-            m = _SPECIAL.search(text, j)
-            if m is None:
-                raise BadCall(f"unclosed bracket at character {i}")
-            if m.group() == '"':
-                s = _STRING.match(text, m.start())
-                if s is None:
-                    raise BadCall(f"unterminated string at character {m.start()}")
-                j = s.end()
-                continue
-            depth += 1 if m.group() in "[{" else -1
-            j = m.end()
-            if depth == 0:
-                return j
-    m = _SCALAR_END.search(text, i)
-    end = m.start() if m else len(text)
-    if end == i:
-        raise BadCall(f"expected a value at character {i}")
-    return end
-
-
-def check_call(objects: list[Decoded | Malformed]) -> tuple[list[dict[str, Any] | None], list[tuple[int, Request]]]:
-    """Error records (None where the object is a request) and the valid requests with their indices.
-
-    An object is an error when it is malformed (:func:`parse_call`, :meth:`Request.from_json`) or
-    repeats the id of an earlier request of the call.
-    """
-    records: list[dict[str, Any] | None] = [None] * len(objects)
-    valid: list[tuple[int, Request]] = []
-    first: dict[Any, int] = {}
-    for i, obj in enumerate(objects):
-        if isinstance(obj, Malformed):
-            records[i] = {"id": None, "error": f"malformed request: {obj.reason}"}
-            continue
-        obj = obj.value
-        try:
-            request = Request.from_json(obj)
-        except MalformedRequest as e:
-            rid = obj.get("id") if isinstance(obj, dict) else None
-            records[i] = {"id": rid if _plain_id(rid) else None, "error": f"malformed request: {e}"}
-            continue
-        if request.id in first:
-            error = f"malformed request: duplicate id {request.id!r} (first at index {first[request.id]})"
-            records[i] = {"id": request.id, "error": error}
-            continue
-        first[request.id] = i
-        valid.append((i, request))
-    return records, valid
-
-
-def _plain_id(rid: Any) -> bool:
-    """Whether ``rid`` can be echoed as the id of an error record."""
-    if isinstance(rid, str):
-        return not re.search("[\\ud800-\\udfff]", rid)
-    return isinstance(rid, int) and not isinstance(rid, bool)
-
-
-def _decode_body(body: bytes) -> dict[str, Any]:
-    """A JSON object body, or :class:`BadCall` saying why not."""
-    decoded = decode_json(body.decode("utf-8", "surrogateescape"))
-    if isinstance(decoded, Malformed):
-        raise BadCall(decoded.reason)
-    if not isinstance(decoded.value, dict):
-        raise BadCall(f"the body must be a JSON object, not {type(decoded.value).__name__}")
-    return decoded.value
-
-
-def _check_keys(body: dict[str, Any], known: frozenset, required: Sequence[str]) -> None:
-    unknown = sorted(set(body) - known)
-    if unknown:
-        raise BadCall(f"unknown key(s) {', '.join(map(repr, unknown))}; known: {', '.join(sorted(known))}")
-    missing = [k for k in required if k not in body]
-    if missing:
-        raise BadCall(f"missing key(s) {', '.join(map(repr, missing))}")
-
-
-def _text(value: Any, what: str) -> str:
-    if not isinstance(value, str):
-        raise BadCall(f"{what} must be a string, not {type(value).__name__}")
-    if not value:
-        raise BadCall(f"{what} is empty")
-    return value
-
-
-def parse_rerank(body: dict[str, Any], max_documents: int) -> tuple[str, list[str], int | None, bool]:
-    """``(query, documents, top_n, return_documents)`` of a rerank body; :class:`BadCall` naming the problem."""
-    _check_keys(body, _RERANK_KEYS | _RERANK_IGNORED, ("query", "documents"))
-    query = _text(body["query"], "'query'")
-    documents = body["documents"]
-    if not isinstance(documents, list) or not documents:
-        raise BadCall("'documents' must be a non-empty list of strings (or of {\"text\": ...} objects)")
-    if len(documents) > max_documents:
-        raise BadCall(f"{len(documents)} documents in one call; at most {max_documents}")
-    texts = []
-    for i, doc in enumerate(documents):
-        if isinstance(doc, dict) and set(doc) == {"text"}:
-            doc = doc["text"]
-        texts.append(_text(doc, f"documents[{i}]"))
-    top_n = body.get("top_n")
-    if top_n is not None and (not isinstance(top_n, int) or isinstance(top_n, bool) or top_n < 0):
-        raise BadCall(f"'top_n' must be an integer >= 0 (0: all), not {top_n!r}")
-    return_documents = body.get("return_documents", True)
-    if not isinstance(return_documents, bool):
-        raise BadCall(f"'return_documents' must be true or false, not {return_documents!r}")
-    return query, texts, top_n or None, return_documents
-
-
-def parse_score(body: dict[str, Any], max_pairs: int) -> list[tuple[str, str]]:
-    """The (text_1, text_2) pairs of a vLLM score body; :class:`BadCall` naming the problem."""
-    _check_keys(body, _SCORE_KEYS, ("text_1", "text_2"))
-    sides = []
-    for key in ("text_1", "text_2"):
-        value = body[key]
-        if isinstance(value, str):
-            sides.append([_text(value, f"'{key}'")])
-        elif isinstance(value, list) and value:
-            sides.append([_text(v, f"{key}[{i}]") for i, v in enumerate(value)])
-        else:
-            raise BadCall(f"'{key}' must be a string or a non-empty list of strings")
-    first, second = sides
-    if len(first) == 1:
-        first = first * len(second)
-    if len(first) != len(second):
-        raise BadCall(
-            f"'text_1' has {len(first)} texts and 'text_2' {len(second)}: give one text_1, or as many as text_2"
-        )
-    if len(second) > max_pairs:
-        raise BadCall(f"{len(second)} pairs in one call; at most {max_pairs}")
-    return list(zip(first, second))
+    engine: PrefillEngine
+    model_name: str | None
+    max_requests: int
+    scorer: RelevanceScorer | None
+    scorer_error: str | None
+    labels: LabelSet | None
+    labels_error: str | None
+    run: Callable  # async (call, requests) -> scores, through the batching queue
+    body: Callable  # async (call) -> the JSON object body, the model checked
+    prompts: Callable  # (inputs, truncation, tail) -> token lists; HTTPException 400
+    score_pairs: Callable | None = None  # set by add_routes: vLLM's pair scoring
 
 
 def create_app(
@@ -281,6 +80,11 @@ def create_app(
     relevance: RelevanceTemplate | None = None,
     model_name: str | None = None,
     runner: Any = None,
+    max_concurrent_requests: int = MAX_CONCURRENT,
+    request_timeout: float | None = None,
+    classify_labels: Sequence[str] | None = None,
+    api_key: str | None = None,
+    max_body_bytes: int | None = MAX_BODY_BYTES,
 ):
     """The FastAPI application serving ``engine``.
 
@@ -292,6 +96,16 @@ def create_app(
     used to tokenize); when it reports a failure (``runner.health()``), every call and
     ``/health`` answer 503 with it.
 
+    ``classify_labels``: the classes of ``/classify`` (default ``$MOE_COMPILE_CLASSIFY_LABELS``, else
+    ``[" yes", " no"]``; :mod:`~moe_compile.serving.classify`).
+
+    ``api_key``: every path but ``/health``, ``/ready`` and ``/metrics`` needs ``Authorization:
+    Bearer KEY`` (401). ``max_body_bytes``: a longer body is answered 413 (None: no limit).
+
+    ``max_concurrent_requests``: scoring calls in flight at once; one more is answered 429
+    (TEI's ``--max-concurrent-requests``). ``request_timeout``: seconds a call may wait and run;
+    past it the call is answered 504 and its requests not yet started are dropped (None: no limit).
+
     ``warmup``: on startup, run :meth:`PrefillEngine.warmup` in a thread (compiling every graph
     serving needs); until it is done ``GET /health`` answers 503 ``{"status": "warming up"}``
     and ``POST /score`` calls wait for it; if it fails, both answer 503 with the error.
@@ -299,7 +113,7 @@ def create_app(
     try:
         from fastapi import FastAPI, HTTPException
         from fastapi import Request as HTTPRequest
-        from fastapi.responses import JSONResponse
+        from fastapi.responses import JSONResponse, Response
         from starlette.concurrency import run_in_threadpool
     except ImportError as e:
         raise ImportError('the HTTP endpoint needs the serve extra: pip install "moe_compile[serve]"') from e
@@ -310,10 +124,17 @@ def create_app(
     except ValueError as e:  # no tokenizer, or labels outside the vocabulary: /score still serves
         scorer_error = str(e)
         logger.warning("rerank and score APIs unavailable: %s", scorer_error)
+    labels, labels_error = None, None
+    try:
+        labels = LabelSet(engine, classify_labels or labels_from_env(None, DEFAULT_LABELS))
+    except ValueError as e:
+        labels_error = str(e)
     from .aep import ServingFailed
 
     backend = runner if runner is not None else engine
-    lock = threading.Lock()
+    warm_done = threading.Event()  # set when the warm-up has ended (or at once without one)
+    if not warmup:
+        warm_done.set()
     state: dict[str, Any] = {"status": "warming up" if warmup else "ok", "error": None}
 
     def failure() -> str | None:
@@ -323,13 +144,14 @@ def create_app(
     def warm() -> None:
         start = time.perf_counter()
         try:
-            with lock:
-                backend.warmup()
+            backend.warmup()
         except Exception as e:  # noqa: BLE001  (reported by /health and /score, not raised into the server)
             state.update(status="failed", error=f"{type(e).__name__}: {e}")
             logger.error("warm-up failed: %s", state["error"])
+            warm_done.set()
             return
         state["status"] = "ok"
+        warm_done.set()
         logger.info("warm-up done in %.1f s: ready", time.perf_counter() - start)
 
     @contextlib.asynccontextmanager
@@ -337,96 +159,150 @@ def create_app(
         if warmup:
             threading.Thread(target=warm, name="moe-compile-warmup", daemon=True).start()
         yield
+        await run_in_threadpool(_app.state.batch_queue.stop, 60)  # the calls already queued finish
 
     app = FastAPI(title="moe_compile prefill scoring", lifespan=lifespan)
 
-    def run(requests: list[Request]):  # runs in a worker thread
-        with lock:  # waits for the warm-up
-            if state["status"] == "failed":
-                raise HTTPException(503, f"the engine's warm-up failed: {state['error']}")
+    def before_step() -> None:  # on the queue's worker: waits for the warm-up
+        warm_done.wait()
+        if state["status"] == "failed":
+            raise HTTPException(503, f"the engine's warm-up failed: {state['error']}")
+
+    def length(request: Request) -> int:  # the prompt tokens a request adds to a step
+        if request.tokens is not None:
+            return len(request.tokens)
+        try:
+            return len(engine._encode_prompt(request.text))
+        except Exception:  # noqa: BLE001  (the engine answers it with an error record)
+            return 1
+
+    started = int(time.time())
+
+    def rank_stats() -> dict[int, Any]:  # every rank's engine counters (/metrics); rank 0's are live
+        return {**getattr(runner, "rank_stats", {}), 0: engine.stats}
+
+    world = getattr(getattr(runner, "router", None), "world_size", 1)
+    batch_queue = BatchQueue(backend, engine.token_budget * world, length=length, before_step=before_step)
+    app.state.batch_queue = batch_queue
+    in_flight = [0]  # scoring calls admitted and not yet answered (touched on the event loop only)
+
+    @contextlib.asynccontextmanager
+    async def admitted():
+        if in_flight[0] >= max_concurrent_requests:
+            raise HTTPException(429, f"too many concurrent requests: {in_flight[0]} calls are in flight, at most "
+                                f"{max_concurrent_requests} (--max-concurrent-requests); retry later")  # fmt: skip
+        in_flight[0] += 1
+        try:
+            yield
+        finally:
+            in_flight[0] -= 1
+
+    async def run(call: HTTPRequest, requests: list[Request]) -> list[Score]:
+        """The scores of ``requests``, scored in the queue's shared steps (429 past the concurrency limit)."""
+        if failure() is not None:
+            raise HTTPException(503, failure())
+        if state.get("draining"):
+            raise HTTPException(
+                503, "the server is shutting down (SIGTERM): calls in flight finish, new ones are refused"
+            )
+        async with admitted():
             try:
-                return backend.score(requests)
+                return await wait_async(batch_queue, requests, call.is_disconnected, request_timeout)
             except ServingFailed as e:
                 raise HTTPException(503, str(e)) from None
+            except Cancelled:
+                raise HTTPException(499, "the client disconnected") from None
+            except TimeoutError as e:
+                raise HTTPException(
+                    504, f"{e} (--request-timeout); its requests not yet started were dropped"
+                ) from None
 
-    def score_objects(objects: list[Decoded | Malformed]) -> dict[str, Any]:  # runs in a worker thread
-        records, valid = check_call(objects)
-        scores = run([request for _, request in valid])
-        for (i, _), s in zip(valid, scores):
-            records[i] = s.to_json()
-        return {"scores": records}
-
-    @app.post("/score")
-    async def score(call: HTTPRequest) -> dict[str, Any]:
+    async def body_of(call: HTTPRequest) -> dict[str, Any]:
+        """The call's JSON object body (400 if it is not one; 404 if it names another model)."""
         try:
-            objects = parse_call(await call.body())
-        except BadCall as e:
-            raise HTTPException(400, f"bad body: {e}") from None
-        if len(objects) > max_requests:
-            raise HTTPException(413, f"{len(objects)} requests in one call; at most {max_requests}")
-        return await run_in_threadpool(score_objects, objects)
-
-    def relevance_of(pairs: list[tuple[str, str]]) -> list[tuple[float, int]]:  # runs in a worker thread
-        try:
-            requests = scorer.requests(pairs)
-            return scorer.relevance(run(requests), len(pairs))
-        except PairError as e:
-            raise HTTPException(400, str(e)) from None
-
-    async def relevance_call(call: HTTPRequest, parse) -> tuple[dict[str, Any], Any]:
-        if scorer is None:
-            raise HTTPException(501, f"the rerank and score APIs are not available: {scorer_error}")
-        try:
-            body = _decode_body(await call.body())
-            parsed = parse(body)
+            body = decode_body(await call.body())
         except BadCall as e:
             raise HTTPException(400, f"bad body: {e}") from None
         model = body.get("model")
         if model is not None and model_name is not None and model != model_name:
             raise HTTPException(404, f"The model `{model}` does not exist; this server serves `{model_name}`")
-        return body, parsed
+        return body
 
-    async def rerank(call: HTTPRequest) -> dict[str, Any]:
-        body, (query, documents, top_n, return_documents) = await relevance_call(
-            call, lambda b: parse_rerank(b, max_requests)
-        )
-        scored = await run_in_threadpool(relevance_of, [(query, d) for d in documents])
-        order = sorted(range(len(documents)), key=lambda i: (-scored[i][0], i))[:top_n]
-        results = []
-        for i in order:
-            result = {"index": i, "relevance_score": scored[i][0]}
-            if return_documents:
-                result["document"] = {"text": documents[i]}
-            results.append(result)
-        return {"id": f"rerank-{uuid.uuid4().hex}", "model": body.get("model", model_name),
-                "usage": {"total_tokens": sum(t for _, t in scored)}, "results": results}  # fmt: skip
+    def prompts(inputs, truncation, tail: int) -> list[list[int]]:  # runs in a worker thread
+        try:
+            return prompt_tokens(engine, inputs, truncation, tail)
+        except BadCall as e:
+            raise HTTPException(400, f"bad body: {e}") from None
 
-    for path in ("/rerank", "/v1/rerank", "/v2/rerank"):
-        app.post(path)(rerank)
+    front = Front(engine, model_name, max_requests, scorer, scorer_error, labels, labels_error, run, body_of, prompts)
+    add_routes(app, front)
 
-    @app.post("/v1/score")
-    async def score_pairs(call: HTTPRequest) -> dict[str, Any]:
-        body, pairs = await relevance_call(call, lambda b: parse_score(b, max_requests))
-        scored = await run_in_threadpool(relevance_of, pairs)
-        tokens = sum(t for _, t in scored)
-        return {"id": f"score-{uuid.uuid4().hex}", "object": "list", "created": int(time.time()),
-                "model": body.get("model", model_name),
-                "data": [{"index": i, "object": "score", "score": s} for i, (s, _) in enumerate(scored)],
-                "usage": {"prompt_tokens": tokens, "total_tokens": tokens, "completion_tokens": 0}}  # fmt: skip
+    @app.post("/score")
+    async def score(call: HTTPRequest) -> dict[str, Any]:
+        raw = await call.body()
+        try:
+            body = decode_body(raw)
+        except BadCall:
+            body = None  # malformed objects are answered one by one below
+        if body is not None and "requests" not in body and is_pair_score(body):
+            return await front.score_pairs(call, await body_of(call))  # vLLM's /score body
+        try:
+            objects = parse_call(raw)
+        except BadCall as e:
+            raise HTTPException(400, f"bad body: {e}") from None
+        if len(objects) > max_requests:
+            raise HTTPException(413, f"{len(objects)} requests in one call; at most {max_requests}")
+        records, valid = check_call(objects)
+        scores = await run(call, [request for _, request in valid])
+        for (i, _), s in zip(valid, scores):
+            records[i] = s.to_json()
+        return {"scores": records}
 
     @app.get("/health")
-    def health():
+    def health():  # liveness: 200 while the process can serve or will once warm; 503 once it cannot
         model = type(engine.model).__name__
         if failure() is not None:
-            return JSONResponse({"status": "failed", "model": model, "error": failure()}, status_code=503)
+            body = {"status": "failed", "model": model, "version": __version__, "error": failure()}
+            return JSONResponse(body, status_code=503)
         if state["status"] != "ok":
-            body = {"status": state["status"], "model": model}
+            body = {"status": state["status"], "model": model, "version": __version__}
             if state["error"] is not None:
                 body["error"] = state["error"]
-            return JSONResponse(body, status_code=503)
+            return JSONResponse(body, status_code=503 if state["status"] == "failed" else 200)
         stats = dataclasses.asdict(engine.stats)
-        return {"status": "ok", "model": model, "hit_rate": engine.stats.hit_rate, **stats}
+        memory = memory_accounting(engine)  # per rank, tensor bytes (serving/memory.py)
+        return {"status": "ok", "model": model, "version": __version__, "hit_rate": engine.stats.hit_rate, **stats,
+                "memory": memory}  # fmt: skip
 
+    @app.get("/ready")
+    def ready():  # readiness: 200 only when a call would be scored now
+        status = ("failed" if failure() is not None or state["status"] == "failed" else
+                  "draining" if state.get("draining") else state["status"])  # fmt: skip
+        code = 200 if status == "ok" else 503
+        return JSONResponse({"status": "ready" if code == 200 else status}, status_code=code)
+
+    @app.get("/v1/models")
+    def models():  # what OpenAI-style clients call first
+        name = model_name or type(engine.model).__name__
+        card = {"id": name, "object": "model", "created": started, "owned_by": "moe_compile",
+                "max_model_len": engine.max_tokens}  # fmt: skip
+        return {"object": "list", "data": [card]}
+
+    metrics = None
+    try:
+        metrics = Metrics(rank_stats, batch_queue)
+    except ImportError:
+        logger.warning('no /metrics: prometheus_client is not installed (pip install "moe_compile[serve]")')
+    else:
+
+        @app.get("/metrics")
+        def metrics_text():
+            body, content_type = metrics.render()
+            return Response(body, media_type=content_type)
+
+    app.state.draining = lambda: state.update(draining=True)  # serve(): SIGTERM, before uvicorn stops
+    endpoints = frozenset(route.path for route in app.routes)
+    app.add_middleware(Guard, api_key=api_key, max_body_bytes=max_body_bytes, metrics=metrics, endpoints=endpoints)
     return app
 
 
@@ -435,4 +311,10 @@ def serve(engine: PrefillEngine, host: str, port: int, warmup: bool = True, **ap
     app = create_app(engine, warmup=warmup, **app_kwargs)  # raises a clear ImportError without the serve extra
     import uvicorn
 
-    uvicorn.run(app, host=host, port=port, log_level="info")
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:  # SIGTERM/SIGINT: /ready says draining, new calls 503
+            app.state.draining()
+            super().handle_exit(sig, frame)
+
+    # uvicorn then stops listening, lets the calls in flight finish, and the lifespan's end drains the queue
+    Server(uvicorn.Config(app, host=host, port=port, log_level="info")).run()

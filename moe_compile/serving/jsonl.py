@@ -101,7 +101,7 @@ def is_record(obj: Any) -> bool:
     """Whether ``obj`` (one decoded output line) is a record that ``moe-compile score`` writes."""
     if not isinstance(obj, dict) or "id" not in obj:
         return False
-    if set(obj) == {"id", "error"}:
+    if set(obj) == {"id", "error"} or set(obj) == {"id", "custom_id", "response", "error"}:  # native; OpenAI batch
         return True
     return set(obj) >= _RECORD_KEYS and any(key in obj for key in JSON_KEYS.values())
 
@@ -116,7 +116,8 @@ class ScoresOutput:
     partial last line (an interrupted write: it starts like a record but is cut or does not
     parse) is cut, so its request is scored again. Each failure raises :class:`OutputError`.
 
-    ``done``: the ids already answered; :meth:`append` adds records durably.
+    ``done``: the ids already answered (an OpenAI batch output line's ``custom_id``); :meth:`append`
+    adds records durably.
     """
 
     def __init__(self, path: str | Path, input_path: str | Path | None = None) -> None:
@@ -152,7 +153,7 @@ class ScoresOutput:
         for number, line in enumerate(lines, start=1):
             obj = decode_json(line)
             if isinstance(obj, Decoded) and is_record(obj.value):
-                ids.add(obj.value["id"])
+                ids.add(obj.value.get("custom_id", obj.value["id"]))  # a batch line is done by its custom_id
             elif number == len(lines) and line.startswith(_RECORD_START):
                 keep -= len(line) + 1  # a garbled last line of an interrupted write: cut it too
             else:
@@ -173,6 +174,12 @@ class ScoresOutput:
     def append(self, scores: Iterable[Score]) -> None:
         """Append one JSON line per score and make it durable before returning."""
         self._file.writelines((json.dumps(score.to_json()) + "\n").encode() for score in scores)
+        self._file.flush()
+        os.fsync(self._file.fileno())
+
+    def append_lines(self, lines: Iterable[dict[str, Any]]) -> None:
+        """Append JSON lines (OpenAI batch output lines) and make them durable before returning."""
+        self._file.writelines((json.dumps(line) + "\n").encode() for line in lines)
         self._file.flush()
         os.fsync(self._file.fileno())
 

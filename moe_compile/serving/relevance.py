@@ -32,6 +32,7 @@ from collections.abc import Sequence
 
 from .engine import PrefillEngine
 from .requests import Request, Score
+from .truncation import Truncation, TruncationError, fit_document
 
 DEFAULT_TEMPLATE = "Query: {query}\nDocument: {document}\nRelevant:"
 DEFAULT_POSITIVE = " yes"
@@ -100,8 +101,18 @@ class RelevanceScorer:
             raise ValueError(f"the {which} rerank label {text!r} has token ids {bad} outside the model's vocabulary")
         return ids
 
-    def requests(self, pairs: Sequence[tuple[str, str]]) -> list[Request]:
-        """The engine requests of ``pairs``: one per pair and label, ids ``(pair, label)``; :class:`PairError`."""
+    def requests(self, pairs: Sequence[tuple[str, str]], truncation: Truncation | None = None) -> list[Request]:
+        """The engine requests of ``pairs``: one per pair and label, ids ``(pair, label)``; :class:`PairError`.
+
+        ``truncation``: how a pair too long for the model is cut (:mod:`~moe_compile.serving.truncation`:
+        only the document, never the template or the label tail); without it such a pair is an error.
+        """
+        truncation = truncation or Truncation()
+        tail = max(len(label) for label in self.labels) - 1  # label tokens after the prompt
+        model_max = self.engine.max_tokens - tail if self.engine.max_tokens is not None else None
+        limits = [m for m in (model_max, truncation.limit(model_max)) if m is not None]
+        limit = min(limits) if limits else None  # prompt tokens (the filled template), the label tail not counted
+        side = truncation.side_of(self.engine.tokenizer)
         out = []
         for p, (query, document) in enumerate(pairs):
             for which, value in (("query", query), ("document", document)):
@@ -111,9 +122,14 @@ class RelevanceScorer:
                     value.encode("utf-8")
                 except UnicodeEncodeError as e:
                     raise PairError(f"pair {p}: the {which} holds a lone surrogate at character {e.start}") from None
-            prompt = self.template.prompt(query, document)
             try:
-                tokens = self.engine._encode_prompt(prompt)
+                if limit is None and not truncation.any:
+                    tokens = self.encode(query, document)
+                else:
+                    _, _, tokens = fit_document(self.encode, self._count, query, document,
+                                                limit if limit is not None else 1 << 62, truncation, side)  # fmt: skip
+            except TruncationError as e:
+                raise PairError(f"pair {p}: {e}") from None
             except Exception as e:  # noqa: BLE001  (the tokenizer's own error)
                 raise PairError(f"pair {p}: cannot tokenize the prompt: {type(e).__name__}: {e}") from None
             n = len(tokens)
@@ -124,8 +140,19 @@ class RelevanceScorer:
                                    labels=tuple(dict.fromkeys(label))))  # fmt: skip
         return out
 
-    def relevance(self, scores: Sequence[Score], pairs: int) -> list[tuple[float, int]]:
-        """``(relevance, prompt tokens)`` per pair from the scores of :meth:`requests`; :class:`PairError`."""
+    def encode(self, query: str, document: str) -> list[int]:
+        """The tokens of the template filled with ``query`` and ``document`` (a causal-LM prompt)."""
+        return self.engine._encode_prompt(self.template.prompt(query, document))
+
+    def _count(self, text: str) -> int:
+        return len(self.engine.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def relevance(self, scores: Sequence[Score], pairs: int) -> list[tuple[float, int, float]]:
+        """``(relevance, prompt tokens, raw)`` per pair from the scores of :meth:`requests`; :class:`PairError`.
+
+        ``raw`` is the score before the sigmoid: ``log p(pos) - log p(neg)`` (``log p(pos)`` without a
+        negative label), what TEI's ``raw_scores`` returns.
+        """
         per_label = len(self.labels)
         out = []
         for p in range(pairs):
@@ -137,7 +164,8 @@ class RelevanceScorer:
                 order = list(dict.fromkeys(label))
                 logps.append(sum(score.value[i, order.index(t)].item() for i, t in enumerate(label)))
             tokens = scores[p * per_label].tokens - (len(self.labels[0]) - 1)
-            out.append((relevance_from_logprobs(logps), tokens))
+            raw = logps[0] - logps[1] if len(logps) == 2 else logps[0]
+            out.append((relevance_from_logprobs(logps), tokens, raw))
         return out
 
 
