@@ -12,7 +12,8 @@ DeepSeek-V3; ``benchmarks/grouped_gemm.py``'s ``MODELS``), measured side by side
 smallest token count (the emulation loops over experts and K blocks: slow at large sizes).
 
 Targets for the day a GPU is lent: ``fp8 / bf16 >= 1.3`` at 16384 tokens and ``>= 1.5`` at 512; stretch
-700 TFLOP/s. Not yet a ``benchmarks/gpu_suite.py`` section, and not yet run on a GPU.
+700 TFLOP/s. ``benchmarks/gpu_suite.py``'s ``fp8`` section runs ``bench_fp8`` at 512 and 16384 tokens with those
+targets (and an fp8 end-to-end prefill); not yet run on a GPU.
 
     python benchmarks/fp8_gemm.py                   # GPU: the three shapes at 512/4096/16384 tokens
     python benchmarks/fp8_gemm.py --cpu-smoke       # no GPU: one tiny shape under the Triton interpreter

@@ -39,7 +39,7 @@ def test_cpu_smoke_runs_every_section(smoke):
     res = json.loads((out / "results.json").read_text())
     assert res["mode"] == "cpu-smoke" and res["exit_code"] == 0 and res["failed_sections"] == []
     assert {"torch", "triton", "transformers", "python", "date", "device"} <= set(res["machine"])
-    assert list(res["sections"]) == ["tests", "autotune", "gemm", "prefill", "offload"]
+    assert list(res["sections"]) == ["tests", "autotune", "gemm", "fp8", "prefill", "offload"]
     assert all(s["status"] == "ok" and s["wall_s"] > 0 for s in res["sections"].values()), res["sections"]
 
     tests = res["sections"]["tests"]["result"]
@@ -49,6 +49,20 @@ def test_cpu_smoke_runs_every_section(smoke):
     gemm = res["sections"]["gemm"]["result"]["rows"]
     assert gemm and all(r["model"] == "smoke" and r["rel_err"] < 1e-4 for r in gemm)
     assert all(r[f"{k}_tflops"] > 0 for r in gemm for k in ("triton", "grouped_mm", "dense"))
+
+    fp8 = res["sections"]["fp8"]["result"]
+    assert [(r["model"], r["tokens"]) for r in fp8["rows"]] == [("smoke", 8), ("smoke", 16)]
+    assert all(r[f"{k}_tflops"] > 0 for r in fp8["rows"] for k in ("fp8", "bf16", "grouped_mm"))
+    assert all(r["fp8_vs_bf16"] == pytest.approx(r["fp8_tflops"] / r["bf16_tflops"]) for r in fp8["rows"])
+    assert fp8["rows"][0]["rel_err"] < 1e-3 and fp8["rows"][1]["rel_err"] is None  # emulation at the smallest only
+    assert fp8["mismatches"] == []
+    e2e = fp8["e2e"]
+    assert e2e["fp8_blocks"] == 2 and all(q.startswith("fp8 e4m3 W8A8, 128x128") for q in e2e["quantization"])
+    assert e2e["exact"] and e2e["rel_err"] < 1e-2 and e2e["rel_err_timed"] < 1e-2  # Triton (interpreter) = emulation
+    assert 1e-4 < e2e["rel_vs_bf16"] < 0.1  # the quantization moves the logits, by a few percent
+    assert e2e["expert_bytes"]["fp8_weights"] * 2 == e2e["expert_bytes"]["bf16"]
+    assert e2e["dense_fp8_layers"] == 0  # attention kept bf16: the two models differ in their experts only
+    assert [r["variant"] for r in e2e["rows"]] == ["bf16", "fp8"] and all(r["tokens_per_s"] > 0 for r in e2e["rows"])
 
     prefill = res["sections"]["prefill"]["result"]
     assert [r["variant"] for r in prefill["rows"]] == ["eager", "inductor", "moe_prefill"]
@@ -68,7 +82,7 @@ def test_cpu_smoke_runs_every_section(smoke):
     dtype, table = configs.parse_tuned(json.loads((out / tuned["file"]).read_text()), tuned["file"])
     assert dtype == "float32" and list(table) == [(8, 64, 32)]
 
-    assert [t["status"] for t in res["targets"]] == ["n/a"] * 4  # figures from a CPU smoke run mean nothing
+    assert [t["status"] for t in res["targets"]] == ["n/a"] * 7  # figures from a CPU smoke run mean nothing
 
 
 @pytest.mark.slow
@@ -77,7 +91,7 @@ def test_cpu_smoke_summary_has_every_table(smoke):
     md = (out / "summary.md").read_text()
     res = json.loads((out / "results.json").read_text())
     for heading in ("Sections", "Targets", "CUDA-only tests", "Autotune", "Grouped GEMM", "End-to-end prefill",
-                    "Offload overlap"):  # fmt: skip
+                    "Offload overlap", "Block-fp8 experts"):  # fmt: skip
         assert f"### {heading}" in md
     for name in res["sections"]:
         assert f"| {name} | ok |" in md
@@ -87,6 +101,7 @@ def test_cpu_smoke_summary_has_every_table(smoke):
     for variant in ("eager", "inductor", "moe_prefill"):
         assert f"| 256 | {variant} |" in md
     assert "| expert-copy time overlapping compute | 0.0% |" in md
+    assert "| smoke | 8 |" in md and "| 16 | fp8 |" in md and "compiled without Inductor (exact" in md
 
 
 def _x(cat, name, stream, ts, dur):
@@ -146,6 +161,22 @@ def test_targets_pass_and_miss_on_the_worst_row():
     assert no_16k == ["pass", "n/a", "n/a", "n/a"]  # 16k rows not measured: that target is not met by 512's
 
 
+def _fp8(model, tokens, fp8, bf16):
+    return {"model": model, "tokens": tokens, "fp8_tflops": fp8, "bf16_tflops": bf16}
+
+
+def test_fp8_targets_take_the_worst_ratio_and_the_best_tflops():
+    rows = [_fp8("a", 512, 160, 100), _fp8("b", 512, 140, 100), _fp8("a", 16384, 720, 500), _fp8("b", 16384, 600, 500)]
+    big, small, stretch = suite.evaluate_fp8_targets(rows, smoke=False)
+    assert "16384" in big.name and (big.status, big.measured) == ("miss", "1.20x") and "b 16384" in big.detail
+    assert "512" in small.name and (small.status, small.measured) == ("miss", "1.40x") and "b 512" in small.detail
+    assert (stretch.status, stretch.measured) == ("pass", "720 TFLOP/s") and "a 16384" in stretch.detail
+    fast = [_fp8("a", 512, 160, 100), _fp8("a", 16384, 650, 500)]
+    assert [t.status for t in suite.evaluate_fp8_targets(fast, smoke=False)] == ["pass", "pass", "miss"]
+    assert [t.status for t in suite.evaluate_fp8_targets(rows[:2], smoke=False)] == ["n/a", "miss", "n/a"]
+    assert [t.status for t in suite.evaluate_fp8_targets(rows, smoke=True)] == ["n/a"] * 3
+
+
 def test_a_failing_section_does_not_stop_the_others(tmp_path, monkeypatch):
     """A section that crashes without a result, one that times out with partial rows, one that succeeds."""
 
@@ -159,14 +190,15 @@ def test_a_failing_section_does_not_stop_the_others(tmp_path, monkeypatch):
             s.result["rows"] = [r | {"ms": 1.0, "vs_first": 1.0, "mfu": None} for r in _prefill(4096, 1, 1, 2)]
             s.save("ok")
             return 0, 1.0
-        return 1, 1.0  # tests, offload: crashed before writing anything
+        return 1, 1.0  # tests, fp8, offload: crashed before writing anything
 
     monkeypatch.setattr(suite.runner, "_run_child", fake_child)
     code = suite.main(["--cpu-smoke", "--out", str(tmp_path), "--quiet"])
     res = json.loads((tmp_path / "results.json").read_text())
     status = {n: s["status"] for n, s in res["sections"].items()}
-    assert code == 1 and status == {"tests": "failed", "gemm": "timeout", "prefill": "ok", "offload": "failed"}
-    assert res["failed_sections"] == ["tests", "gemm", "offload"]
+    expected = {"tests": "failed", "gemm": "timeout", "fp8": "failed", "prefill": "ok", "offload": "failed"}
+    assert code == 1 and status == expected
+    assert res["failed_sections"] == ["tests", "gemm", "fp8", "offload"]
     assert res["sections"]["gemm"]["result"]["rows"]  # the rows measured before the kill are kept
     md = (tmp_path / "summary.md").read_text()
     assert "| gemm | timeout |" in md and "| tests | failed |" in md and "| 4096 | moe_prefill |" in md

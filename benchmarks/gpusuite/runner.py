@@ -20,7 +20,7 @@ from typing import Any
 from .common import BENCHMARKS, GPU_CAPS, NEEDED, ROOT, SECTIONS, SMOKE_CAPS, _now, _versions, section_file
 from .sections import child
 from .summary import render_summary
-from .targets import evaluate_targets
+from .targets import evaluate_fp8_targets, evaluate_targets
 
 
 def machine(smoke: bool) -> dict[str, Any]:
@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="folder for results.json, summary.md, the trace, logs")
     parser.add_argument("--cpu-smoke", action="store_true", help="the plumbing on CPU: tiny shapes, interpreter")
-    parser.add_argument("--budget-s", type=float, default=None, help="wall budget of all sections (420; smoke 110)")
+    parser.add_argument("--budget-s", type=float, default=None, help="wall budget of all sections (530; smoke 160)")
     parser.add_argument("--sections", nargs="+", choices=[s for s in SECTIONS if s != "autotune"], default=None)
     parser.add_argument("--autotune", action="store_true", help="autotune and write DIR/tuned/<device>.json first")
     parser.add_argument("--autotune-budget-s", type=float, default=540, help="budget of --autotune (not in --budget-s)")
@@ -141,9 +141,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gpu_suite: missing modules {missing}: the sections that need them will fail; install them "
               "(pip install -e '.[test]') or carry their wheels to an offline machine", file=sys.stderr)  # fmt: skip
     caps = dict(SMOKE_CAPS if smoke else GPU_CAPS)
-    budget = opts.budget_s if opts.budget_s is not None else (110.0 if smoke else 420.0)
+    budget = opts.budget_s if opts.budget_s is not None else (160.0 if smoke else 530.0)
     scale = budget / sum(caps.values())
-    plan = [s for s in ("tests", "gemm", "prefill", "offload") if opts.sections is None or s in opts.sections]
+    plan = [s for s in ("tests", "gemm", "fp8", "prefill", "offload") if opts.sections is None or s in opts.sections]
     if opts.autotune:
         plan.insert(1 if "tests" in plan else 0, "autotune")
     env = dict(os.environ)
@@ -174,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     gemm_rows = sections.get("gemm", {}).get("result", {}).get("rows", [])
     prefill_rows = sections.get("prefill", {}).get("result", {}).get("rows", [])
     targets = evaluate_targets(gemm_rows, prefill_rows, smoke)
+    targets += evaluate_fp8_targets(sections.get("fp8", {}).get("result", {}).get("rows", []), smoke)
     failed = [n for n, d in sections.items() if d["status"] != "ok"]
     results = {
         "suite": "moe_compile benchmarks/gpu_suite.py",

@@ -1,4 +1,5 @@
-"""The sections, each run in a child process: tests, autotune, gemm, prefill, offload (:data:`RUNNERS`)."""
+"""The sections, each run in a child process: tests, autotune, gemm, fp8 (its own module), prefill, offload
+(:data:`RUNNERS`)."""
 
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ from .common import (
     _now,
     _versions,
 )
+from .fp8 import run_fp8
 from .targets import _gemm_where
 from .trace import copy_overlap
 
@@ -347,6 +349,7 @@ RUNNERS: dict[str, Callable[[Section], None]] = {
     "tests": run_tests,
     "autotune": run_autotune,
     "gemm": run_gemm,
+    "fp8": run_fp8,
     "prefill": run_prefill,
     "offload": run_offload,
 }

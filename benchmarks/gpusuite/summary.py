@@ -111,6 +111,8 @@ def render_summary(res: dict[str, Any]) -> str:
         ]
         header = ["model", "tokens", "routing", "triton", "grouped_mm", "dense", "tri/grp", "tri/dense", "rel err"]
         out += [_table(header, rows, "lrlrrrrrr"), ""]
+    if "fp8" in sec:
+        out += _fp8_tables(sec["fp8"].get("result", {}))
     if "prefill" in sec:
         r = sec["prefill"].get("result", {})
         out += [
@@ -168,3 +170,61 @@ def render_summary(res: dict[str, Any]) -> str:
         ]
         out += [_table(["metric", "value"], rows, "lr"), ""]
     return "\n".join(out) + "\n"
+
+
+def _fp8_tables(r: dict[str, Any]) -> list[str]:
+    out = [
+        "### Block-fp8 experts (TFLOP/s, SiLU-gated)",
+        "",
+        (
+            "`fp8`: `fused_moe_fp8` (W8A8, 128x128 weight blocks, activations quantized per token and 128 channels, "
+            "the quantizer included); `bf16`: the Triton layer on the same weights dequantized; `grouped_mm`: "
+            "torch._grouped_mm (moe_torch) in bf16. `rel err`: fp8 vs the torch W8A8 emulation (moe_fp8_torch), "
+            "smallest token count only."
+        ),
+        "",
+    ]
+    rows = [
+        [
+            g["model"],
+            g["tokens"],
+            _fmt(g["fp8_tflops"]),
+            _fmt(g["bf16_tflops"]),
+            _fmt(g["grouped_mm_tflops"]),
+            _fmt(g["fp8_vs_bf16"], ".2f"),
+            _fmt(g["fp8_vs_grouped_mm"], ".2f"),
+            _fmt(g["rel_err"], ".1e"),
+        ]
+        for g in r.get("rows", [])
+    ]
+    header = ["model", "tokens", "fp8", "bf16", "grouped_mm", "fp8/bf16", "fp8/grp", "rel err"]
+    out += [_table(header, rows), ""]
+    e = r.get("e2e")
+    if not e:
+        return [*out, "End-to-end fp8 prefill: not run.", ""]
+    b, quant = e["expert_bytes"], ", ".join(e.get("quantization", [])) or "-"
+    out += [
+        (
+            f"End-to-end fp8 prefill: {e['model']}, experts as transformers' FP8Experts (attention bf16), "
+            f"`moe_prefill` options {e['options'] or 'default'}, last-token logits; {e.get('fp8_blocks')} fp8 "
+            f"block(s) ({quant}). Expert bytes: bf16 {b['bf16']:,}, fp8 {b['fp8_weights']:,} + {b['fp8_scales']:,} "
+            "of scales. "
+            f"Against the eager W8A8 emulation: {_fmt(e.get('rel_err'), '.1e')} compiled without Inductor "
+            f"({'exact' if e.get('exact') else 'NOT exact'}: tolerance {e['tolerance']:.0e}), "
+            f"{_fmt(e.get('rel_err_timed'), '.1e')} as timed; fp8 vs the bf16 model "
+            f"{_fmt(e.get('rel_vs_bf16'), '.1e')}."
+        ),
+        "",
+    ]
+    rows = [
+        [
+            p["tokens"],
+            p["variant"],
+            _fmt(p["ms"], ".1f"),
+            _fmt(p["tokens_per_s"], ".0f"),
+            _fmt(p["vs_first"], ".2f") + "x",
+        ]
+        for p in e.get("rows", [])
+    ]
+    out += [_table(["tokens", "model", "ms", "tokens/s", "vs bf16"], rows, "rlrrr"), ""]
+    return out

@@ -1,10 +1,12 @@
-"""The targets of the kernels issue, evaluated on the gemm and prefill rows (:func:`evaluate_targets`)."""
+"""The targets of the kernels issue, evaluated on the gemm and prefill rows (:func:`evaluate_targets`), and those of
+the fp8 issue (#22) on the fp8 rows (:func:`evaluate_fp8_targets`)."""
 
 from __future__ import annotations
 
 import dataclasses
 
 from .common import TOKENS
+from .fp8 import FP8_TOKENS
 
 
 @dataclasses.dataclass
@@ -55,3 +57,29 @@ def evaluate_targets(gemm_rows: list[dict], prefill_rows: list[dict], smoke: boo
 
 def _gemm_where(r: dict) -> str:
     return f"{r['model']} {r['tokens']} tokens {r['routing']}"
+
+
+def evaluate_fp8_targets(fp8_rows: list[dict], smoke: bool) -> list[Target]:
+    """Issue #22's targets on the fp8 kernel rows: fp8/bf16 Triton >= 1.3x at 16k tokens, >= 1.5x at 512 (worst
+    shape); stretch: the best fp8 row at 16k tokens >= 700 TFLOP/s. The smoke's two tiny sizes stand in."""
+    rows = [r for r in fp8_rows if r.get("fp8_tflops")]
+    sizes = sorted({r["tokens"] for r in rows}) if smoke else FP8_TOKENS
+    small, big = (sizes[0], sizes[-1]) if sizes else (None, None)
+    targets = []
+    for T, threshold in ((big, 1.3), (small, 1.5)):
+        ratios = [(r["fp8_tflops"] / r["bf16_tflops"], f"{r['model']} {T} tokens") for r in rows if r["tokens"] == T]
+        name = f"fp8 Triton >= {threshold}x bf16 Triton at {T} tokens"
+        targets.append(_judge(name, min(ratios) if ratios else None, threshold, f">= {threshold:.2f}x", "x", smoke))
+    best = [(r["fp8_tflops"], f"{r['model']} {big} tokens") for r in rows if r["tokens"] == big]
+    targets.append(_judge("stretch: fp8 Triton >= 700 TFLOP/s (best shape)", max(best) if best else None, 700.0,
+                          ">= 700 TFLOP/s", " TFLOP/s", smoke, "best"))  # fmt: skip
+    return targets
+
+
+def _judge(name, value, threshold, text, unit, smoke, which="worst") -> Target:
+    if value is None:
+        return Target(name, "-", text, "n/a", "not measured")
+    measured, where = value
+    status = "n/a" if smoke else ("pass" if measured >= threshold else "miss")
+    detail = f"{which}: {where}" + ("; cpu-smoke: figures meaningless" if smoke else "")
+    return Target(name, f"{measured:.2f}{unit}" if unit == "x" else f"{measured:.0f}{unit}", text, status, detail)

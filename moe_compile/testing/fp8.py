@@ -27,8 +27,13 @@ def _hf_fp8_classes():
     return FP8Experts, FP8Linear
 
 
-def quantize_model(model: nn.Module, block: tuple[int, int] = (128, 128)) -> tuple[nn.Module, nn.Module]:
-    """``(fp8_model, dequantized_model)`` from ``model`` (left unchanged): see the module doc."""
+def quantize_model(
+    model: nn.Module, block: tuple[int, int] = (128, 128), keep: tuple[str, ...] = ("lm_head",)
+) -> tuple[nn.Module, nn.Module]:
+    """``(fp8_model, dequantized_model)`` from ``model`` (left unchanged): see the module doc.
+
+    ``keep``: transformers' ``modules_to_not_convert`` (``("lm_head", "self_attn")`` quantizes the experts only).
+    """
     from transformers import FineGrainedFP8Config
     from transformers.integrations.finegrained_fp8 import replace_with_fp8_linear
 
@@ -37,7 +42,7 @@ def quantize_model(model: nn.Module, block: tuple[int, int] = (128, 128)) -> tup
     deq = copy.deepcopy(model)
     replace_with_fp8_linear(
         fp8,
-        modules_to_not_convert=["lm_head"],
+        modules_to_not_convert=list(keep),
         quantization_config=FineGrainedFP8Config(weight_block_size=block),
         pre_quantized=True,
     )
