@@ -81,13 +81,6 @@ KNOWN_GAPS: dict[str, Gap] = {
         "generic shrink breaks their split; needs a hand-written tiny config",
     ),
     "ernie4_5_vl_moe_text": Gap("not-built", "expanded size of the tensor", "as `ernie4_5_vl_moe`"),
-    "llama4": Gap(
-        "not-built",
-        "image_outputs",
-        "transformers' `Llama4ForConditionalGeneration.forward` reads `outputs.image_outputs` from its text "
-        "model's output, which has none: a text-only forward fails in eager too (the text part `llama4_text` "
-        "is exact)",
-    ),
     "nemo_speechlm": Gap("not-built", "audio_hidden_size", "generic tiny config: nested audio sizes must agree"),
     "nemotron_h_omni": Gap("not-built", "no model class registered", "no model class in the auto mappings"),
     "qwen3_omni_moe": Gap(
