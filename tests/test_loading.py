@@ -181,6 +181,53 @@ def test_from_pretrained_reference_agrees_with_load_model(tmp_path):
         assert torch.equal(got.state_dict()[name], value), name
 
 
+@pytest.mark.parametrize("family", ["deepseek_v3", "qwen3_moe"])
+def test_bf16_load_keeps_the_tensors_transformers_keeps_in_fp32(tmp_path, family):
+    """In bf16, rope's inv_freq and DeepSeek-V3's router (gate weight and score-correction bias) stay fp32, as
+    from_pretrained keeps them: each tensor takes the dtype transformers' own init gives it, not the compute's."""
+    model = zoo.build(family, num_layers=3)
+    with torch.no_grad():
+        for name, buffer in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                buffer.copy_(torch.randn_like(buffer))  # not its initial zeros: a skipped load would show
+    model.save_pretrained(tmp_path)
+    ref = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    got = load_model(tmp_path, device="cpu", dtype="bfloat16")
+    want = {**dict(ref.named_parameters()), **dict(ref.named_buffers())}
+    have = {**dict(got.named_parameters()), **dict(got.named_buffers())}
+    assert sorted(want) == sorted(have)
+    kept = sorted(n for n, t in want.items() if t.dtype == torch.float32)
+    assert any("inv_freq" in n for n in kept), kept
+    if family == "deepseek_v3":
+        assert any("e_score_correction_bias" in n for n in kept), kept
+    for name, value in want.items():
+        assert have[name].dtype == value.dtype and torch.equal(have[name], value), name
+    x = zoo.make_inputs(model, seed=3)
+    with torch.no_grad():
+        assert torch.equal(got(x).logits, ref(x).logits)
+
+
+def test_a_checkpoint_without_a_routing_bias_is_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    zoo.build("deepseek_v3", num_layers=2).save_pretrained(tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    (bias,) = [k for k in tensors if k.endswith("e_score_correction_bias")][:1]
+    del tensors[bias]
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="no tensor for the buffer .*e_score_correction_bias"):
+        load_model(tmp_path, device="cpu")
+
+
+def test_an_fp8_checkpoint_is_sent_to_the_fp8_loader(tmp_path):
+    zoo.build("qwen3_moe", num_layers=1).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128]}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="an fp8 checkpoint .*load_fp8_model"):
+        load_model(tmp_path, device="cpu")
+
+
 def test_memory_accounting_of_a_whole_model(tmp_path):
     from moe_compile.serving import PrefillEngine
     from moe_compile.serving.memory import memory_accounting

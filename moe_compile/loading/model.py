@@ -104,7 +104,7 @@ def load_model(
     problem, model = None, None
     try:
         model = _load(path, device, dtype, world_size, rank, parallel, hot_experts, routing_stats, model_class)
-    except (CheckpointError, ValueError, OSError) as exc:
+    except Exception as exc:  # any failure (an OOM too) is reported to the peers before it is raised
         problem = f"{type(exc).__name__}: {exc}"
         if group == 1:
             raise
@@ -125,6 +125,13 @@ def _load(path, device, dtype, world_size, rank, parallel, hot_experts, routing_
     path = Path(path)
     if not (path / "config.json").is_file():
         raise CheckpointError(f"{path}: not a checkpoint directory (no config.json)")
+    from ..quant.loading import is_fp8_checkpoint
+
+    if is_fp8_checkpoint(path):
+        raise CheckpointError(
+            f"{path}: an fp8 checkpoint (quantization_config); load it with moe_compile.quant.loading.load_fp8_model, "
+            "which keeps the experts in fp8 with their scales (moe-compile score/serve do so by themselves)"
+        )
     dev = rdist.resolve_device(device)
     checkpoint = Checkpoint(path)
     config = AutoConfig.from_pretrained(str(path))
@@ -151,20 +158,27 @@ def _load(path, device, dtype, world_size, rank, parallel, hot_experts, routing_
         source = found.get(name)
         if source is None:
             continue  # tied, or missing: checked below
+        # each tensor in the dtype transformers gives it (bf16 compute keeps rope and DeepSeek's router in fp32)
         if name in experts:
             value, register = _load_experts(checkpoint, source, param, experts[name], hot.get(name, ()), world_size,
-                                            rank, parallel, compute, dev, info)  # fmt: skip
+                                            rank, parallel, param.dtype, dev, info)  # fmt: skip
         else:
-            value, register = _placed(_read_checked(checkpoint, source, param), compute, dev), None
+            value, register = _placed(_read_checked(checkpoint, source, param), param.dtype, dev), None
             info.dense_bytes += value.numel() * value.element_size()
         value = nn.Parameter(value, requires_grad=False)
         if register is not None:  # the shards are keyed by the parameter object the compile sees
             register(value)
         _set(model, name, value)
+    persistent = set(model.state_dict())
     for name, buffer in list(model.named_buffers()):
         source = found.get(name)
+        if source is None and name in persistent:
+            raise CheckpointError(
+                f"{path}: no tensor for the buffer {name} in the checkpoint (a routing bias, say, would stay at its "
+                "initial value); check the checkpoint, or load with from_pretrained"
+            )
         value = _read_checked(checkpoint, source, buffer) if source is not None else buffer
-        value = _placed(value, compute if value.is_floating_point() else value.dtype, dev)
+        value = _placed(value, buffer.dtype if value.is_floating_point() else value.dtype, dev)
         _set(model, name, value, buffer=True)
         info.dense_bytes += value.numel() * value.element_size()
     model.tie_weights()

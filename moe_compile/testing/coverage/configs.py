@@ -209,8 +209,13 @@ TINY_OVERRIDES: dict[str, dict[str, Any]] = {
     "step3p7": {"text_config": {"sliding_window": 8}},
     # Kolibri 1.1's layer lists are laid out for 50 layers: a sliding layer, then an indexer, both MoE
     "kolibri1_1": {
-        "layer_types": ["sliding_attention", "indexed_attention"], "index_layers": [1], "kv_source_layers": [0, 1],
-        "mlp_only_layers": [], "sliding_window": 8, "head_dim": 16, "index_num_heads": 1,
+        "layer_types": ["sliding_attention", "indexed_attention"],
+        "index_layers": [1],
+        "kv_source_layers": [0, 1],
+        "mlp_only_layers": [],
+        "sliding_window": 8,
+        "head_dim": 16,
+        "index_num_heads": 1,
     },
     "qwen4_exp_text": _QWEN4_INDEXER,  # the indexer sizes are None in the default config
     "qwen4_exp": {"text_config": _QWEN4_INDEXER},
