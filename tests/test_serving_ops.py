@@ -141,7 +141,9 @@ def test_sigterm_drains_the_call_in_flight_then_exits(tmp_path):
         port = s.getsockname()[1]
     argv = [sys.executable, "-m", "moe_compile.cli", "serve", "--model", str(path), "--port", str(port),
             "--no-compile", "--no-warmup", "--token-budget", "256"]  # fmt: skip
-    server = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=os.environ.copy())
+    log = tmp_path / "server.log"  # a file, not a pipe: a pipe nobody reads can fill and block the server
+    with open(log, "wb") as out_file:
+        server = subprocess.Popen(argv, stdout=out_file, stderr=subprocess.STDOUT, env=os.environ.copy())
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120
@@ -151,7 +153,7 @@ def test_sigterm_drains_the_call_in_flight_then_exits(tmp_path):
                     break
             except OSError:
                 pass
-            assert time.monotonic() < deadline and server.poll() is None, server.stderr.read().decode()[-2000:]
+            assert time.monotonic() < deadline and server.poll() is None, log.read_text()[-2000:]
             time.sleep(0.2)
         body = {"requests": [{"id": i, "tokens": [3 + (i * 7 + j) % 120 for j in range(100)], "labels": [5]}
                              for i in range(600)]}  # fmt: skip

@@ -122,6 +122,33 @@ def test_a_failing_step_fails_only_its_own_calls(model):
     queue.stop(10)
 
 
+def test_a_wrong_score_count_or_a_failing_callback_does_not_stop_the_worker(model):
+    """The one worker thread survives a backend answering the wrong number of scores, an ``on_step`` that raises and
+    a waiter whose callback raises: those calls fail (or finish) and the next call is still scored."""
+    engine = PrefillEngine(model, compile=False, block_size=8, token_budget=16)
+
+    class Short:
+        def score(self, requests):
+            scores = engine.score(requests)
+            return scores[:-1] if any(r.id == "short" for r in requests) else scores
+
+    def broken_callback(*_):
+        raise RuntimeError("a metrics bug")
+
+    queue = BatchQueue(Short(), step_tokens=16, on_step=broken_callback)
+    short = queue.submit([Request(id="short", tokens=(3, 4, 5), labels=(5,))])
+    with pytest.raises(RuntimeError, match="returned 0 scores for 1 requests"):
+        short.wait(60)
+    waited = queue.submit([Request(id="cb", tokens=(3, 4, 6), labels=(5,))], on_done=broken_callback)
+    assert waited.wait(60)[0].error is None
+    after = queue.submit([Request(id="after", tokens=tuple(range(3, 12)), labels=(5,))])
+    (score,) = after.wait(60)
+    assert score.error is None
+    (alone,) = engine.score([Request(id="after", tokens=tuple(range(3, 12)), labels=(5,))])
+    assert rel_err(score.value, alone.value) < 1e-5
+    queue.stop(10)
+
+
 # -- over HTTP ---------------------------------------------------------------------------------------------------
 
 

@@ -406,7 +406,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
           "(POST /score, /rerank, /v1/rerank, /v2/rerank, /v1/score, /classify, /v1/embeddings; "
           "GET /health, /ready, /metrics, /v1/models)", file=sys.stderr)  # fmt: skip
     if not args.no_warmup:
-        print("warming up: compiling the batch shapes serving runs; GET /health answers 503 until ready",
+        print("warming up: compiling the batch shapes serving runs; GET /ready answers 503 until ready",
               file=sys.stderr)  # fmt: skip
     try:
         serve(engine, args.host, args.port, warmup=not args.no_warmup, relevance=relevance, model_name=model_name,

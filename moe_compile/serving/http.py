@@ -107,8 +107,8 @@ def create_app(
     past it the call is answered 504 and its requests not yet started are dropped (None: no limit).
 
     ``warmup``: on startup, run :meth:`PrefillEngine.warmup` in a thread (compiling every graph
-    serving needs); until it is done ``GET /health`` answers 503 ``{"status": "warming up"}``
-    and ``POST /score`` calls wait for it; if it fails, both answer 503 with the error.
+    serving needs); until it is done ``GET /ready`` answers 503 ``{"status": "warming up"}`` (``GET /health``,
+    liveness, answers 200) and ``POST /score`` calls wait for it; if it fails, both answer 503 with the error.
     """
     try:
         from fastapi import FastAPI, HTTPException

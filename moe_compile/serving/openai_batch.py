@@ -117,7 +117,8 @@ def run_chunks(app: Any, lines: list[dict[str, Any]], chunk: int, write) -> None
     import httpx
 
     async def main() -> None:
-        transport = httpx.ASGITransport(app=app)
+        # an unhandled error in a handler is that line's 500, not the end of the run (the other lines are kept)
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
         async with httpx.AsyncClient(transport=transport, base_url="http://moe-compile-batch", timeout=None) as client:
             for lo in range(0, len(lines), chunk):
                 outputs = await asyncio.gather(*(_call(client, line) for line in lines[lo : lo + chunk]))

@@ -30,12 +30,15 @@ front end and every step is one lockstep step over the ranks).
 from __future__ import annotations
 
 import collections
+import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from .requests import Request, Score
+
+log = logging.getLogger(__name__)
 
 
 class Cancelled(RuntimeError):
@@ -55,6 +58,7 @@ class Ticket:
         self.cancelled = False
         self.submitted = time.monotonic()
         self._event = threading.Event()
+        self._finish_lock = threading.Lock()
         self._on_done = on_done
 
     @property
@@ -62,10 +66,16 @@ class Ticket:
         return self._event.is_set()
 
     def _finish(self) -> None:
-        if not self._event.is_set():
+        """Mark the call done and tell its waiter, once (the worker and ``cancel`` may both get here)."""
+        with self._finish_lock:
+            if self._event.is_set():
+                return
             self._event.set()
-            if self._on_done is not None:
+        if self._on_done is not None:
+            try:
                 self._on_done(self)
+            except Exception:  # a waiter gone (its event loop closed, say) must not stop the worker
+                log.exception("batch queue: telling a finished call's waiter failed")
 
     def wait(self, timeout: float | None = None) -> list[Score]:
         """The scores (raises the step's error, or :class:`Cancelled`); TimeoutError after ``timeout`` seconds."""
@@ -200,6 +210,8 @@ class BatchQueue:
                 if self.before_step is not None:
                     self.before_step()
                 scores = self.backend.score(requests)
+                if len(scores) != len(requests):
+                    raise RuntimeError(f"the engine returned {len(scores)} scores for {len(requests)} requests")
             except BaseException as e:  # noqa: BLE001  (handed to the calls of this step)
                 error = e
             finished = []
@@ -219,7 +231,10 @@ class BatchQueue:
                                                             or ticket.error is not None):  # fmt: skip
                         finished.append(ticket)
             if self.on_step is not None:
-                self.on_step(requests, time.monotonic() - start)
+                try:
+                    self.on_step(requests, time.monotonic() - start)
+                except Exception:  # metrics are not worth the queue: log, and keep serving
+                    log.exception("batch queue: the on_step callback failed")
             for ticket in finished:
                 ticket._finish()
 
