@@ -27,7 +27,9 @@ How (:func:`load_model`):
    and the parameter itself is a tensor of the full shape with no storage
    (:func:`moe_compile.runtime.shards.unallocated`) whose shards are registered
    (:func:`moe_compile.runtime.shards.register`): the parallel passes take them as they
-   are, and the full expert set never exists on the rank, in host or device memory;
+   are, and the full expert set is never resident on the rank (on CUDA, each full tensor's block is
+   allocated, never written, and handed back to the caching allocator at once: one tensor's size is
+   reserved for a moment, per expert tensor in turn; a placeholder with no allocation at all is future work);
 4. tied weights are tied (``model.tie_weights()``); a parameter still on the meta
    device is a tensor the checkpoint lacks (:class:`~.checkpoint.CheckpointError`).
 
