@@ -39,3 +39,18 @@ def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
 def close(got: torch.Tensor, want: torch.Tensor, tol: float | None = None) -> bool:
     """``rel_err(got, want)`` within ``tol`` (default: the tolerance of ``want``'s dtype)."""
     return rel_err(got, want) <= (tolerance(want.dtype) if tol is None else tol)
+
+
+def large_input_scale(weights: list[torch.Tensor], H: int) -> float:
+    """Probes at this scale reach the bounds (clamps) a candidate lacks: prepare's forms and the backend's
+    verification (``canonicalize_moe``) both use it.
+
+    A factor for unit-variance hidden states that makes ``x @ w.T`` about 30 in size, for any ``[E, ., H]``
+    or ``[E, H, .]`` reading of ``weights`` (the smallest typical row norm along a size-``H`` dimension)."""
+    norms = []
+    for w in weights:
+        for dim in (1, 2):
+            if w.shape[dim] == H:
+                norms.append(w.float().norm(dim=dim).mean().item())
+    norm = min((n for n in norms if n > 0), default=1.0)
+    return 30.0 / norm

@@ -230,7 +230,7 @@ def _verify(m: MoEMatch, region: _Region, roles: _BiasRoles, ctx: PassContext) -
     if m.dense_scores:
         weights = weights.gather(1, ids)  # what the rewrite passes the op
     b_up, b_down = (value[b] if b is not None else None for b in roles)
-    scales = (1.0, _large_input_scale(w_up, m.hidden_size))
+    scales = (1.0, verify.large_input_scale([w_up], m.hidden_size))
     probes = []  # (x, the block's output on it) at each scale
     for scale in scales:
         scaled = [p * scale if n is m.hidden else p for n, p in zip(region.inputs, probe)]
@@ -326,14 +326,6 @@ def _between(m: MoEMatch) -> set[fx.Node]:
         seen.add(n)
         stack.extend(n.all_input_nodes)
     return seen - {m.up_mm, m.down_mm}
-
-
-def _large_input_scale(w_up: torch.Tensor, H: int) -> float:
-    """A factor for unit-variance hidden states that makes the up projection about 30 in size (the typical norm
-    of ``w_up``'s rows along its size-``H`` dimension; ``[E, N, H]`` or transposed ``[E, H, N]``)."""
-    dims = [d for d in (1, 2) if w_up.shape[d] == H] or [2]
-    norm = min(w_up.float().norm(dim=d).mean().item() for d in dims)
-    return 30.0 / norm if norm > 0 else 1.0
 
 
 def _layout(m: MoEMatch, spec: ExpertSpec, has_bias: bool) -> str:

@@ -21,6 +21,7 @@ import torch.nn as nn
 from .. import verify
 from ..moe_math import activate
 from ..spec import ACTIVATIONS, GATE_LAYOUTS, PARAMETRIC, ExpertSpec
+from ..verify import large_input_scale  # noqa: F401  (the probes of each prepare form use it)
 from .modules import StackedExperts
 
 
@@ -221,18 +222,6 @@ def expert_weight_views(module: nn.Module) -> tuple[int, int, list[tuple[str, to
         else:
             return None
     return E, max(stacked, default=E) - E, views
-
-
-def large_input_scale(weights: list[torch.Tensor], H: int) -> float:
-    """A factor for unit-variance hidden states that makes ``x @ w.T`` about 30 in size, for any ``[E, ., H]``
-    or ``[E, H, .]`` reading of ``weights`` (the smallest typical row norm along a size-``H`` dimension)."""
-    norms = []
-    for w in weights:
-        for dim in (1, 2):
-            if w.shape[dim] == H:
-                norms.append(w.float().norm(dim=dim).mean().item())
-    norm = min((n for n in norms if n > 0), default=1.0)
-    return 30.0 / norm
 
 
 def weight_forms(views: list[tuple[str, torch.Tensor]], hidden: int | None = None) -> Iterator[WeightForm]:
