@@ -192,7 +192,7 @@ def main() -> None:
 
 def _max_abs_diff(a, b) -> float:
     if isinstance(a, list):
-        return max((_max_abs_diff(x, y) for x, y in zip(a, b)), default=0.0)
+        return max((_max_abs_diff(x, y) for x, y in zip(a, b, strict=True)), default=0.0)
     return abs(a - b) if a is not None and b is not None else 0.0
 
 

@@ -203,7 +203,7 @@ def cpu_main(inductor: bool, setups: list[tuple] = CPU_SETUPS) -> list[dict]:
         input_ids = torch.randint(0, model.config.vocab_size, (batch, seq))
         times = interleaved(contenders, input_ids, rounds)
         for variant, ts in times.items():
-            ratios = [e / t for e, t in zip(times["eager"], ts)]
+            ratios = [e / t for e, t in zip(times["eager"], ts, strict=True)]
             row = {
                 "setup": name, "variant": variant, "median_ms": statistics.median(ts) * 1e3,
                 "vs_eager": statistics.median(ratios), "spread": (min(ratios), max(ratios)), "rounds": rounds,

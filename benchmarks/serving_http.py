@@ -167,7 +167,7 @@ def run_level(port: int, level: str, calls: list[list[int]], clients: int) -> di
 
 
 def rel_err(a: list, b: list) -> float:
-    num = sum((x - y) ** 2 for ra, rb in zip(a, b) for x, y in zip(ra, rb)) ** 0.5
+    num = sum((x - y) ** 2 for ra, rb in zip(a, b, strict=True) for x, y in zip(ra, rb, strict=True)) ** 0.5
     den = sum(y**2 for rb in b for y in rb) ** 0.5
     return num / den if den else num
 
@@ -182,10 +182,10 @@ def bench_model(name: str, model_dir: str, vocab: int, args, log_dir: Path) -> l
     rows = []
     try:
         run_level(server.port, "prime", [f + [3] for f in families], 0)  # the four prefixes cached
-        for (level, clients), calls in zip(levels, sets):
+        for (level, clients), calls in zip(levels, sets, strict=True):
             rows.append(run_level(server.port, level, calls, clients))
             print(f"  {name}: {level}: {rows[-1]['rps']:.1f} req/s", file=sys.stderr)
-        for row, calls in zip(rows, sets):  # exactness: the same prompts again, one at a time
+        for row, calls in zip(rows, sets, strict=True):  # exactness: the same prompts again, one at a time
             check = run_level(server.port, "check", calls, 0)
             row["max_rel_err"] = max(rel_err(row["answers"][i], check["answers"][i]) for i in row["answers"])
     finally:

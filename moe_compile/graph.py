@@ -44,7 +44,7 @@ def same(a: object, b: object) -> bool:
 
 def same_shape(a: Iterable, b: Iterable) -> bool:
     a, b = tuple(a), tuple(b)
-    return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+    return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b, strict=True))
 
 
 def numel(shape: Iterable) -> object:
@@ -209,7 +209,7 @@ def common_module_path(nodes: Iterable[fx.Node]) -> str:
     if not paths:
         return ""
     common: list[str] = []
-    for parts in zip(*paths):
+    for parts in zip(*paths, strict=False):
         if len(set(parts)) != 1:
             break
         common.append(parts[0])
@@ -233,7 +233,7 @@ def without_control_deps(gm: fx.GraphModule) -> fx.GraphModule:
         inner = [n for n in subgraph.graph.nodes if n.op == "call_function"]
         if len(inner) != 1:
             continue
-        env = dict(zip(subgraph.graph.find_nodes(op="placeholder"), node.args[2:]))
+        env = dict(zip(subgraph.graph.find_nodes(op="placeholder"), node.args[2:], strict=False))
         op = inner[0]
         with graph.inserting_before(node):
             plain = graph.call_function(

@@ -85,9 +85,9 @@ def aep_parity_worker(rank: int, world_size: int, families: tuple[str, ...]) -> 
         lockstep.stop()
         reference = _model(name)
         errors, ranks, messages = [], [], {}
-        for call, scores in zip(calls, answers):
+        for call, scores in zip(calls, answers, strict=True):
             assert [s.id for s in scores] == [r.id for r in call]
-            for request, score in zip(call, scores):
+            for request, score in zip(call, scores, strict=True):
                 if score.error is not None:
                     messages[request.id] = score.error
                     continue
@@ -194,7 +194,7 @@ def front_worker(rank: int, world_size: int) -> dict:
     for c, call in enumerate(calls):
         status, body = answers[c]
         assert status == 200, body
-        for request, record in zip(call, body["scores"]):
+        for request, record in zip(call, body["scores"], strict=True):
             r = Request(id=0, tokens=tuple(request["tokens"]), labels=tuple(request["labels"]))
             errors.append(rel_err(torch.tensor(record["logprobs"]), eager_value(reference, r)))
             ranks.add(record["rank"])

@@ -74,7 +74,7 @@ def predicted_gather_worker(rank: int, world_size: int, families: tuple[str, ...
             compiled = torch.compile(model, backend=counts, options=options)
             errors, bytes_per_call, all_experts = [], [], []
             with torch.no_grad():
-                for batch, want in zip(batches, expected):
+                for batch, want in zip(batches, expected, strict=True):
                     with moe_compile.backend.collect_reports() as report:
                         got = compiled(batch).logits
                     errors.append(rel_err(got, want))

@@ -215,7 +215,7 @@ def parity_worker(
                 with moe_compile.backend.collect_reports() as report:
                     got = [compiled(b).logits for b in batches]
             out[(name, mode)] = {
-                "errors": [rel_err(g, e) for g, e in zip(got, expected)],
+                "errors": [rel_err(g, e) for g, e in zip(got, expected, strict=True)],
                 "graphs": list(facts.graphs),
                 "blocks": len(report.blocks),
                 "moe_layers": len(zoo.moe_layer_indices(name, model.config)),

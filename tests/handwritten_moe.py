@@ -94,6 +94,6 @@ class HandwrittenLM(nn.Module):
 
     def forward(self, input_ids):
         h = self.embed(input_ids)
-        for norm, moe in zip(self.norms, self.moes):
+        for norm, moe in zip(self.norms, self.moes, strict=True):
             h = h + moe(norm(h))[0]
         return self.head(h)

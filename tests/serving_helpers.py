@@ -35,7 +35,7 @@ def max_error(model, requests: list[Request], scores: list[Score]) -> float:
     assert [s.id for s in scores] == [r.id for r in requests]
     bad = [(s.id, s.error) for s in scores if s.error is not None]
     assert not bad, bad
-    return max(rel_err(s.value, eager_value(model, r)) for r, s in zip(requests, scores))
+    return max(rel_err(s.value, eager_value(model, r)) for r, s in zip(requests, scores, strict=True))
 
 
 def request_mix(vocab: int = 128, seed: int = 0) -> list[Request]:

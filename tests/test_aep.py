@@ -32,7 +32,7 @@ def _run(model, inputs, options, backend="moe_prefill"):
         compiled = torch.compile(model, backend=backend, options={"inductor": False, **options})
         with moe_compile.backend.collect_reports() as report:
             got = [compiled(x) for x in inputs]
-    for g, e in zip(got, expected):
+    for g, e in zip(got, expected, strict=True):
         g, e = getattr(g, "logits", g), getattr(e, "logits", e)
         assert rel_err(g, e) < 1e-5
     return report

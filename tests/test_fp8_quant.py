@@ -62,7 +62,7 @@ def ref_w8a8(x_row: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """``x_row [K]`` quantized per 128-channel group, times the dequantized weight ``[N, K]``; float64."""
     qs, scales = ref_quant_row(x_row)
     out = torch.zeros(w.shape[0], dtype=torch.float64)
-    for b, (q, sc) in enumerate(zip(qs, scales)):
+    for b, (q, sc) in enumerate(zip(qs, scales, strict=True)):
         out += (w[:, b * 128 : b * 128 + q.numel()] @ q) * sc
     return out
 

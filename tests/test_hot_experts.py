@@ -128,7 +128,7 @@ def _compile(model, options, *batches):
         with moe_compile.backend.collect_reports() as report:
             got = [compiled(b).logits for b in batches]
     graphs = [hot_graph_facts(gm) for gm in harness.final_graphs()]
-    return max(rel_err(g, e) for g, e in zip(got, expected)), graphs, report
+    return max(rel_err(g, e) for g, e in zip(got, expected, strict=True)), graphs, report
 
 
 @pytest.mark.parametrize("hot", [3, 8])
@@ -141,7 +141,7 @@ def test_hot_experts_on_one_rank_are_exact(one_rank, tmp_path, hot):
     batches = zoo.make_inputs(model, seq=5, seed=1), zoo.make_inputs(model, batch=1, seq=9, seed=2)
     err, (graph, again), report = _compile(model, {"hot_experts": hot, "routing_stats": str(path)}, *batches)
     assert err < 1e-5 and again == graph and len(report.blocks) == 4
-    for block, layer in zip(report.blocks, graph["layers"] * 2):
+    for block, layer in zip(report.blocks, graph["layers"] * 2, strict=True):
         assert block.schedule["resident_experts"] == list(stats.hot(block.path, hot))
         assert block.schedule["gather_bytes"] * 8 == block.schedule["gather_bytes_without_resident"] * (8 - hot)
         if hot == 8:  # everything resident: the [E, ...] constants, no gather

@@ -44,7 +44,7 @@ def test_two_ranks_load_their_experts_only_and_aep_ep_equal_eager(tmp_path):
         assert predicted[part] == measured[part], (part, predicted, measured)
     assert abs(predicted["dense_bytes"] - measured["dense_bytes"]) <= 0.01 * measured["dense_bytes"]  # + rotary buffers
     for rank, per_case in enumerate(results):
-        for case, facts in zip(cases, per_case):
+        for case, facts in zip(cases, per_case, strict=True):
             assert facts["err"] < 1e-5, (rank, case, facts["err"])
             assert facts["full_storage_bytes"] == 0, case  # no [E, ...] tensor holds memory
             assert facts["released_bytes"] == 0  # nothing full was ever there to release
@@ -72,7 +72,8 @@ def test_hot_experts_are_loaded_directly_on_every_rank(tmp_path):
     stats.save(tmp_path / "routing.safetensors")
     R, E, W = 2, 8, 2
     (per_case,) = zip(
-        *spawn(sharded_parity_worker, W, [(str(tmp_path / "model"), "aep", R, str(tmp_path / "routing.safetensors"))])
+        *spawn(sharded_parity_worker, W, [(str(tmp_path / "model"), "aep", R, str(tmp_path / "routing.safetensors"))]),
+        strict=True,
     )
     for facts in per_case:
         assert facts["err"] < 1e-5 and facts["full_storage_bytes"] == 0
@@ -176,7 +177,7 @@ def test_two_torchrun_agents_as_two_nodes_score_aep_from_a_sharded_load(tmp_path
         for node in (0, 1)
     ]
     outs = [a.communicate(timeout=500) for a in agents]
-    for agent, (_, err) in zip(agents, outs):
+    for agent, (_, err) in zip(agents, outs, strict=True):
         assert agent.returncode == 0, err[-3000:]
     assert "memory per rank (tensor bytes)" in outs[0][0]  # node 0 holds global rank 0: it writes and reports
     records = {r["id"]: r for r in map(json.loads, (tmp_path / "out.jsonl").read_text().splitlines())}

@@ -34,7 +34,7 @@ def test_handwritten_moe_prepared_compiled_and_exact(form, act, gated, bias, dty
     assert report.graphs == 1 and [b.path for b in report.blocks] == ["moes.0", "moes.1"], report
     compiled = torch.compile(model, backend="moe_prefill")
     with torch.no_grad():
-        for x, e in zip(ids, expected):
+        for x, e in zip(ids, expected, strict=True):
             assert rel_err(compiled(x), e) < tolerance(dtype)
 
 

@@ -71,7 +71,7 @@ def _check(
     finally:
         torch._dynamo.reset()
     assert len({b.path for b in found.blocks}) in (blocks if isinstance(blocks, set) else {blocks}), found
-    for g, e in zip(got, expected):
+    for g, e in zip(got, expected, strict=True):
         assert rel_err(g, e) < tolerance(dtype)
     return model
 

@@ -59,7 +59,7 @@ def test_sglang_label_token_scoring_text_and_token_ids(shipped):  # noqa: F811
             status, answer = http(f"{url}/v1/score", body)
             assert status == 200, answer
             assert answer["object"] == "scoring" and answer["model"] == VLLM_MODEL and len(answer["scores"]) == 3
-            for item, got in zip(items, answer["scores"]):
+            for item, got in zip(items, answer["scores"], strict=True):
                 lp = eager_logprobs(shipped, ids(shipped, query + item))[labels]
                 expected = torch.softmax(lp, 0) if softmax else lp.exp()
                 assert torch.allclose(torch.tensor(got), expected, rtol=1e-5, atol=1e-7), (got, expected)
@@ -70,7 +70,7 @@ def test_sglang_label_token_scoring_text_and_token_ids(shipped):  # noqa: F811
         status, answer = http(f"{url}/v1/score", {"query": q, "items": its, "label_token_ids": labels,
                                                   "item_first": True})  # fmt: skip
         assert status == 200, answer
-        for item, got in zip(its, answer["scores"]):
+        for item, got in zip(its, answer["scores"], strict=True):
             expected = eager_logprobs(shipped, item + q)[labels].exp()
             assert torch.allclose(torch.tensor(got), expected, rtol=1e-5, atol=1e-8)
         status, answer = http(f"{url}/v1/score", {"query": "q", "items": ["a"], "label_token_ids": [4096]})
@@ -87,11 +87,11 @@ def test_vllm_score_bodies_on_score_and_v1_score(shipped):  # noqa: F811
             status, answer = http(f"{url}{path}", {"model": VLLM_MODEL, "text_1": text_1, "text_2": text_2})
             assert status == 200, answer
             assert answer["object"] == "list" and [d["index"] for d in answer["data"]] == [0, 1]
-            assert all(abs(d["score"] - e) < 1e-5 for d, e in zip(answer["data"], expected))
+            assert all(abs(d["score"] - e) < 1e-5 for d, e in zip(answer["data"], expected, strict=True))
             status, answer = http(f"{url}{path}", {"model": VLLM_MODEL, "queries": [text_1, text_1],
                                                    "documents": text_2})  # fmt: skip
             assert status == 200, answer
-            assert all(abs(d["score"] - e) < 1e-5 for d, e in zip(answer["data"], expected))
+            assert all(abs(d["score"] - e) < 1e-5 for d, e in zip(answer["data"], expected, strict=True))
         # the native body keeps working on /score
         status, answer = http(f"{url}/score", {"requests": [{"id": "n", "tokens": [72, 101], "labels": [5]}]})
         assert status == 200 and answer["scores"][0]["id"] == "n"
@@ -107,7 +107,7 @@ def test_classify_in_vllms_shape(shipped):  # noqa: F811
             status, answer = http(f"{url}/classify", {"model": VLLM_MODEL, "input": texts})
             assert status == 200, answer
             assert answer["object"] == "list" and answer["id"].startswith("classify-")
-            for d, text in zip(answer["data"], texts):
+            for d, text in zip(answer["data"], texts, strict=True):
                 prompt = ids(shipped, text)
                 logps = []
                 for label in labels:
@@ -137,7 +137,7 @@ def test_openai_client_embeddings_float_and_base64(shipped):  # noqa: F811
             answer = client.embeddings.create(model="tiny-moe", input=texts, **kwargs)
             assert [d.index for d in answer.data] == [0, 1] and answer.model == "tiny-moe"
             assert answer.usage.prompt_tokens == sum(len(ids(shipped, t)) for t in texts)
-            for d, e in zip(answer.data, expected):
+            for d, e in zip(answer.data, expected, strict=True):
                 got = torch.tensor(d.embedding, dtype=torch.float64)
                 assert len(d.embedding) == shipped[0].config.hidden_size
                 assert ((got - e).norm() / e.norm()).item() < 1e-5
@@ -247,7 +247,7 @@ def test_tei_embed_shape_normalize_and_truncate(shipped):  # noqa: F811
                                                "truncation_direction": "Left"})  # fmt: skip
         assert status == 200, answer
         model = shipped[0]
-        for vector, prompt in zip(answer, [ids(shipped, texts[0]), ids(shipped, texts[1])[-128:]]):
+        for vector, prompt in zip(answer, [ids(shipped, texts[0]), ids(shipped, texts[1])[-128:]], strict=True):
             hidden = model(input_ids=torch.tensor([prompt]), output_hidden_states=True).hidden_states[-1][0]
             raw = hidden.double().mean(dim=0)  # not normalised
             assert ((torch.tensor(vector, dtype=torch.float64) - raw).norm() / raw.norm()).item() < 1e-5

@@ -65,7 +65,7 @@ def test_calls_arriving_during_a_step_share_the_next_step_and_score_as_alone(mod
     alone = PrefillEngine(model, compile=False, block_size=8, token_budget=512)
     for tag, requests in calls.items():
         assert [s.id for s in results[tag]] == [r.id for r in requests]
-        for s, expected, r in zip(results[tag], alone.score(requests), requests):
+        for s, expected, r in zip(results[tag], alone.score(requests), requests, strict=True):
             assert s.error is None and rel_err(s.value, expected.value) < 1e-5
             assert rel_err(s.value, eager_value(model, r)) < 1e-5
     queue.stop(10)

@@ -99,7 +99,7 @@ def test_rerank_and_v1_score_shapes_match_vllm(shipped):
         queries = ["a", "b"]
         status, answer = http(f"{url}/v1/score", {"text_1": queries, "text_2": DOCUMENTS[:2]})
         assert status == 200, answer
-        for d, q, doc in zip(answer["data"], queries, DOCUMENTS):
+        for d, q, doc in zip(answer["data"], queries, DOCUMENTS, strict=False):
             assert abs(d["score"] - eager_relevance(shipped, q, doc)) < 1e-5
 
 

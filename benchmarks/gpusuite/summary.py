@@ -8,7 +8,7 @@ from typing import Any
 def _table(header: list[str], rows: list[list[Any]], align: str | None = None) -> str:
     align = align or "l" + "r" * (len(header) - 1)
     rule = ["-" * max(3, len(h)) for h in header]
-    rule = [(":" + r[1:]) if a == "l" else (r[:-1] + ":") for r, a in zip(rule, align)]
+    rule = [(":" + r[1:]) if a == "l" else (r[:-1] + ":") for r, a in zip(rule, align, strict=True)]
     lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(rule) + " |"]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)

@@ -411,7 +411,7 @@ def _check_alignment(alignment: Alignment, block_m: int) -> None:
             f"moe kernels: alignment was built for another BLOCK_M (pairs {pair_ids_P.numel()}, "
             f"blocks {block_expert_B.numel()}, BLOCK_M {block_m})"
         )
-    for name, t in zip(Alignment._fields, alignment):
+    for name, t in zip(Alignment._fields, alignment, strict=True):
         if t.dtype != torch.int32 or not t.is_contiguous():
             raise TypeError(f"moe kernels: alignment {name} must be contiguous int32, got {t.dtype}")
 

@@ -210,7 +210,7 @@ class AsyncExpertParallel(ShardedExpertsPass):
         changes: dict[str, fx.Node] = {}
         waits: list[fx.Node] = []
         with graph.inserting_before(block.node):
-            for j, (role, part) in enumerate(zip(roles, parts)):
+            for j, (role, part) in enumerate(zip(roles, parts, strict=True)):
                 wait = graph.call_function(_c10d.wait_tensor.default, (part,))  # [E-R, ...]
                 set_fake_val(wait)
                 waits.append(wait)

@@ -225,7 +225,7 @@ def _verify(m: MoEMatch, region: _Region, roles: _BiasRoles, ctx: PassContext) -
     probe = _probe_inputs(m, region, ctx)
     if probe is None:
         return _Choice(m.candidates[0], "not verified (meta tensors)")
-    value = dict(zip(region.inputs, probe))
+    value = dict(zip(region.inputs, probe, strict=True))
     x, ids, weights, w_up, w_down = (value[n] for n in (m.hidden, m.topk_ids, m.topk_weights, m.w_up, m.w_down))
     if m.dense_scores:
         weights = weights.gather(1, ids)  # what the rewrite passes the op
@@ -233,7 +233,7 @@ def _verify(m: MoEMatch, region: _Region, roles: _BiasRoles, ctx: PassContext) -
     scales = (1.0, verify.large_input_scale([w_up], m.hidden_size))
     probes = []  # (x, the block's output on it) at each scale
     for scale in scales:
-        scaled = [p * scale if n is m.hidden else p for n, p in zip(region.inputs, probe)]
+        scaled = [p * scale if n is m.hidden else p for n, p in zip(region.inputs, probe, strict=True)]
         probes.append((x * scale, region.module(*scaled)))
     # the tolerance of the least precise dtype involved (bf16 experts may sum in fp32)
     tol = probe_tolerance(probes[0][1].dtype, x.dtype, w_up.dtype)

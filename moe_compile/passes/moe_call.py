@@ -94,7 +94,7 @@ class MoECall:
         if not is_moe_call(node):
             raise TypeError(f"{node.name} ({node.target}) is not a moe_compile MoE call")
         names = _arg_names(node.target)
-        values = dict(zip(names, node.args))
+        values = dict(zip(names, node.args, strict=False))
         values.update(node.kwargs)
         missing = [n for n in names if n not in values]
         if missing:

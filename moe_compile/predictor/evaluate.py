@@ -54,7 +54,7 @@ def topk_accuracy(predicted: torch.Tensor, chosen: torch.Tensor, num_experts: in
 
 
 def _previous_layers(layers: list[int]) -> dict[int, int]:
-    return dict(zip(layers[1:], layers[:-1]))
+    return dict(zip(layers[1:], layers[:-1], strict=True))
 
 
 @torch.no_grad()

@@ -67,7 +67,7 @@ def ordered_experts(container: nn.Module) -> list[nn.Module] | None:
     indices = [int(m.group(1)) if (m := re.search(r"(\d+)$", k)) else None for k in keys]
     if None in indices or sorted(indices) != list(range(len(keys))):
         return None
-    return [container[k] for _, k in sorted(zip(indices, keys))]
+    return [container[k] for _, k in sorted(zip(indices, keys, strict=True))]
 
 
 def call_order(expert: nn.Module, x: torch.Tensor) -> list[nn.Linear]:
@@ -103,7 +103,7 @@ def same_output(got, expected) -> bool:
     return (
         isinstance(got, tuple)
         and len(got) == len(expected)
-        and all(g.shape == e.shape and close(g, e) for g, e in zip(got, expected))
+        and all(g.shape == e.shape and close(g, e) for g, e in zip(got, expected, strict=True))
     )
 
 
@@ -229,8 +229,8 @@ def weight_forms(views: list[tuple[str, torch.Tensor]], hidden: int | None = Non
     ``[E, in, out]``, with every activation; ``hidden``, when known, fixes ``H``."""
     for order in itertools.permutations(range(len(views))):
         for flips in itertools.product((False, True), repeat=len(views)):
-            ws = [views[i][1].transpose(1, 2) if f else views[i][1] for i, f in zip(order, flips)]
-            names = ", ".join(f"{views[i][0]}{'.T' if f else ''}" for i, f in zip(order, flips))
+            ws = [views[i][1].transpose(1, 2) if f else views[i][1] for i, f in zip(order, flips, strict=True)]
+            names = ", ".join(f"{views[i][0]}{'.T' if f else ''}" for i, f in zip(order, flips, strict=True))
             *ups, down = ws
             H, I = down.shape[1], down.shape[2]
             if (hidden is not None and hidden != H) or any(u.shape[2] != H for u in ups):

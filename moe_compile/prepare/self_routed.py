@@ -60,7 +60,7 @@ def build(module: nn.Module, router: nn.Linear, container: nn.Module) -> RoutedE
                 return "its forward returns something other than hidden states (and router logits)"
             for routing in routings(len(experts)):
                 candidate = RoutedExperts(router, stacked, routing, returns_logits, "")
-                if all(same_output(candidate(x), e) for x, e in zip(probes, expected)):
+                if all(same_output(candidate(x), e) for x, e in zip(probes, expected, strict=True)):
                     candidate.source = f"self-routed MoE, {routing.describe()}, {stacked.source}"
                     return candidate
             return "no top-k routing rule (softmax or sigmoid, k <= 8, renormalised or not) reproduces its output"

@@ -91,7 +91,7 @@ def build(module: nn.Module, router: nn.Linear, views, bias) -> RoutedExperts | 
                 if bias is not None:
                     source += ", output bias"
                 candidate = RoutedExperts(router, stacked, routing, returns_logits, source, bias=bias)
-                if all(same_output(candidate(x), e) for x, e in zip(probes, expected)):
+                if all(same_output(candidate(x), e) for x, e in zip(probes, expected, strict=True)):
                     return candidate
     return (
         "no top-k routing rule (softmax or sigmoid, k <= 8, renormalised or not) with a canonical expert form "

@@ -138,7 +138,7 @@ def _load_experts(tensors: CheckpointTensors, name: str, module: nn.Module, bloc
             setattr(module, f"{role}_scale_inv", nn.Parameter(s, requires_grad=False))
         return
     parts = (("gate_proj", "up_proj") if gated else ("up_proj",), ("down_proj",))
-    for role, projections in zip(("gate_up_proj" if gated else "up_proj", "down_proj"), parts):
+    for role, projections in zip(("gate_up_proj" if gated else "up_proj", "down_proj"), parts, strict=True):
         ws, ss = [], []
         for e in range(E):
             w_rows, s_rows = [], []

@@ -188,7 +188,7 @@ class ExpertParallelLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         x = self.embed(input_ids)
-        for norm, block in zip(self.norms, self.blocks):
+        for norm, block in zip(self.norms, self.blocks, strict=True):
             x = x + block(norm(x))
         return self.head(x)
 

@@ -141,7 +141,7 @@ class LockstepScorer:
         self._drain()
         for score in local:
             score.rank = self.rank
-        return [(i, s) for (i, _), s in zip(mine, local)]
+        return [(i, s) for (i, _), s in zip(mine, local, strict=True)]
 
     # -- ranks other than 0 ------------------------------------------------------------------------------------
 

@@ -121,7 +121,7 @@ def parse_score(body: dict[str, Any], max_pairs: int) -> tuple[list[tuple[str, s
     if len(first) != len(second):
         raise BadCall(f"'{names[0]}' has {len(first)} texts and '{names[1]}' {len(second)}: give one "
                       f"{names[0][:-1] if names[0] == 'queries' else names[0]}, or as many as {names[1]}")  # fmt: skip
-    return list(zip(first, second)), _truncation(body)
+    return list(zip(first, second, strict=True)), _truncation(body)
 
 
 @dataclasses.dataclass

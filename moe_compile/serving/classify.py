@@ -87,7 +87,7 @@ class LabelSet:
         if self.single:
             return scores[0].value[0].tolist()
         out = []
-        for s, ids in zip(scores, self.ids):
+        for s, ids in zip(scores, self.ids, strict=True):
             order = list(dict.fromkeys(ids))
             out.append(sum(s.value[i, order.index(t)].item() for i, t in enumerate(ids)))
         return out

@@ -204,7 +204,7 @@ class PrefillEngine:
         if bad is not None:
             return fail(f"token id {bad} is outside the vocabulary [0, {self.vocab_in})")
         reads = list(range(n)) if request.read == "all" else [p + n if p < 0 else p for p in request.read]
-        bad = next((p for p, a in zip(request.read, reads) if not 0 <= a < n), None)
+        bad = next((p for p, a in zip(request.read, reads, strict=True) if not 0 <= a < n), None)
         if bad is not None:
             return fail(f"read position {bad} is outside the prompt of {n} tokens")
         labels = None
@@ -234,7 +234,7 @@ class PrefillEngine:
         if self.cache is not None:
             for wave in shared_prefixes([it.tokens for it in items], [it.limit for it in items], self.cache):
                 self._run([PreparedRequest(tokens, len(tokens) - 1) for tokens in wave])
-        for i, score in zip(where, self._run(items)):
+        for i, score in zip(where, self._run(items), strict=True):
             scores[i] = score
         self.stats.requests += len(requests)
         self.stats.errors += sum(s.error is not None for s in scores)
@@ -280,7 +280,7 @@ class PrefillEngine:
         scores: list[Score | None] = [None] * len(items)
         for members in plan_batches(rows, self.token_budget):
             batch_rows = [rows[i] for i in members]
-            for i, score in zip(members, self._forward(batch_rows, [items[i] for i in members])):
+            for i, score in zip(members, self._forward(batch_rows, [items[i] for i in members]), strict=True):
                 scores[i] = score
         return scores
 
@@ -326,18 +326,22 @@ class PrefillEngine:
     def _read(self, rows: list[Row], items: list[PreparedRequest], hidden: torch.Tensor) -> list[Score | None]:
         """The outputs of each request: only the read rows of ``hidden [B, S, H]`` meet the head."""
         B, S, H = hidden.shape
-        index = [b * S + a - row.cached for b, (row, item) in enumerate(zip(rows, items)) for a in item.reads]
+        index = [
+            b * S + a - row.cached for b, (row, item) in enumerate(zip(rows, items, strict=True)) for a in item.reads
+        ]
         read = hidden.reshape(B * S, H)[torch.tensor(index, dtype=torch.long, device=hidden.device)]  # [n_read, H]
         is_label = [item.request is not None and item.request.output == "labels" for item in items]
         offsets = [0]
         for item in items:
             offsets.append(offsets[-1] + len(item.reads))
-        mask = torch.tensor([lab for item, lab in zip(items, is_label) for _ in item.reads], dtype=torch.bool)
+        mask = torch.tensor(
+            [lab for item, lab in zip(items, is_label, strict=True) for _ in item.reads], dtype=torch.bool
+        )
         lse = torch.full((len(index),), float("nan"))  # [n_read]; filled for label rows only
         if mask.any():
             lse[mask] = self.head.log_normaliser(read[mask.to(read.device)]).cpu()
         scores: list[Score | None] = []
-        for item, row, lo, hi in zip(items, rows, offsets, offsets[1:]):
+        for item, row, lo, hi in zip(items, rows, offsets, offsets[1:], strict=False):
             if item.request is None:
                 scores.append(None)
                 continue

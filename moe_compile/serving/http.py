@@ -254,7 +254,7 @@ def create_app(
             raise HTTPException(413, f"{len(objects)} requests in one call; at most {max_requests}")
         records, valid = check_call(objects)
         scores = await run(call, [request for _, request in valid])
-        for (i, _), s in zip(valid, scores):
+        for (i, _), s in zip(valid, scores, strict=True):
             records[i] = s.to_json()
         return {"scores": records}
 

@@ -80,7 +80,9 @@ class BlockStore:
         """
         found: list[tuple[int, Any]] = []
         parent = None
-        for key, start in zip(chain_keys(tokens, self.block_size, limit), range(0, len(tokens), self.block_size)):
+        for key, start in zip(
+            chain_keys(tokens, self.block_size, limit), range(0, len(tokens), self.block_size), strict=False
+        ):
             block = self._blocks.get(key)
             if (
                 block is None
@@ -169,7 +171,7 @@ def shared_prefixes(
     so that it can reuse them. Returns token lists, grouped by wave.
     """
     block = store.block_size
-    paths = [chain_keys(p, block, limit) for p, limit in zip(prompts, limits)]
+    paths = [chain_keys(p, block, limit) for p, limit in zip(prompts, limits, strict=True)]
     passes: collections.Counter[int] = collections.Counter()
     ends: collections.Counter[int] = collections.Counter()
     children: dict[int, set[int]] = collections.defaultdict(set)
@@ -180,7 +182,7 @@ def shared_prefixes(
         for parent, child in itertools.pairwise(path):
             children[parent].add(child)
     chosen: dict[int, tuple[int, list[int]]] = {}  # key -> (wave, tokens)
-    for prompt, path in zip(prompts, paths):
+    for prompt, path in zip(prompts, paths, strict=True):
         wave = 0
         for depth, key in enumerate(path, start=1):
             if passes[key] < 2:

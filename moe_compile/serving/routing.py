@@ -72,7 +72,7 @@ class RoutingResult:
         throughput = throughput or [1.0] * len(self.flops)
         if len(throughput) != len(self.flops):
             raise ValueError(f"{len(throughput)} throughputs for {len(self.flops)} ranks")
-        return max(f / t for f, t in zip(self.flops, throughput))
+        return max(f / t for f, t in zip(self.flops, throughput, strict=True))
 
 
 class Router:

@@ -28,7 +28,7 @@ def test_align_matches_reference(case, block_m, device):
     topk_ids = topk_ids.to(device)
     got = align(topk_ids, E, block_m)
     want = align_reference(topk_ids, E, block_m)
-    for name, g, w in zip(got._fields, got, want):
+    for name, g, w in zip(got._fields, got, want, strict=True):
         assert g.dtype == torch.int32, name
         assert torch.equal(g, w), f"{name}: {g.tolist()} != {w.tolist()}"
 

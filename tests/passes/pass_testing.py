@@ -18,7 +18,7 @@ def run(harness: PassHarness, model: torch.nn.Module, *inputs: torch.Tensor, opt
         expected = [_logits(model(x)) for x in inputs]
         compiled = torch.compile(model, backend=harness, options=options)
         got = [_logits(compiled(x)) for x in inputs]
-    for g, e in zip(got, expected):
+    for g, e in zip(got, expected, strict=True):
         assert rel_err(g, e) < tol, rel_err(g, e)
     return harness
 
