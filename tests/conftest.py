@@ -10,6 +10,9 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+if os.environ.get("PYTEST_XDIST_WORKER"):  # pytest -n W: W workers share the cores, one torch thread each
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # and in the processes a test starts (ranks, servers)
+    torch.set_num_threads(1)
 
 import pytest  # noqa: E402
 
@@ -42,3 +45,12 @@ def one_rank():
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     yield
     dist.destroy_process_group()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``ranks`` start a group of processes that each want a core: under pytest-xdist
+    (``--dist loadgroup``) they all run on one worker, one group at a time, while the other workers run the
+    single-process tests."""
+    for item in items:
+        if item.get_closest_marker("ranks") is not None:
+            item.add_marker(pytest.mark.xdist_group("ranks"))

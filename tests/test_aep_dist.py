@@ -18,7 +18,7 @@ from dist_workers import (
     spawn,
 )
 
-pytestmark = pytest.mark.slow  # multi-process runs
+pytestmark = [pytest.mark.slow, pytest.mark.ranks]  # multi-process runs
 
 GATHER = "_c10d_functional::all_gather_into_tensor_coalesced"
 

@@ -39,6 +39,7 @@ def _check_exact_and_graphs(results: list[dict], families: tuple[str, ...], worl
 
 
 @pytest.mark.slow  # multi-process
+@pytest.mark.ranks
 def test_predicted_gather_exact_and_moves_fewer_bytes(tmp_path):
     world_size = 2
     families = ("qwen3_moe", "mixtral", "deepseek_v3")  # deepseek_v3: a dense first layer, shared experts
@@ -66,6 +67,7 @@ def test_predicted_gather_exact_and_moves_fewer_bytes(tmp_path):
 
 
 @pytest.mark.slow  # multi-process
+@pytest.mark.ranks
 def test_predicted_gather_exact_on_4_ranks(tmp_path):
     families = ("qwen3_moe",)
     _check_exact_and_graphs(spawn(predicted_gather_worker, 4, families, str(tmp_path)), families, 4)

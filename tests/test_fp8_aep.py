@@ -5,7 +5,7 @@ import pytest
 from dist_workers import spawn
 from fp8_dist_workers import fp8_aep_worker
 
-pytestmark = pytest.mark.slow  # multi-process run
+pytestmark = [pytest.mark.slow, pytest.mark.ranks]  # multi-process run
 
 
 def test_aep_fp8_equals_single_rank_and_gathers_half_of_bf16():

@@ -16,7 +16,7 @@ from test_loading import save
 from moe_compile.routing_stats import collect_routing_stats
 from moe_compile.testing import zoo
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.slow, pytest.mark.ranks, pytest.mark.timeout(600)]  # gloo ranks, torchrun agents
 
 
 def test_two_ranks_load_their_experts_only_and_aep_ep_equal_eager(tmp_path):

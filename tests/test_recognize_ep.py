@@ -8,7 +8,7 @@ import pytest
 from dist_ep_workers import recognize_worker
 from dist_workers import spawn
 
-pytestmark = pytest.mark.slow  # multi-process runs
+pytestmark = [pytest.mark.slow, pytest.mark.ranks]  # multi-process runs
 
 CASES = (
     ("reference", "aep"),

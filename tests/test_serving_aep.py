@@ -7,7 +7,7 @@ import pytest
 from aep_serving_workers import aep_parity_worker, dead_rank_worker, front_worker
 from dist_workers import spawn
 
-pytestmark = pytest.mark.slow  # multi-process runs with compiles
+pytestmark = [pytest.mark.slow, pytest.mark.ranks]  # multi-process runs with compiles
 
 
 @pytest.mark.parametrize("families", [("tiny_moe", "qwen3_moe"), ("deepseek_v3",)])

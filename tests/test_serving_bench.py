@@ -8,7 +8,10 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.slow  # two spawned ranks, three compiles: minutes on a loaded 2-core machine
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.ranks,
+]  # two spawned ranks, three compiles: minutes on a loaded 2-core machine
 
 ROOT = Path(__file__).resolve().parents[1]
 

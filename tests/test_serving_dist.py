@@ -4,7 +4,7 @@ import pytest
 from dist_workers import spawn
 from serving_helpers import request_mix, routed_parity_worker
 
-pytestmark = pytest.mark.slow  # multi-process run with compiles
+pytestmark = [pytest.mark.slow, pytest.mark.ranks]  # multi-process run with compiles
 
 
 def test_two_ranks_score_their_share_and_match_eager():

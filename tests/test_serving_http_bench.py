@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.slow  # a server process and a few hundred HTTP calls
+pytestmark = [pytest.mark.slow, pytest.mark.ranks]  # a server process and a few hundred HTTP calls
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 from .common import quiet as _quiet
 from .configs import TINY_EXPERTS, TINY_OVERRIDES, tiny_config
-from .families import expert_count_keys, moe_families
+from .families import expert_count_keys, family_entry, moe_families
 from .family import (
     HEADER,
     SEQ_LENS,
@@ -49,8 +49,8 @@ from .family import (
     _output,
     check_family,
 )
-from .gaps import KNOWN_GAPS, Gap, check_rows, gaps_table, read_json, update_docs, write_json
-from .sweep import format_table, run_coverage, summary
+from .gaps import KNOWN_GAPS, Gap, check_rows, documented_rows, gaps_table, read_json, update_docs, write_json
+from .sweep import check_one, format_table, run_coverage, summary
 
 __all__ = [
     "HEADER",
@@ -63,8 +63,11 @@ __all__ = [
     "Gap",
     "Row",
     "check_family",
+    "check_one",
     "check_rows",
+    "documented_rows",
     "expert_count_keys",
+    "family_entry",
     "format_table",
     "gaps_table",
     "moe_families",

@@ -47,17 +47,30 @@ def moe_families() -> dict[str, str]:
     (``!error: ...`` instead of the class name) when its name says it is a MoE one, so that
     it shows as not-built with the reason rather than silently disappearing.
     """
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING, CONFIG_MAPPING_NAMES
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
 
     families = {}
-    for model_type, cls_name in CONFIG_MAPPING_NAMES.items():
-        with _quiet():
-            try:
-                config = CONFIG_MAPPING[model_type]()
-            except Exception as err:  # noqa: BLE001
-                if "moe" in model_type.lower():
-                    families[model_type] = f"!error: default config: {_short(err)}"
-                continue
-        if expert_count_keys(config):
-            families[model_type] = cls_name
+    for model_type in CONFIG_MAPPING_NAMES:
+        entry = family_entry(model_type)
+        if entry is not None:
+            families[model_type] = entry
     return families
+
+
+def family_entry(model_type: str) -> str | None:
+    """What :func:`moe_families` holds for one model type (its config class name, or ``!error: ...``), or
+    None when the installed transformers has no such model type or it is not a MoE family.
+
+    One family costs one default config; the whole registry costs hundreds (tens of seconds).
+    """
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING, CONFIG_MAPPING_NAMES
+
+    cls_name = CONFIG_MAPPING_NAMES.get(model_type)
+    if cls_name is None:
+        return None
+    with _quiet():
+        try:
+            config = CONFIG_MAPPING[model_type]()
+        except Exception as err:  # noqa: BLE001
+            return f"!error: default config: {_short(err)}" if "moe" in model_type.lower() else None
+    return cls_name if expert_count_keys(config) else None

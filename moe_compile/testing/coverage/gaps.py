@@ -8,7 +8,7 @@ import dataclasses
 import re
 
 from .configs import TINY_EXPERTS
-from .family import Row
+from .family import HEADER, Row
 from .sweep import format_table, summary
 
 
@@ -163,3 +163,27 @@ def update_docs(rows: list[Row], readme: str = "README.md", doc: str = "docs/cov
                 f.write(new)
             changed.append(path)
     return changed
+
+
+def documented_rows(doc: str = "docs/coverage.md") -> tuple[str, dict[str, dict[str, str]]]:
+    """What :func:`update_docs` last wrote into ``doc``: the transformers version of the sweep and, per family,
+    its cells by :data:`~.family.HEADER` name (``status``, ``blocks/expert modules``, ...).
+
+    The per-family tests check each family against its row, so that the table (and README's sentence, made
+    from the same rows) stays what the installed transformers gives.
+    """
+    with open(doc) as f:
+        match = _section("coverage").search(f.read())
+    if match is None:
+        raise ValueError(f"{doc} has no <!-- coverage --> ... <!-- /coverage --> section")
+    sentence, *lines = match.group(2).strip().splitlines()
+    version = re.search(r"transformers (\S+):", sentence)
+    if version is None:
+        raise ValueError(f"{doc}: the coverage section does not start with summary()'s sentence: {sentence!r}")
+    rows = {}
+    for line in lines:
+        if not line.startswith("| ") or line.startswith(("| family ", "|---")):
+            continue
+        cells = [c.strip().replace("\\|", "|") for c in re.split(r"(?<!\\)\|", line.strip())[1:-1]]
+        rows[cells[0]] = dict(zip(HEADER, cells, strict=True))
+    return version.group(1), rows

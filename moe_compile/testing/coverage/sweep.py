@@ -8,7 +8,7 @@ import traceback
 
 import torch
 
-from .families import moe_families
+from .families import family_entry, moe_families
 from .family import HEADER, STATUSES, Row, check_family
 
 
@@ -27,6 +27,20 @@ def _check_safely(model_type: str) -> Row:
         return Row(model_type, "not-built", reason="crash: " + traceback.format_exc().splitlines()[-1][:150])
 
 
+def unbuildable_row(model_type: str, entry: str | None) -> Row | None:
+    """The row of a family that is not built at all, from its :func:`~.families.family_entry`; None if it builds."""
+    if entry is None:
+        return Row(model_type, "not-built", reason="not a MoE family of the installed transformers")
+    if entry.startswith("!error"):
+        return Row(model_type, "not-built", reason=entry[1:])
+    return None
+
+
+def check_one(model_type: str) -> Row:
+    """One family's row in this process, as :func:`run_coverage` gives it (the per-family tests use it)."""
+    return unbuildable_row(model_type, family_entry(model_type)) or check_family(model_type)
+
+
 def run_coverage(
     families: list[str] | None = None, workers: int = 2, timeout: float = 300.0, progress=None
 ) -> list[Row]:
@@ -40,11 +54,9 @@ def run_coverage(
     rows: dict[str, Row] = {}
     pending = []
     for name in names:
-        cls = registry.get(name)
-        if cls is None:
-            rows[name] = Row(name, "not-built", reason="not a MoE family of the installed transformers")
-        elif cls.startswith("!error"):
-            rows[name] = Row(name, "not-built", reason=cls[1:])
+        row = unbuildable_row(name, registry.get(name))
+        if row is not None:
+            rows[name] = row
         else:
             pending.append(name)
     ctx = multiprocessing.get_context("spawn")
