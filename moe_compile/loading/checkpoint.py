@@ -1,6 +1,6 @@
 """A checkpoint's safetensors files, and where each parameter of a model comes from in them.
 
-The API the loaders build on (:mod:`.model` here; fp8 checkpoints next):
+The API the loaders build on (:mod:`.model` here; fp8 checkpoints: :mod:`moe_compile.quant.loading`):
 
 - :class:`Checkpoint` -- the files of a checkpoint directory (``model.safetensors``, or the
   ``model.safetensors.index.json`` of a sharded one), each checked when opened: a missing or
