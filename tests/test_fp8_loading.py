@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 
 import pytest
 import torch
@@ -132,3 +133,57 @@ def test_ue8m0_and_bf16_scales_load_converted(fp8_dir, tmp_path):
     with torch.no_grad():
         out = [zoo.logits(m, ids) for m in models]
     assert torch.equal(out[0], out[2]) and torch.equal(out[1], out[2])
+
+
+def test_stacked_layout_in_two_files_loads_as_the_per_expert_one(fp8_dir, tmp_path):
+    path, model = fp8_dir
+    stacked = tmp_path / "stacked"
+    save_fp8_checkpoint(model, stacked, layout="stacked")  # experts.gate_up_proj [E, 2I, H] + its _scale_inv
+    assert (stacked / "model.safetensors.index.json").is_file()
+    a, b = load_fp8_model(path), load_fp8_model(stacked)
+    ids = zoo.make_inputs(model, seq=6, seed=7)
+    with torch.no_grad():
+        assert torch.equal(zoo.logits(a, ids), zoo.logits(b, ids))
+
+
+def test_a_rank_load_without_a_group_keeps_its_experts_only(fp8_dir):
+    """``world_size``/``rank`` given (no process group): rank 1 of 2's rows, registered as the shards of
+    full-shape tensors with no storage (the multi-rank tests check the bytes and the AEP compile)."""
+    from moe_compile.loading.model import experts_zeroed_if_sharded, is_sharded
+    from moe_compile.runtime import shards
+
+    path, _ = fp8_dir
+    whole, part = load_fp8_model(path), load_fp8_model(path, parallel="aep", world_size=2, rank=1)
+    assert not is_sharded(whole) and is_sharded(part)
+    experts = [(n, m) for n, m in part.named_modules() if isinstance(m, FP8StackedExperts)]
+    assert experts
+    for name, module in experts:
+        full = whole.get_submodule(name)
+        for attr in ("w_up", "w_down", "w_up_scale", "w_down_scale"):
+            param, want = getattr(module, attr), getattr(full, attr)
+            (shard,) = shards.registered(param)
+            assert param.shape == want.shape and param.untyped_storage().nbytes() == 0
+            assert shard.dtype == want.dtype and torch.equal(shard.view(torch.uint8), want[4:].view(torch.uint8))
+    info = part.moe_compile_load
+    assert (info.world_size, info.rank) == (2, 1) and info.expert_bytes * 2 == info.full_expert_bytes
+    assert info.full_expert_bytes == sum(fp8_bytes(whole).values())
+    ids = zoo.make_inputs(part, seq=4)
+    with torch.no_grad(), experts_zeroed_if_sharded(part):  # the serving engine's probe runs on it
+        assert torch.isfinite(zoo.logits(part, ids)).all()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"parallel": "aep", "world_size": 3, "rank": 0},
+         "E=8 experts do not divide evenly over 3 ranks; use a world size that divides 8"),
+        ({"parallel": "ep", "world_size": 2, "rank": 0}, "parallel='ep': use None or 'aep'"),
+        ({"world_size": 2, "rank": 0}, "world_size=2, rank=0 need parallel='aep'"),
+        ({"parallel": "aep", "world_size": 2}, "give both, or neither"),
+        ({"parallel": "aep", "world_size": 2, "rank": 2}, "0 <= rank < world_size"),
+    ],
+)  # fmt: skip
+def test_bad_sharding_arguments_are_refused(fp8_dir, kwargs, message):
+    path, _ = fp8_dir
+    with pytest.raises(ValueError, match=re.escape(message)):
+        load_fp8_model(path, **kwargs)

@@ -1,6 +1,6 @@
 """A checkpoint's safetensors files, and where each parameter of a model comes from in them.
 
-The API the loaders build on (:mod:`.model` here; fp8 checkpoints next):
+The API the loaders build on (:mod:`.model` here; fp8 checkpoints: :mod:`moe_compile.quant.loading`):
 
 - :class:`Checkpoint` -- the files of a checkpoint directory (``model.safetensors``, or the
   ``model.safetensors.index.json`` of a sharded one), each checked when opened: a missing or
@@ -17,6 +17,8 @@ The API the loaders build on (:mod:`.model` here; fp8 checkpoints next):
   parameters of a module named ``experts`` whose first dimension is the experts' count
   (as transformers' MoE blocks hold them: Qwen3-MoE, Mixtral, DeepSeek-V3, GPT-OSS).
 - :meth:`Source.read` -- a parameter's value, or only the rows of the experts asked for.
+- :func:`is_fp8_checkpoint` / :func:`quantization_config` -- whether ``config.json`` declares fp8
+  (such a directory is read by :func:`moe_compile.quant.loading.load_fp8_model`, on this same reader).
 
 Both expert layouts of real checkpoints are handled: per-expert tensors
 (``mlp.experts.{e}.gate_proj.weight`` ..., what Qwen3-MoE, DeepSeek-V3 and Mixtral ship,
@@ -42,6 +44,21 @@ SINGLE = "model.safetensors"
 
 class CheckpointError(ValueError):
     """A checkpoint cannot be read as the model needs it (a file missing or damaged, a tensor missing)."""
+
+
+def quantization_config(path: str | Path) -> dict | None:
+    """The ``quantization_config`` of ``path/config.json`` (or of its ``text_config``), None if it has none."""
+    config = json.loads((Path(path) / "config.json").read_text())
+    qc = config.get("quantization_config")
+    if qc is None and isinstance(config.get("text_config"), dict):
+        qc = config["text_config"].get("quantization_config")
+    return qc
+
+
+def is_fp8_checkpoint(path: str | Path) -> bool:
+    """Whether ``path/config.json`` declares fp8 quantization (``quant_method == "fp8"``)."""
+    qc = quantization_config(path)
+    return isinstance(qc, dict) and qc.get("quant_method") == "fp8"
 
 
 class Checkpoint:

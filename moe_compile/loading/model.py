@@ -53,7 +53,7 @@ import torch.nn as nn
 
 from ..runtime import dist as rdist
 from ..runtime import shards
-from .checkpoint import Checkpoint, CheckpointError, Source, expert_parameters, sources
+from .checkpoint import Checkpoint, CheckpointError, Source, expert_parameters, is_fp8_checkpoint, sources
 
 
 @dataclasses.dataclass
@@ -100,12 +100,21 @@ def load_model(
         world_size, rank = world.size, world.rank
     elif hot_experts:
         raise ValueError("hot_experts needs parallel='aep'")
+    return on_every_rank(
+        path, lambda: _load(path, device, dtype, world_size, rank, parallel, hot_experts, routing_stats, model_class)
+    )
+
+
+def on_every_rank(path: str | Path, load):
+    """``load()``'s result; with several ranks (the default group initialised), every rank reports how its
+    ``load()`` went before any raises, and a failure on any rank raises the same :class:`CheckpointError`
+    on every rank (naming the first rank that failed and its error), so that no rank waits on a failed peer."""
     import torch.distributed as dist
 
     group = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1  # replicas too
     problem, model = None, None
     try:
-        model = _load(path, device, dtype, world_size, rank, parallel, hot_experts, routing_stats, model_class)
+        model = load()
     except Exception as exc:  # any failure (an OOM too) is reported to the peers before it is raised
         problem = f"{type(exc).__name__}: {exc}"
         if group == 1:
@@ -127,12 +136,11 @@ def _load(path, device, dtype, world_size, rank, parallel, hot_experts, routing_
     path = Path(path)
     if not (path / "config.json").is_file():
         raise CheckpointError(f"{path}: not a checkpoint directory (no config.json)")
-    from ..quant.loading import is_fp8_checkpoint
-
     if is_fp8_checkpoint(path):
         raise CheckpointError(
-            f"{path}: an fp8 checkpoint (quantization_config); load it with moe_compile.quant.loading.load_fp8_model, "
-            "which keeps the experts in fp8 with their scales (moe-compile score/serve do so by themselves)"
+            f"{path}: an fp8 checkpoint (quantization_config); load it with moe_compile.quant.loading.load_fp8_model "
+            "(parallel='aep' too), which keeps the experts in fp8 with their scales (moe-compile score/serve do so "
+            "by themselves)"
         )
     dev = rdist.resolve_device(device)
     checkpoint = Checkpoint(path)

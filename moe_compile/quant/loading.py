@@ -1,4 +1,5 @@
-"""Load a block-fp8 checkpoint directory with its weights kept in fp8 (any device, the CPU included).
+"""Load a block-fp8 checkpoint directory with its weights kept in fp8 (any device, the CPU included), whole or with
+this AEP rank's experts only.
 
 transformers dequantizes an fp8 checkpoint to bf16 when it loads it on a CPU (twice the memory) and its fp8
 modules need a Hub kernel to run. :func:`load_fp8_model` instead:
@@ -7,45 +8,56 @@ modules need a Hub kernel to run. :func:`load_fp8_model` instead:
    ``quant_method="fp8"``, ``fmt="e4m3"``, ``activation_scheme="dynamic"``, ``weight_block_size=[128, 128]``;
 2. builds the model on the meta device and runs transformers' ``replace_with_fp8_linear`` (``FP8Experts``,
    ``FP8Linear``; ``modules_to_not_convert`` from the config, else ``lm_head``);
-3. reads every tensor as stored (:class:`CheckpointTensors`: safetensors, no upcast): fp8 weights stay e4m3,
-   their ``weight_scale_inv`` become fp32 (bf16 and ue8m0 scales converted exactly), the rest is cast to
-   the dtype the model gives the parameter (``dtype``, or what the model keeps in fp32). Experts stored one
-   tensor per expert (Qwen3-FP8: ``experts.{e}.gate_proj.weight``...) are stacked, gate then up,
-   scales alike; fused ``gate_up_proj`` tensors are taken as they are;
+3. reads the tensors as stored through the package's one safetensors reader
+   (:class:`moe_compile.loading.checkpoint.Checkpoint`: no upcast, row slices by ``get_slice``): fp8
+   weights stay e4m3, their ``weight_scale_inv`` become fp32 (bf16 and ue8m0 scales converted exactly), the
+   rest is cast to the dtype the model gives the parameter (``dtype``, or what the model keeps in fp32), each
+   put on ``device``. Experts stored one tensor per expert (Qwen3-FP8: ``experts.{e}.gate_proj.weight``...)
+   are stacked, gate then up, scales alike; fused ``gate_up_proj`` ``[E, 2I, H]`` tensors (and
+   ``gate_up_proj_scale_inv`` ``[E, ceil(2I/128), ceil(H/128)]``) are read by rows;
 4. runs :func:`moe_compile.prepare` (the fp8 modules become ``moe_compile::moe_fp8`` / ``fp8_linear``).
 
-Refused with one line naming the tensor: a block size other than 128x128, a missing ``weight_scale_inv``,
-a scale whose shape is not the weight's block grid, a missing tensor.
+With ``parallel="aep"`` (the default group initialised, or ``world_size``/``rank`` given) rank ``r`` of ``W``
+reads of every experts module only its experts ``[r*E/W, (r+1)*E/W)``: their fp8 weights and the rows of their
+scales (per-expert tensors of those experts only; stacked ones by ``get_slice`` rows). Each expert tensor of
+the prepared model (``FP8StackedExperts``: weights and scales) is a tensor of the full shape with no storage
+(:func:`moe_compile.runtime.shards.unallocated`) whose rows are registered as this rank's shard
+(:func:`moe_compile.runtime.shards.register`), as :func:`moe_compile.loading.load_model` does: the AEP
+compile (``options={"parallel": "aep"}``) gathers the shards as they are, and the full fp8 expert set is never
+resident on a rank. What was kept: ``model.moe_compile_load`` (:class:`moe_compile.loading.LoadInfo`). The
+eager model of a sharded load cannot run its experts: compute references on a whole load.
 
-:class:`CheckpointTensors` reads one tensor (or one expert's slice of a stacked one) at a time; a loader that
-gives each AEP rank only its own experts (the sharded loader of the deployable-serving issue) can share it.
+Refused with one line naming the tensor: a block size other than 128x128, a missing ``weight_scale_inv``,
+a scale whose shape is not the weight's block grid, a missing tensor, an expert count ``W`` does not divide.
+With several ranks every rank reports how its load went before any raises
+(:func:`moe_compile.loading.model.on_every_rank`): a scale missing from one rank's slice makes every rank
+raise the same error, and no rank waits on a failed peer.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
+from ..loading.checkpoint import Checkpoint, CheckpointError, is_fp8_checkpoint, quantization_config
+from ..loading.model import LoadInfo, _placed, on_every_rank
+from ..runtime import dist as rdist
+from ..runtime import shards
 from .fp8 import FP8_DTYPE, SUPPORTED_BLOCKS, check_weight_scales, scales_to_float32
 
-__all__ = ["CheckpointTensors", "fp8_block_size", "is_fp8_checkpoint", "load_fp8_model"]
+__all__ = ["fp8_block_size", "is_fp8_checkpoint", "load_fp8_model"]
 
-
-def _quantization_config(path: Path) -> dict | None:
-    config = json.loads((path / "config.json").read_text())
-    qc = config.get("quantization_config")
-    if qc is None and isinstance(config.get("text_config"), dict):
-        qc = config["text_config"].get("quantization_config")
-    return qc
-
-
-def is_fp8_checkpoint(path: str | Path) -> bool:
-    """Whether ``path/config.json`` declares fp8 quantization (``quant_method == "fp8"``)."""
-    qc = _quantization_config(Path(path))
-    return isinstance(qc, dict) and qc.get("quant_method") == "fp8"
+#: transformers' ``FP8Experts`` parameter -> the ``FP8StackedExperts`` one :func:`moe_compile.prepare` makes of it
+_PREPARED = {
+    "gate_up_proj": "w_up",
+    "up_proj": "w_up",
+    "down_proj": "w_down",
+    "gate_up_proj_scale_inv": "w_up_scale",
+    "up_proj_scale_inv": "w_up_scale",
+    "down_proj_scale_inv": "w_down_scale",
+}
 
 
 def fp8_block_size(qc: dict, where: str = "quantization_config") -> tuple[int, int]:
@@ -73,78 +85,58 @@ def fp8_block_size(qc: dict, where: str = "quantization_config") -> tuple[int, i
     return block
 
 
-class CheckpointTensors:
-    """The tensors of a safetensors checkpoint directory, read one at a time as stored (no dtype change)."""
-
-    def __init__(self, path: str | Path):
-        from safetensors import safe_open
-
-        self.path = Path(path)
-        index = self.path / "model.safetensors.index.json"
-        if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            files = sorted(set(weight_map.values()))
-        else:
-            files = sorted(p.name for p in self.path.glob("*.safetensors"))
-        if not files:
-            raise ValueError(f"{self.path}: no *.safetensors files")
-        self._handles = {f: safe_open(str(self.path / f), framework="pt") for f in files}
-        self._where = {key: f for f, h in self._handles.items() for key in h.keys()}  # noqa: SIM118 - a safe_open handle, not a dict
-
-    def __contains__(self, key: str) -> bool:
-        return key in self._where
-
-    def keys(self):
-        return self._where.keys()
-
-    def get(self, key: str) -> torch.Tensor:
-        if key not in self._where:
-            raise KeyError(key)
-        return self._handles[self._where[key]].get_tensor(key)
-
-    def get_rows(self, key: str, start: int, stop: int) -> torch.Tensor:
-        """Rows ``start:stop`` of the first dimension (an expert range of a stacked tensor), reading only those."""
-        return self._handles[self._where[key]].get_slice(key)[start:stop]
+def _scale_key(weight_key: str) -> str:
+    return weight_key.removesuffix(".weight") + (
+        ".weight_scale_inv" if weight_key.endswith(".weight") else "_scale_inv"
+    )
 
 
-def _need(tensors: CheckpointTensors, key: str, what: str) -> torch.Tensor:
-    if key not in tensors:
-        raise ValueError(f"{tensors.path}: {key} is missing ({what})")
-    return tensors.get(key)
+def _need(checkpoint: Checkpoint, key: str, what: str, start: int | None = None, stop: int | None = None):
+    if key not in checkpoint:
+        raise CheckpointError(f"{checkpoint.path}: {key} is missing ({what})")
+    return checkpoint.read(key, start, stop)
 
 
-def _scale(tensors: CheckpointTensors, weight_key: str) -> torch.Tensor:
-    key = weight_key.removesuffix(".weight") + (".weight_scale_inv" if weight_key.endswith(".weight") else "_scale_inv")
-    return scales_to_float32(_need(tensors, key, "the block scales of an fp8 weight"), key)
+def _scale(checkpoint: Checkpoint, weight_key: str, start: int | None = None, stop: int | None = None):
+    key = _scale_key(weight_key)
+    return scales_to_float32(_need(checkpoint, key, "the block scales of an fp8 weight", start, stop), key)
 
 
-def _fp8(tensors: CheckpointTensors, key: str) -> torch.Tensor:
-    t = _need(tensors, key, "an fp8 weight")
+def _fp8(checkpoint: Checkpoint, key: str, start: int | None = None, stop: int | None = None) -> torch.Tensor:
+    t = _need(checkpoint, key, "an fp8 weight", start, stop)
     if t.dtype != FP8_DTYPE:
-        raise ValueError(f"{tensors.path}: {key} is {t.dtype}, expected float8_e4m3fn in an fp8 checkpoint")
+        raise CheckpointError(f"{checkpoint.path}: {key} is {t.dtype}, expected float8_e4m3fn in an fp8 checkpoint")
     return t
 
 
-def _load_experts(tensors: CheckpointTensors, name: str, module: nn.Module, block: tuple[int, int]) -> None:
+def _read_experts(
+    checkpoint: Checkpoint, name: str, module: nn.Module, block: tuple[int, int], start: int, stop: int
+) -> dict[str, torch.Tensor]:
+    """``FP8Experts`` parameter name -> the rows of experts ``[start, stop)``: e4m3 weights and fp32 scales."""
     gated = bool(getattr(module, "has_gate", True))
     E = module.num_experts
-    fused = f"{name}.gate_up_proj" if gated else f"{name}.up_proj"
-    if fused in tensors:  # already stacked
-        roles = {fused.rpartition(".")[2]: (fused, 2 if gated else 1), "down_proj": (f"{name}.down_proj", 1)}
-        for role, (key, halves) in roles.items():
-            w, s = _fp8(tensors, key), _scale(tensors, key)
+    up = "gate_up_proj" if gated else "up_proj"
+    out: dict[str, torch.Tensor] = {}
+    if f"{name}.{up}" in checkpoint:  # already stacked [E, ...]: this rank's rows only
+        for role, halves in ((up, 2 if gated else 1), ("down_proj", 1)):
+            key = f"{name}.{role}"
+            for k in (key, _scale_key(key)):
+                if k in checkpoint and checkpoint.shape(k)[0] != E:
+                    raise CheckpointError(
+                        f"{checkpoint.path}: {k} holds {checkpoint.shape(k)[0]} experts, the model's config has {E}"
+                    )
+            w, s = _fp8(checkpoint, key, start, stop), _scale(checkpoint, key, start, stop)
             check_weight_scales(key, w, s, block, halves)
-            setattr(module, role, nn.Parameter(w, requires_grad=False))
-            setattr(module, f"{role}_scale_inv", nn.Parameter(s, requires_grad=False))
-        return
-    parts = (("gate_proj", "up_proj") if gated else ("up_proj",), ("down_proj",))
-    for role, projections in zip(("gate_up_proj" if gated else "up_proj", "down_proj"), parts, strict=True):
+            out[role], out[f"{role}_scale_inv"] = w, s
+        return out
+    parts = ((up, ("gate_proj", "up_proj") if gated else ("up_proj",)), ("down_proj", ("down_proj",)))
+    for role, projections in parts:
         ws, ss = [], []
-        for e in range(E):
+        for e in range(start, stop):
             w_rows, s_rows = [], []
             for proj in projections:
                 key = f"{name}.{e}.{proj}.weight"
-                w, s = _fp8(tensors, key), _scale(tensors, key)
+                w, s = _fp8(checkpoint, key), _scale(checkpoint, key)
                 check_weight_scales(key, w, s, block)  # each projection has its own grid
                 w_rows.append(w)
                 s_rows.append(s)
@@ -152,18 +144,22 @@ def _load_experts(tensors: CheckpointTensors, name: str, module: nn.Module, bloc
             ss.append(torch.cat(s_rows))
         w, s = torch.stack(ws), torch.stack(ss)
         check_weight_scales(f"{name}.{role}", w, s, block, 2 if len(projections) == 2 else 1)
-        setattr(module, role, nn.Parameter(w, requires_grad=False))
-        setattr(module, f"{role}_scale_inv", nn.Parameter(s, requires_grad=False))
+        out[role], out[f"{role}_scale_inv"] = w, s
+    return out
 
 
-def _load_linear(tensors: CheckpointTensors, name: str, module: nn.Module, block, dtype) -> None:
+def _load_linear(checkpoint: Checkpoint, name: str, module: nn.Module, block, dtype, dev) -> int:
     key = f"{name}.weight"
-    w, s = _fp8(tensors, key), _scale(tensors, key)
+    w, s = _fp8(checkpoint, key), _scale(checkpoint, key)
     check_weight_scales(key, w, s, block)
-    module.weight = nn.Parameter(w, requires_grad=False)
-    module.weight_scale_inv = nn.Parameter(s, requires_grad=False)
+    module.weight = nn.Parameter(_placed(w, w.dtype, dev), requires_grad=False)
+    module.weight_scale_inv = nn.Parameter(_placed(s, s.dtype, dev), requires_grad=False)
+    kept = [module.weight, module.weight_scale_inv]
     if getattr(module, "bias", None) is not None:
-        module.bias = nn.Parameter(_need(tensors, f"{name}.bias", "a bias").to(dtype), requires_grad=False)
+        bias = _need(checkpoint, f"{name}.bias", "a bias")
+        module.bias = nn.Parameter(_placed(bias, dtype, dev), requires_grad=False)
+        kept.append(module.bias)
+    return sum(t.nbytes for t in kept)
 
 
 def _materialize_buffers(model: nn.Module, config) -> None:
@@ -181,18 +177,68 @@ def _materialize_buffers(model: nn.Module, config) -> None:
             setattr(module, b, getattr(fresh, b))
 
 
-def load_fp8_model(path: str | Path, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
-    """The causal LM in ``path`` with its fp8 weights kept in fp8, prepared for ``moe_prefill`` (module doc)."""
+def _world(parallel: str | None, world_size: int | None, rank: int | None) -> tuple[int, int]:
+    """``(W, r)``: 1, 0 without ``parallel``; else the ones given, or the default group's (which they must match)."""
+    if parallel is None:
+        if (world_size or 1) != 1 or (rank or 0) != 0:
+            raise ValueError(f"world_size={world_size}, rank={rank} need parallel='aep'")
+        return 1, 0
+    if parallel != "aep":
+        raise ValueError(
+            f"parallel={parallel!r}: use None or 'aep' (EP's AllToAll runtime has no fp8 path; it refuses fp8 blocks)"
+        )
+    if (world_size is None) != (rank is None):
+        raise ValueError(f"world_size={world_size}, rank={rank}: give both, or neither (the default group's)")
+    import torch.distributed as dist
+
+    grouped = dist.is_available() and dist.is_initialized()
+    if world_size is None:
+        world = rdist.current_world(parallel)
+        return world.size, world.rank
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"world_size={world_size}, rank={rank}: need world_size >= 1 and 0 <= rank < world_size")
+    if grouped and (world_size, rank) != (dist.get_world_size(), dist.get_rank()):
+        raise ValueError(
+            f"world_size={world_size}, rank={rank} differ from the default group's ({dist.get_world_size()}, "
+            f"{dist.get_rank()}), which the AEP compile shards for; leave them out"
+        )
+    return world_size, rank
+
+
+def load_fp8_model(
+    path: str | Path,
+    dtype: torch.dtype = torch.bfloat16,
+    *,
+    parallel: str | None = None,
+    world_size: int | None = None,
+    rank: int | None = None,
+    device: str | torch.device | None = "cpu",
+) -> nn.Module:
+    """The causal LM in ``path`` with its fp8 weights kept in fp8, prepared for ``moe_prefill`` (module doc).
+
+    ``dtype``: the compute dtype of the unquantized tensors; ``parallel``: None (every expert) or ``"aep"``
+    (this rank's ``1/W`` of every experts module, as :func:`moe_compile.loading.load_model`); ``world_size``,
+    ``rank``: default the initialised default group's; ``device``: ``"cpu"`` (default), ``"auto"``, ``"cuda"``,
+    ``"cuda:N"`` (:func:`moe_compile.runtime.dist.resolve_device`). What was kept: ``model.moe_compile_load``.
+    """
+    W, r = _world(parallel, world_size, rank)
+    return on_every_rank(path, lambda: _load(Path(path), dtype, parallel, W, r, device))
+
+
+def _load(path: Path, dtype: torch.dtype, parallel: str | None, W: int, r: int, device) -> nn.Module:
     from transformers import AutoConfig, AutoModelForCausalLM, FineGrainedFP8Config
     from transformers.integrations.finegrained_fp8 import FP8Experts, FP8Linear, replace_with_fp8_linear
 
     import moe_compile
 
-    path = Path(path)
-    qc = _quantization_config(path)
+    if not (path / "config.json").is_file():
+        raise CheckpointError(f"{path}: not a checkpoint directory (no config.json)")
+    qc = quantization_config(path)
     if not isinstance(qc, dict):
         raise ValueError(f"{path}/config.json has no quantization_config: not an fp8 checkpoint")
     block = fp8_block_size(qc, f"{path}/config.json quantization_config")
+    dev = rdist.resolve_device(device)
+    checkpoint = Checkpoint(path)
     config = AutoConfig.from_pretrained(str(path))
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
@@ -202,28 +248,69 @@ def load_fp8_model(path: str | Path, dtype: torch.dtype = torch.bfloat16) -> nn.
         quantization_config=FineGrainedFP8Config(weight_block_size=block, activation_scheme="dynamic"),
         pre_quantized=True,
     )
-    tensors = CheckpointTensors(path)
+    info = LoadInfo(str(dev), str(dtype).removeprefix("torch."), W, r, 0, 0, 0, 0)
+    rows: dict[tuple[str, str], torch.Tensor] = {}  # (experts module, parameter) -> this rank's rows (aep)
     for name, module in model.named_modules():
         if isinstance(module, FP8Experts):
-            _load_experts(tensors, name, module, block)
+            E = module.num_experts
+            if E % W:
+                raise ValueError(
+                    f"{name}: E={E} experts do not divide evenly over {W} ranks; use a world size that divides {E}"
+                )
+            start, stop = shards.expert_range(E, W, r)
+            for role, value in _read_experts(checkpoint, name, module, block, start, stop).items():
+                value = _placed(value, value.dtype, dev)
+                info.expert_bytes += value.nbytes
+                info.full_expert_bytes += value.nbytes // (stop - start) * E
+                info.expert_tensors += 1
+                if parallel is not None:
+                    rows[(name, role)] = value
+                    value = shards.unallocated((E, *value.shape[1:]), value.dtype, dev)
+                setattr(module, role, nn.Parameter(value, requires_grad=False))
         elif isinstance(module, FP8Linear):
-            _load_linear(tensors, name, module, block, dtype)
+            info.dense_bytes += _load_linear(checkpoint, name, module, block, dtype, dev)
     tied = getattr(model.config.get_text_config(), "tie_word_embeddings", False)
     for name, p in list(model.named_parameters()):
         if not p.is_meta:
             continue
-        if name not in tensors:
+        if name not in checkpoint:
             if tied and name.endswith("lm_head.weight"):
                 continue
-            raise ValueError(f"{path}: {name} is missing from the checkpoint")
+            raise CheckpointError(f"{path}: {name} is missing from the checkpoint")
         owner, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(owner), attr, nn.Parameter(tensors.get(name).to(p.dtype), requires_grad=False))
+        value = _placed(checkpoint.read(name), p.dtype, dev)
+        setattr(model.get_submodule(owner), attr, nn.Parameter(value, requires_grad=False))
+        info.dense_bytes += value.nbytes
     if tied:
         model.tie_weights()
     for name, b in list(model.named_buffers()):
-        if b is not None and b.is_meta and name in tensors:  # persistent buffers (a router's correction bias)
+        if b is not None and b.is_meta and name in checkpoint:  # persistent buffers (a router's correction bias)
             owner, _, attr = name.rpartition(".")
-            setattr(model.get_submodule(owner), attr, tensors.get(name))
+            setattr(model.get_submodule(owner), attr, _placed(checkpoint.read(name), b.dtype, dev))
     _materialize_buffers(model, model.config.get_text_config())
+    for module in model.modules():  # the rebuilt buffers (rotary tables) on the device too
+        for b, t in module._buffers.items():
+            if t is not None and t.device != dev:
+                module._buffers[b] = t.to(dev)
+    info.dense_bytes += sum(b.nbytes for b in model.buffers())
     moe_compile.prepare(model.eval())
+    if rows:
+        _register(model, rows, W, r)
+    model.moe_compile_load = info
     return model
+
+
+def _register(model: nn.Module, rows: dict[tuple[str, str], torch.Tensor], W: int, r: int) -> None:
+    """This rank's rows registered as the shards of the prepared experts' full (unallocated) tensors."""
+    from ..prepare import prepare_report
+    from .prepare_fp8 import FP8StackedExperts
+
+    why = dict(prepare_report(model))
+    for (name, role), value in rows.items():
+        module = model.get_submodule(name)
+        if not isinstance(module, FP8StackedExperts):
+            raise ValueError(
+                f"{name}: moe_compile.prepare left these fp8 experts alone ({why.get(name, 'no reason given')}); "
+                "parallel='aep' shards prepared fp8 experts only"
+            )
+        shards.register(getattr(module, _PREPARED[role]), W, r, value)

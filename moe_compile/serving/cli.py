@@ -174,8 +174,8 @@ def _engine(args: argparse.Namespace):
             from ..runtime.dist import DTYPES
 
             compute = torch.bfloat16 if args.dtype in (None, "auto") else DTYPES[args.dtype]
-            try:  # loaded whole (the fp8 loader does not shard yet), then put on the device
-                model = load_fp8_model(path, compute).eval().to(device)
+            try:  # aep: this rank reads only its 1/W of the fp8 experts and their scales
+                model = load_fp8_model(path, compute, parallel=parallel, device=device)
             except ValueError as why:
                 args.parser.error(f"argument --model: {why}")
         else:  # aep: this rank reads only its 1/W of the experts (moe_compile.loading)

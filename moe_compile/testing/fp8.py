@@ -84,14 +84,21 @@ def is_fp8(t: torch.Tensor) -> bool:
     return t.dtype == torch.float8_e4m3fn
 
 
-def save_fp8_checkpoint(model: nn.Module, path, block: tuple[int, int] = (128, 128)) -> dict[str, torch.Tensor]:
+def save_fp8_checkpoint(
+    model: nn.Module, path, block: tuple[int, int] = (128, 128), layout: str = "per_expert"
+) -> dict[str, torch.Tensor]:
     """Write ``model`` (unquantized, experts-interface form) as a Qwen3-FP8-style checkpoint directory.
 
     ``config.json`` with ``quantization_config``; every expert of every ``experts`` module as its own
     ``experts.{e}.{gate,up,down}_proj.weight`` (e4m3) and ``weight_scale_inv`` (fp32, one per block);
     every other ``nn.Linear`` but ``lm_head`` in fp8 alike; routers, norms, embeddings and ``lm_head`` as
-    they are. Returns the tensors written.
+    they are. ``layout="stacked"``: the experts as transformers' ``FP8Experts`` holds them instead,
+    ``experts.gate_up_proj`` ``[E, 2I, H]`` (gate rows, then up rows, each quantized on its own grid) with
+    ``experts.gate_up_proj_scale_inv`` ``[E, 2*ceil(I/bn), ceil(H/bk)]``, ``experts.down_proj`` and its
+    ``down_proj_scale_inv``, in two files under a ``model.safetensors.index.json``. Returns the tensors written.
     """
+    if layout not in ("per_expert", "stacked"):
+        raise ValueError(f"layout={layout!r}: use 'per_expert' or 'stacked'")
     from pathlib import Path
 
     from safetensors.torch import save_file
@@ -122,7 +129,17 @@ def save_fp8_checkpoint(model: nn.Module, path, block: tuple[int, int] = (128, 1
     for name, p in model.state_dict().items():
         if name not in done and name not in tensors:
             tensors[name] = p.detach().contiguous()
-    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    if layout == "stacked":
+        _stack_experts(tensors)
+        names = sorted(tensors)
+        half = {k: "model-00001-of-00002.safetensors" if i % 2 else "model-00002-of-00002.safetensors"
+                for i, k in enumerate(names)}  # fmt: skip
+        for file in sorted(set(half.values())):
+            part = {k: tensors[k].contiguous() for k in names if half[k] == file}
+            save_file(part, str(path / file), metadata={"format": "pt"})
+        (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": half}))
+    else:
+        save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
     config = model.config.to_dict()
     config["quantization_config"] = {
         "quant_method": "fp8",
@@ -132,3 +149,23 @@ def save_fp8_checkpoint(model: nn.Module, path, block: tuple[int, int] = (128, 1
     }
     (path / "config.json").write_text(json.dumps(config, indent=2, default=str))
     return tensors
+
+
+def _stack_experts(tensors: dict[str, torch.Tensor]) -> None:
+    """Per-expert fp8 tensors (and scales) -> ``experts.{gate_up,up,down}_proj`` ``[E, ...]`` (and ``_scale_inv``)."""
+    import re
+
+    found: dict[str, set[int]] = {}
+    for key in tensors:
+        match = re.fullmatch(r"(.*\.experts)\.(\d+)\.down_proj\.weight", key)
+        if match:
+            found.setdefault(match.group(1), set()).add(int(match.group(2)))
+    for name, ids in found.items():
+        E = len(ids)
+        gated = f"{name}.0.gate_proj.weight" in tensors
+        roles = {"gate_up_proj" if gated else "up_proj": ("gate_proj", "up_proj") if gated else ("up_proj",),
+                 "down_proj": ("down_proj",)}  # fmt: skip
+        for role, projections in roles.items():
+            for suffix, out in (("weight", role), ("weight_scale_inv", f"{role}_scale_inv")):
+                rows = [torch.cat([tensors.pop(f"{name}.{e}.{p}.{suffix}") for p in projections]) for e in range(E)]
+                tensors[f"{name}.{out}"] = torch.stack(rows)
