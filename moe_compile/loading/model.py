@@ -173,7 +173,7 @@ def _load(path, device, dtype, world_size, rank, parallel, hot_experts, routing_
             value, register = _load_experts(checkpoint, source, param, experts[name], hot.get(name, ()), world_size,
                                             rank, parallel, param.dtype, dev, info)  # fmt: skip
         else:
-            value, register = _placed(_read_checked(checkpoint, source, param), param.dtype, dev), None
+            value, register = placed(_read_checked(checkpoint, source, param), param.dtype, dev), None
             info.dense_bytes += value.numel() * value.element_size()
         value = nn.Parameter(value, requires_grad=False)
         if register is not None:  # the shards are keyed by the parameter object the compile sees
@@ -188,7 +188,7 @@ def _load(path, device, dtype, world_size, rank, parallel, hot_experts, routing_
                 "initial value); check the checkpoint, or load with from_pretrained"
             )
         value = _read_checked(checkpoint, source, buffer) if source is not None else buffer
-        value = _placed(value, buffer.dtype if value.is_floating_point() else value.dtype, dev)
+        value = placed(value, buffer.dtype if value.is_floating_point() else value.dtype, dev)
         _set(model, name, value, buffer=True)
         info.dense_bytes += value.numel() * value.element_size()
     model.tie_weights()
@@ -216,13 +216,13 @@ def _load_experts(checkpoint, source, param, E, resident, world_size, rank, para
     row = param.numel() // E * torch.empty((), dtype=compute).element_size()
     info.full_expert_bytes += row * E
     if parallel is None:
-        value = _placed(_read_rows(checkpoint, source, param, list(range(E))), compute, dev)
+        value = placed(_read_rows(checkpoint, source, param, list(range(E))), compute, dev)
         info.expert_bytes += value.numel() * value.element_size()
         return value, None
     others = shards.sharded_experts(E, resident)
     start, stop = shards.expert_range(len(others), world_size, rank)
-    shard = _placed(_read_rows(checkpoint, source, param, others[start:stop]), compute, dev)
-    kept = _placed(_read_rows(checkpoint, source, param, list(resident)), compute, dev) if resident else None
+    shard = placed(_read_rows(checkpoint, source, param, others[start:stop]), compute, dev)
+    kept = placed(_read_rows(checkpoint, source, param, list(resident)), compute, dev) if resident else None
     full = shards.unallocated(tuple(param.shape), compute, dev)
     info.expert_bytes += sum(t.numel() * t.element_size() for t in (shard, kept) if t is not None)
     if len(resident) >= E:
@@ -241,7 +241,7 @@ def _read_rows(checkpoint, source, param, ids: list[int]) -> torch.Tensor:
     return value
 
 
-def _placed(value: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+def placed(value: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """``value`` cast (:func:`_cast`) and on ``device``, in memory of its own.
 
     safetensors' tensors are views of the file's memory map: one kept would keep the whole

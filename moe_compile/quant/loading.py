@@ -42,7 +42,7 @@ import torch
 import torch.nn as nn
 
 from ..loading.checkpoint import Checkpoint, CheckpointError, is_fp8_checkpoint, quantization_config
-from ..loading.model import LoadInfo, _placed, on_every_rank
+from ..loading.model import LoadInfo, on_every_rank, placed
 from ..runtime import dist as rdist
 from ..runtime import shards
 from .fp8 import FP8_DTYPE, SUPPORTED_BLOCKS, check_weight_scales, scales_to_float32
@@ -152,12 +152,12 @@ def _load_linear(checkpoint: Checkpoint, name: str, module: nn.Module, block, dt
     key = f"{name}.weight"
     w, s = _fp8(checkpoint, key), _scale(checkpoint, key)
     check_weight_scales(key, w, s, block)
-    module.weight = nn.Parameter(_placed(w, w.dtype, dev), requires_grad=False)
-    module.weight_scale_inv = nn.Parameter(_placed(s, s.dtype, dev), requires_grad=False)
+    module.weight = nn.Parameter(placed(w, w.dtype, dev), requires_grad=False)
+    module.weight_scale_inv = nn.Parameter(placed(s, s.dtype, dev), requires_grad=False)
     kept = [module.weight, module.weight_scale_inv]
     if getattr(module, "bias", None) is not None:
         bias = _need(checkpoint, f"{name}.bias", "a bias")
-        module.bias = nn.Parameter(_placed(bias, dtype, dev), requires_grad=False)
+        module.bias = nn.Parameter(placed(bias, dtype, dev), requires_grad=False)
         kept.append(module.bias)
     return sum(t.nbytes for t in kept)
 
@@ -259,7 +259,7 @@ def _load(path: Path, dtype: torch.dtype, parallel: str | None, W: int, r: int, 
                 )
             start, stop = shards.expert_range(E, W, r)
             for role, value in _read_experts(checkpoint, name, module, block, start, stop).items():
-                value = _placed(value, value.dtype, dev)
+                value = placed(value, value.dtype, dev)
                 info.expert_bytes += value.nbytes
                 info.full_expert_bytes += value.nbytes // (stop - start) * E
                 info.expert_tensors += 1
@@ -278,7 +278,7 @@ def _load(path: Path, dtype: torch.dtype, parallel: str | None, W: int, r: int, 
                 continue
             raise CheckpointError(f"{path}: {name} is missing from the checkpoint")
         owner, _, attr = name.rpartition(".")
-        value = _placed(checkpoint.read(name), p.dtype, dev)
+        value = placed(checkpoint.read(name), p.dtype, dev)
         setattr(model.get_submodule(owner), attr, nn.Parameter(value, requires_grad=False))
         info.dense_bytes += value.nbytes
     if tied:
@@ -286,7 +286,7 @@ def _load(path: Path, dtype: torch.dtype, parallel: str | None, W: int, r: int, 
     for name, b in list(model.named_buffers()):
         if b is not None and b.is_meta and name in checkpoint:  # persistent buffers (a router's correction bias)
             owner, _, attr = name.rpartition(".")
-            setattr(model.get_submodule(owner), attr, _placed(checkpoint.read(name), b.dtype, dev))
+            setattr(model.get_submodule(owner), attr, placed(checkpoint.read(name), b.dtype, dev))
     _materialize_buffers(model, model.config.get_text_config())
     for module in model.modules():  # the rebuilt buffers (rotary tables) on the device too
         for b, t in module._buffers.items():
