@@ -204,7 +204,8 @@ class PrefillEngine:
         if bad is not None:
             return fail(f"token id {bad} is outside the vocabulary [0, {self.vocab_in})")
         reads = list(range(n)) if request.read == "all" else [p + n if p < 0 else p for p in request.read]
-        bad = next((p for p, a in zip(request.read, reads, strict=True) if not 0 <= a < n), None)
+        positions = () if request.read == "all" else zip(request.read, reads, strict=True)
+        bad = next((p for p, a in positions if not 0 <= a < n), None)
         if bad is not None:
             return fail(f"read position {bad} is outside the prompt of {n} tokens")
         labels = None
