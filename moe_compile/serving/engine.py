@@ -131,6 +131,8 @@ class PrefillEngine:
         self.cache = None if self.prefix_cache_off else PrefixCache(prefix_cache_tokens, block_size)
         self.stats = EngineStats()
         self._kv_template = self._check_head()  # per layer ([Hkv, 0, Dk], [Hkv, 0, Dv])
+        #: how ``auto`` sizes were chosen (:func:`moe_compile.serving.sizing.resolve`), or None
+        self.sizing: dict[str, Any] | None = None
 
     # -- public ------------------------------------------------------------------------------------------------
 
@@ -139,6 +141,17 @@ class PrefillEngine:
         if self.cache is not None:
             self.cache = PrefixCache(self.cache.capacity_blocks * self.cache.block_size, self.cache.block_size)
         self.stats = EngineStats()
+
+    def resize(self, token_budget: int, prefix_cache_tokens: int) -> None:
+        """Set the token budget and the prefix cache's capacity (emptied; 0: off) before serving."""
+        if token_budget < 1:
+            raise ValueError(f"token_budget must be >= 1, got {token_budget}")
+        self.token_budget = token_budget
+        if self.cache is not None:
+            block = self.cache.block_size
+            self.cache = PrefixCache(prefix_cache_tokens, block) if prefix_cache_tokens > 0 else None
+            if self.cache is None:
+                self.prefix_cache_off = "prefix_cache_tokens is 0"
 
     @torch.no_grad()
     def warmup(self) -> int:

@@ -271,8 +271,10 @@ def create_app(
             return JSONResponse(body, status_code=503 if state["status"] == "failed" else 200)
         stats = dataclasses.asdict(engine.stats)
         memory = memory_accounting(engine)  # per rank, tensor bytes (serving/memory.py)
+        capacity = engine.cache.capacity_blocks * engine.cache.block_size if engine.cache is not None else 0
         return {"status": "ok", "model": model, "version": __version__, "hit_rate": engine.stats.hit_rate, **stats,
-                "memory": memory}  # fmt: skip
+                "memory": memory, "token_budget": engine.token_budget, "prefix_cache_tokens": capacity,
+                "sizing": engine.sizing}  # fmt: skip
 
     @app.get("/ready")
     def ready():  # readiness: 200 only when a call would be scored now
