@@ -85,3 +85,27 @@ def test_the_front_end_batches_concurrent_calls_on_rank_0_and_reports_metrics_pe
     assert rank0["ranks"] == [0, 1]  # the concurrent calls' requests were spread over both ranks
     assert rank0["metrics_prompt_tokens"] == {0: rank0["prompt_tokens"], 1: rank1["prompt_tokens"]}
     assert rank1["prompt_tokens"] > 0
+
+
+def test_out_of_memory_under_aep_fails_its_batch_or_the_lockstep_clearly_over_a_gloo_control_group():
+    from aep_serving_workers import oom_worker
+
+    rank0, rank1 = spawn(oom_worker, 2, timeout_s=600, group_timeout_s=None)
+    for facts in (rank0, rank1):
+        assert facts["control_is_separate"] and facts["lockstep_control"], facts
+        assert (facts["control_backend"], facts["control_size"]) == ("gloo", 2)
+        # every lockstep message went over the control group; the default group only carried the experts' gathers
+        assert facts["control_calls"] == ["all_reduce", "barrier", "broadcast_object_list", "gather_object"], facts
+        assert facts["other_calls"] == [], facts
+    # the head's OOM: only request "boom" failed, on whichever rank had it; every other score is exact
+    assert list(rank0["errors"]) == ["boom"] and rank0["oom_flags"] == ["boom"], rank0
+    assert rank0["errors"]["boom"].startswith("out of device memory running this request's batch"), rank0
+    assert rank0["max_err"] < 1e-5 and rank0["ranks"] == [0, 1], rank0
+    # the decoder's OOM on rank 1: the lockstep fails, rank 0 names the cause within the group's timeout
+    assert rank1.get("decoder_oom") and rank1["cause_is_oom"], rank1
+    assert "ran out of device memory inside the compiled decoder" in rank1["left_with"], rank1
+    assert rank0["third"].startswith("AEP serving failed on rank 0 of 2"), rank0
+    assert "the cause, from another rank: rank 1 of 2 ran out of device memory inside the compiled decoder" in (
+        rank0["third"]), rank0  # fmt: skip
+    assert "smaller --token-budget" in rank0["third"] and rank0["health"] == rank0["third"]
+    assert rank0["seconds"] < 60, rank0

@@ -285,7 +285,9 @@ def cmd_score(args: argparse.Namespace) -> int:
     done = output.done if output is not None else set()
     if world_size > 1:
         shared = [done, problem]
-        dist.broadcast_object_list(shared, src=0)  # NOTE: rank 0 read the output before anyone writes
+        from ..runtime.dist import control_group
+
+        dist.broadcast_object_list(shared, src=0, group=control_group())  # NOTE: rank 0 read the output first
         done, problem = shared
     if problem is not None:
         if world_size > 1:
