@@ -64,9 +64,11 @@ def test_torchrun_score_parallel_aep_writes_eager_scores(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "--no-python", "moe-compile", "score", "--model", str(tmp_path / "model"), "--parallel", "aep",
            "--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "out.jsonl"), "--block-size", "8",
-           "--token-budget", "64", "--chunk", "4", "--dist-timeout", "120"]  # fmt: skip
+           "--token-budget", "64", "--chunk", "4", "--dist-timeout", "120",
+           "--prefix-cache-tokens", "auto"]  # fmt: skip  # the ranks agree on the sizes over the control group
     done = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert "--token-budget 64, --prefix-cache-tokens 65536 (on cpu 'auto' keeps the defaults" in done.stderr
     records = {r["id"]: r for r in map(json.loads, (tmp_path / "out.jsonl").read_text().splitlines()) if "id" in r}
     assert sorted(records) == sorted(r["id"] for r in requests)
     assert "outside the vocabulary" in records["bad"]["error"]

@@ -229,21 +229,29 @@ def _engine(args: argparse.Namespace):
             prefix_cache_tokens=DEFAULT_PREFIX_CACHE_TOKENS if auto_cache else args.prefix_cache_tokens,
             block_size=args.block_size,
         )
+    command = f"moe-compile {args.func.__name__.removeprefix('cmd_')}"
+    problem = None
     try:  # auto: sized from the free device memory now that the weights are loaded (serving/sizing.py)
         sizing = resolve(engine, args.token_budget, args.prefix_cache_tokens, args.gpu_memory_utilization)
     except ValueError as e:
-        raise SystemExit(f"moe-compile {args.func.__name__.removeprefix('cmd_')}: {e}") from None
-    if sizing is not None and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        sizing, problem = None, str(e)
+    if (auto_budget or auto_cache) and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         from ..runtime.dist import control_group
 
-        mine, every = (sizing.token_budget, sizing.prefix_cache_tokens), [None] * dist.get_world_size()
-        dist.all_gather_object(every, mine, group=control_group())  # the smallest rank's figures, on every rank
-        budget, cache = min(t for t, _ in every), min(c for _, c in every)
+        mine = problem if sizing is None else (sizing.token_budget, sizing.prefix_cache_tokens)
+        every: list = [None] * dist.get_world_size()
+        dist.all_gather_object(every, mine, group=control_group())  # NOTE: every rank reports before any stops
+        failed = [(r, p) for r, p in enumerate(every) if isinstance(p, str)]
+        if failed:
+            raise SystemExit(f"{command}: rank {failed[0][0]} of {len(every)}: {failed[0][1]}")
+        budget, cache = min(t for t, _ in every), min(c for _, c in every)  # the smallest rank's, on every rank
         if (budget, cache) != mine:
             engine.resize(budget, cache)
             sizing = dataclasses.replace(sizing, token_budget=budget, prefix_cache_tokens=cache,
                                          how=sizing.how + "; the smallest rank's figures")  # fmt: skip
             engine.sizing = sizing.to_json()
+    if problem is not None:
+        raise SystemExit(f"{command}: {problem}")
     if sizing is not None:  # the router and the front end read the resolved figures from args
         args.token_budget, args.prefix_cache_tokens = sizing.token_budget, sizing.prefix_cache_tokens
         print(f"--token-budget {sizing.token_budget}, --prefix-cache-tokens {sizing.prefix_cache_tokens} "
