@@ -28,6 +28,9 @@ failure and the others still run) with its own time budget carved from ``--budge
    server computes them.
 6. ``offload``: one torch.profiler trace of ``offload="cpu"`` with a (random-weight) predictor; the share of
    the expert-copy time that overlaps compute, from the trace's copy events vs the compute stream's kernels.
+7. ``serve`` (``gpusuite/serve.py``, issue #21): a Qwen3-30B-A3B-shaped checkpoint with random weights written to
+   disk (at most 4 layers), ``moe-compile score --device cuda`` on it in a subprocess against HF eager on the same
+   requests: max |log-prob difference|, requests/s, tokens/s, seconds from launch to the first answer.
 
 Everything lands under ``--out``: ``results.json`` (machine, versions, every section's rows and status, the
 targets), ``summary.md`` (ready to paste into docs/benchmarks.md), ``offload_trace.json.gz`` (open in
@@ -39,7 +42,7 @@ nonzero when a section failed, ran out of time (``timeout``) or had to leave row
 target is a measurement, not a failure.
 The parts live in ``benchmarks/gpusuite/``, one module per section of this file as it was: ``common`` (paths, caps,
 ``Section``), ``targets``, ``trace`` (overlap from a profiler trace), ``sections`` (what each child process runs;
-the fp8 section in ``fp8``),
+the fp8 section in ``fp8``, the serve section in ``serve``),
 ``runner`` (the parent) and ``summary`` (the markdown); this file is the command and re-exports their names.
 """
 

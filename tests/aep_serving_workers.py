@@ -201,3 +201,103 @@ def front_worker(rank: int, world_size: int) -> dict:
     per_rank = {r: metrics[("moe_compile:prompt_tokens_total", (("rank", str(r)),))] for r in range(world_size)}
     return {"errors": errors, "ranks": sorted(ranks), "metrics_prompt_tokens": per_rank,
             "prompt_tokens": engine.stats.prompt_tokens}  # fmt: skip
+
+
+BOOM = 77  # a prompt holding this token makes rank 1's decoder run out of memory (oom_worker)
+
+
+def oom_worker(rank: int, world_size: int) -> dict:
+    """Out of device memory under AEP, over a gloo control group made beside the default group.
+
+    The group is initialised here with ``init_distributed(control=True)`` (on NCCL it is made without asking):
+    every lockstep message must travel over that control group. Injected out-of-memory errors: (1) in the LM
+    head, on both ranks, for request ``boom`` (40 tokens: alone in its batch under the budget of 48): outside the
+    compiled decoder, so only that batch's request fails and the ranks keep serving, exactly; (2) inside rank
+    1's compiled decoder for any batch holding :data:`BOOM`: the collectives stopped part-way, so the lockstep
+    fails, and rank 0 says why within the group's timeout.
+    """
+    from serving_helpers import eager_value, rel_err
+
+    from moe_compile.runtime.dist import control_group, init_distributed
+    from moe_compile.serving.aep import DecoderOutOfMemory, ServingFailed
+
+    init_distributed(backend="gloo", timeout_s=60, control=True)
+    control = control_group()
+    facts = {"control_is_separate": control is not dist.group.WORLD,
+             "control_backend": dist.get_backend(control), "control_size": dist.get_world_size(control)}  # fmt: skip
+    groups = []
+    for name in ("broadcast_object_list", "gather_object", "barrier", "all_reduce"):
+        real = getattr(dist, name)
+
+        def spy(*args, _real=real, _name=name, **kwargs):
+            groups.append((_name, kwargs.get("group")))
+            return _real(*args, **kwargs)
+
+        setattr(dist, name, spy)  # this process only: the rank's own calls, seen from the torch.distributed module
+    model = _model("qwen3_moe")
+    engine, lockstep = _lockstep(model, world_size)
+    facts["lockstep_control"] = lockstep.control is control
+    read = engine._read
+
+    def read_or_oom(rows, items, hidden):
+        if any(it.request is not None and it.request.id == "boom" for it in items):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB (injected in the head)")
+        return read(rows, items, hidden)
+
+    engine._read = read_or_oom
+    if rank == 1:
+        real_decoder, real_step, armed = lockstep._real, lockstep._run_step, []
+
+        def run_step(message):  # armed after the warm-up, whose random prompts may hold BOOM
+            out = real_step(message)
+            armed.append(message[0] == "warmup")
+            return out
+
+        def decoder(**kw):
+            if any(armed) and (kw["input_ids"] == BOOM).any():
+                facts["decoder_oom"] = True
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (injected)")
+            return real_decoder(**kw)
+
+        lockstep._real, lockstep._run_step = decoder, run_step
+        try:
+            lockstep.serve_worker()
+        except ServingFailed as e:
+            facts["left_with"] = f"{type(e.__cause__).__name__}: {e}"
+            facts["cause_is_oom"] = isinstance(e.__cause__, DecoderOutOfMemory)
+        facts["oom_batches"] = engine.stats.oom_batches
+        facts["control_calls"] = sorted({n for n, g in groups if g is control})
+        facts["other_calls"] = sorted({n for n, g in groups if g is not control})
+        return facts
+    lockstep.start()
+    lockstep.warmup()
+    vocab = model.config.get_text_config().vocab_size
+    rng = random.Random(2)
+
+    def fresh(prefix: str, n: int, boom: bool = False) -> list[Request]:
+        return [Request(id=f"{prefix}{i}", labels=(5, 9), tokens=tuple(
+            [rng.randrange(80, vocab) for _ in range(5 + 2 * i)] + ([BOOM] if boom else [])))
+            for i in range(n)]  # fmt: skip
+
+    reference = _model("qwen3_moe")
+    first = [*fresh("a", 3), Request(id="boom", tokens=tuple(range(5, 45)), labels=(5,)), *fresh("b", 2)]
+    second = fresh("c", 4)
+    answers = [lockstep.score(first), lockstep.score(second)]
+    facts["errors"] = {s.id: s.error for s in answers[0] + answers[1] if s.error is not None}
+    facts["oom_flags"] = [s.id for s in answers[0] + answers[1] if s.out_of_memory]
+    facts["max_err"] = max(rel_err(s.value, eager_value(reference, r))
+                           for call, scores in zip([first, second], answers, strict=True)
+                           for r, s in zip(call, scores, strict=True) if s.error is None)  # fmt: skip
+    facts["ranks"] = sorted({s.rank for s in answers[0] + answers[1]})
+    start = time.monotonic()
+    try:
+        lockstep.score(fresh("d", 6, boom=True))  # spread over both ranks: rank 1's decoder runs out
+        facts["third"] = "scored"
+    except ServingFailed as e:
+        facts["third"] = str(e)
+    facts["seconds"] = time.monotonic() - start
+    facts["health"] = lockstep.health()
+    lockstep.stop()
+    facts["control_calls"] = sorted({n for n, g in groups if g is control})
+    facts["other_calls"] = sorted({n for n, g in groups if g is not control})
+    return facts

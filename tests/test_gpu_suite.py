@@ -39,8 +39,16 @@ def test_cpu_smoke_runs_every_section(smoke):
     res = json.loads((out / "results.json").read_text())
     assert res["mode"] == "cpu-smoke" and res["exit_code"] == 0 and res["failed_sections"] == []
     assert {"torch", "triton", "transformers", "python", "date", "device"} <= set(res["machine"])
-    assert list(res["sections"]) == ["tests", "autotune", "gemm", "fp8", "prefill", "offload"]
+    assert list(res["sections"]) == ["tests", "autotune", "gemm", "fp8", "prefill", "offload", "serve"]
     assert all(s["status"] == "ok" and s["wall_s"] > 0 for s in res["sections"].values()), res["sections"]
+
+    serve = res["sections"]["serve"]["result"]  # moe-compile score in a subprocess on a checkpoint on disk
+    assert (serve["model"], serve["layers"], serve["device"], serve["dtype"]) == ("tiny zoo qwen3_moe", 2, "cpu",
+                                                                                  "float32")  # fmt: skip
+    assert serve["scored"] == serve["requests"] == serve["compared"] == 16 and serve["errors"] == 0
+    assert serve["exact"] and serve["max_abs_logprob_diff"] < 1e-4
+    assert serve["requests_per_s"] > 0 and serve["tokens_per_s"] > 0
+    assert 0 < serve["first_answer_s"] <= serve["wall_s"] and "--device cpu" in serve["command"]
 
     tests = res["sections"]["tests"]["result"]
     assert tests["collected"] > 0 and tests["counts"]["skipped"] == tests["collected"]  # CUDA-only: all skip
@@ -91,7 +99,7 @@ def test_cpu_smoke_summary_has_every_table(smoke):
     md = (out / "summary.md").read_text()
     res = json.loads((out / "results.json").read_text())
     for heading in ("Sections", "Targets", "CUDA-only tests", "Autotune", "Grouped GEMM", "End-to-end prefill",
-                    "Offload overlap", "Block-fp8 experts"):  # fmt: skip
+                    "Offload overlap", "Block-fp8 experts", "Serving a checkpoint (`moe-compile score`)"):  # fmt: skip
         assert f"### {heading}" in md
     for name in res["sections"]:
         assert f"| {name} | ok |" in md
@@ -102,6 +110,7 @@ def test_cpu_smoke_summary_has_every_table(smoke):
         assert f"| 256 | {variant} |" in md
     assert "| expert-copy time overlapping compute | 0.0% |" in md
     assert "| smoke | 8 |" in md and "| 16 | fp8 |" in md and "compiled without Inductor (exact" in md
+    assert "| requests (prompt tokens) | 16 (" in md and "| launch to first answer (s) |" in md
 
 
 def _x(cat, name, stream, ts, dur):
@@ -190,15 +199,16 @@ def test_a_failing_section_does_not_stop_the_others(tmp_path, monkeypatch):
             s.result["rows"] = [r | {"ms": 1.0, "vs_first": 1.0, "mfu": None} for r in _prefill(4096, 1, 1, 2)]
             s.save("ok")
             return 0, 1.0
-        return 1, 1.0  # tests, fp8, offload: crashed before writing anything
+        return 1, 1.0  # tests, fp8, offload, serve: crashed before writing anything
 
     monkeypatch.setattr(suite.runner, "_run_child", fake_child)
     code = suite.main(["--cpu-smoke", "--out", str(tmp_path), "--quiet"])
     res = json.loads((tmp_path / "results.json").read_text())
     status = {n: s["status"] for n, s in res["sections"].items()}
-    expected = {"tests": "failed", "gemm": "timeout", "fp8": "failed", "prefill": "ok", "offload": "failed"}
+    expected = {"tests": "failed", "gemm": "timeout", "fp8": "failed", "prefill": "ok", "offload": "failed",
+                "serve": "failed"}  # fmt: skip
     assert code == 1 and status == expected
-    assert res["failed_sections"] == ["tests", "gemm", "fp8", "offload"]
+    assert res["failed_sections"] == ["tests", "gemm", "fp8", "offload", "serve"]
     assert res["sections"]["gemm"]["result"]["rows"]  # the rows measured before the kill are kept
     md = (tmp_path / "summary.md").read_text()
     assert "| gemm | timeout |" in md and "| tests | failed |" in md and "| 4096 | moe_prefill |" in md

@@ -426,3 +426,25 @@ def test_health_reports_a_failed_warmup(checkpoint, monkeypatch):
         status, body = http(f"{url}/score", {"requests": [{"id": 1, "tokens": [5, 6]}]})
         assert status == 503 and "warm-up failed" in body["detail"]
         assert http(f"{url}/ready") == (503, {"status": "failed"})
+
+
+def test_auto_sizes_are_reported_by_score_and_health(checkpoint, tmp_path, capsys):
+    pytest.importorskip("fastapi")
+    from moe_compile.serving import PrefillEngine
+    from moe_compile.serving.http import create_app
+    from moe_compile.serving.sizing import resolve
+
+    model_dir, model = checkpoint
+    requests, output = tmp_path / "requests.jsonl", tmp_path / "scores.jsonl"
+    write_requests(requests, n=3)
+    argv = score_argv(model_dir, requests, output, "--token-budget", "auto", "--prefix-cache-tokens", "auto")
+    assert run_cli(argv) == 1  # the malformed lines of write_requests
+    err = capsys.readouterr().err
+    assert "--token-budget 2048, --prefix-cache-tokens 65536 (on cpu 'auto' keeps the defaults" in err
+    engine = PrefillEngine(model, compile=False, block_size=8)
+    sizing = resolve(engine, "auto", "auto", mem_info=(64 * 2**20, 100 * 2**20))  # as a GPU would report it
+    with serving(create_app(engine, warmup=False)) as url:
+        status, health = http(f"{url}/health")
+    assert status == 200 and health["sizing"] == sizing.to_json()
+    assert (health["token_budget"], health["prefix_cache_tokens"]) == (sizing.token_budget, sizing.prefix_cache_tokens)
+    assert health["memory"]["prefix_cache_bytes"] > 0 and "64 MiB free of 100 MiB" in health["sizing"]["how"]

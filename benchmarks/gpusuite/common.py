@@ -14,10 +14,10 @@ from typing import Any
 
 BENCHMARKS = Path(__file__).resolve().parents[1]
 ROOT = BENCHMARKS.parent
-SECTIONS = ("tests", "autotune", "gemm", "fp8", "prefill", "offload")
+SECTIONS = ("tests", "autotune", "gemm", "fp8", "prefill", "offload", "serve")
 #: seconds per section on a GPU (scaled to --budget-s; unused time passes on to the later sections)
-GPU_CAPS = {"tests": 100, "gemm": 90, "fp8": 120, "prefill": 170, "offload": 50}
-SMOKE_CAPS = {"tests": 25, "gemm": 25, "fp8": 45, "prefill": 40, "offload": 30}
+GPU_CAPS = {"tests": 100, "gemm": 90, "fp8": 120, "prefill": 170, "offload": 50, "serve": 120}
+SMOKE_CAPS = {"tests": 25, "gemm": 25, "fp8": 45, "prefill": 40, "offload": 30, "serve": 60}
 #: modules the sections import (moe_compile itself runs from the checkout: ROOT goes on the path)
 NEEDED = ("torch", "triton", "transformers", "pytest", "safetensors", "networkx", "tqdm")
 CUDA_TESTS = ["tests/kernel_tests", "tests/test_offload_cuda.py"]

@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     caps = dict(SMOKE_CAPS if smoke else GPU_CAPS)
     budget = opts.budget_s if opts.budget_s is not None else (160.0 if smoke else 530.0)
     scale = budget / sum(caps.values())
-    plan = [s for s in ("tests", "gemm", "fp8", "prefill", "offload") if opts.sections is None or s in opts.sections]
+    plan = [s for s in SECTIONS if s != "autotune" and (opts.sections is None or s in opts.sections)]
     if opts.autotune:
         plan.insert(1 if "tests" in plan else 0, "autotune")
     env = dict(os.environ)

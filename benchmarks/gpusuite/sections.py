@@ -1,5 +1,5 @@
-"""The sections, each run in a child process: tests, autotune, gemm, fp8 (its own module), prefill, offload
-(:data:`RUNNERS`)."""
+"""The sections, each run in a child process: tests, autotune, gemm, fp8 (its own module), prefill, offload,
+serve (its own module) (:data:`RUNNERS`)."""
 
 from __future__ import annotations
 
@@ -31,6 +31,7 @@ from .common import (
     _versions,
 )
 from .fp8 import run_fp8
+from .serve import run_serve
 from .targets import _gemm_where
 from .trace import copy_overlap
 
@@ -352,6 +353,7 @@ RUNNERS: dict[str, Callable[[Section], None]] = {
     "fp8": run_fp8,
     "prefill": run_prefill,
     "offload": run_offload,
+    "serve": run_serve,
 }
 
 

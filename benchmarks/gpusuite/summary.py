@@ -169,7 +169,36 @@ def render_summary(res: dict[str, Any]) -> str:
             ],
         ]
         out += [_table(["metric", "value"], rows, "lr"), ""]
+    if "serve" in sec:
+        out += _serve_table(sec["serve"].get("result", {}))
     return "\n".join(out) + "\n"
+
+
+def _serve_table(r: dict[str, Any]) -> list[str]:
+    """The serve section: ``moe-compile score`` on a checkpoint on disk, against HF eager."""
+    rows = [
+        ["requests (prompt tokens)", f"{r.get('requests', '-')} ({r.get('prompt_tokens', '-')})"],
+        ["requests/s", _fmt(r.get("requests_per_s"), ".1f")],
+        ["tokens/s", _fmt(r.get("tokens_per_s"), ".0f")],
+        ["launch to first answer (s)", _fmt(r.get("first_answer_s"), ".1f")],
+        [
+            "max abs log-prob diff vs HF eager",
+            f"{_fmt(r.get('max_abs_logprob_diff'), '.1e')} (tolerance {_fmt(r.get('tolerance'), 'g')})",
+        ],  # fmt: skip
+    ]
+    return [
+        "### Serving a checkpoint (`moe-compile score`)",
+        "",
+        (
+            f"{r.get('model', '?')}, random weights, {r.get('dtype', '?')}, {r.get('layers', '?')} layers "
+            f"({r.get('layers_why', '')}), written to disk and scored by `moe-compile score --device "
+            f"{r.get('device', '?')}` in a subprocess ({r.get('chunk', '?')} requests per written chunk), "
+            "against HF eager on the same requests."
+        ),
+        "",
+        _table(["metric", "value"], rows, "lr"),
+        "",
+    ]
 
 
 def _fp8_tables(r: dict[str, Any]) -> list[str]:

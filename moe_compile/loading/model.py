@@ -121,7 +121,7 @@ def on_every_rank(path: str | Path, load):
             raise
     if group > 1:
         problems: list = [None] * group
-        dist.all_gather_object(problems, problem)  # NOTE: every rank reports before any raises
+        dist.all_gather_object(problems, problem, group=rdist.control_group())  # NOTE: every rank, before any raises
         failed = [(r, p) for r, p in enumerate(problems) if p is not None]
         if failed:
             r, p = failed[0]

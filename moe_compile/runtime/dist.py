@@ -194,8 +194,39 @@ def backend_for(device: torch.device) -> str:
     return "nccl" if device.type == "cuda" else "gloo"
 
 
+#: (the default group it was made beside, the gloo control group) while one exists (:func:`control_group`)
+_CONTROL: tuple[Any, Any] | None = None
+
+
+def control_group() -> Any:
+    """The group of serving's control messages (requests, plans, answers, stop, errors).
+
+    A gloo group made beside the default group by :func:`init_distributed` when the default group is
+    NCCL (or when asked): NCCL's watchdog kills a process whose collective times out rather than
+    raising, and NCCL moves only CUDA tensors, so the messages that decide what the ranks do next
+    travel over gloo, where a lost peer is a bounded, catchable error. Otherwise the default group.
+    """
+    if _CONTROL is not None and dist.is_initialized() and _CONTROL[0] is dist.group.WORLD:
+        return _CONTROL[1]
+    return dist.group.WORLD
+
+
+def make_control_group(timeout_s: float = DEFAULT_TIMEOUT_S) -> Any:
+    """A gloo group of every rank beside the default group, with ``timeout_s``; :func:`control_group` returns it.
+
+    NOTE: collective: every rank of the default group must call it.
+    """
+    global _CONTROL
+    group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
+    _CONTROL = (dist.group.WORLD, group)
+    return group
+
+
 def init_distributed(
-    backend: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S, device: str | torch.device | None = None
+    backend: str | None = None,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+    device: str | torch.device | None = None,
+    control: bool | None = None,
 ) -> World:
     """``init_process_group`` from torchrun's environment, with a timeout, and the resulting world.
 
@@ -203,6 +234,9 @@ def init_distributed(
     ``cuda:LOCAL_RANK`` when CUDA is available, else the CPU): ``"nccl"`` on CUDA, ``"gloo"`` on the CPU.
     On CUDA the rank's device is set (``torch.cuda.set_device``). A rank that does not join within
     ``timeout_s`` makes the others raise; collectives use the same timeout.
+
+    ``control``: make a gloo group for serving's control messages beside the default group
+    (:func:`control_group`, with the same timeout); None (default): when the backend is NCCL.
     """
     if backend is None:
         dev = resolve_device(device)
@@ -221,4 +255,6 @@ def init_distributed(
             f"moe_compile: torch.distributed could not start {size} ranks within {timeout_s:g} s "
             f"(a rank never joined, or the rendezvous address is wrong): {exc}"
         ) from exc
+    if control if control is not None else backend == "nccl":
+        make_control_group(timeout_s)
     return current_world("init")

@@ -42,6 +42,7 @@ forward of that request within float32 rounding.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import queue
 import threading
@@ -52,6 +53,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ..runtime.dist import control_group
 from .engine import EngineStats, PrefillEngine
 from .requests import Request, Score
 from .routing import Router
@@ -62,6 +64,11 @@ HEARTBEAT_S = 2.0
 
 class ServingFailed(RuntimeError):
     """A rank died, hung or failed: the lockstep is broken and no more requests can be scored."""
+
+
+class DecoderOutOfMemory(RuntimeError):
+    """A rank ran out of device memory inside the compiled decoder: its collectives stopped part-way, so the
+    ranks' collectives cannot pair up again; the lockstep fails (see the module docstring)."""
 
 
 class LockstepScorer:
@@ -83,6 +90,9 @@ class LockstepScorer:
         if router.world_size != self.world_size:
             raise ValueError(f"the router spreads over {router.world_size} ranks but the group has {self.world_size}")
         self.heartbeat_s = heartbeat_s
+        #: the group of the plans, answers, heartbeats and "I have a batch" flags: gloo beside an NCCL default
+        #: group (runtime.dist.control_group), where a lost peer is a bounded error, not a watchdog kill
+        self.control = control_group()
         self.failed: str | None = None
         self.steps = 0
         #: every rank's engine counters as of its last step (rank 0 only; ``/metrics`` per rank)
@@ -107,17 +117,31 @@ class LockstepScorer:
     def _sync(self, active: int) -> bool:
         """All-reduce (sum) whether each rank has a batch to run now; True while any has."""
         flag = torch.tensor([active], dtype=torch.int64)
-        dist.all_reduce(flag)  # NOTE: collective, one per round on every rank
+        dist.all_reduce(flag, group=self.control)  # NOTE: collective, one per round on every rank
         return flag.item() > 0
 
     def _stepped(self, **kwargs: Any) -> Any:
         self._sync(1)
-        return self._real(**kwargs)
+        try:
+            return self._real(**kwargs)
+        except torch.OutOfMemoryError as e:  # not the engine's per-batch failure: the collectives broke off
+            raise self._decoder_oom(e, kwargs["input_ids"].numel()) from None
+
+    def _decoder_oom(self, exc: BaseException, tokens: int) -> DecoderOutOfMemory:
+        return DecoderOutOfMemory(
+            f"rank {self.rank} of {self.world_size} ran out of device memory inside the compiled decoder (a batch of "
+            f"{tokens} padded tokens), part-way through its expert gathers, which cannot be resumed in step with the "
+            f"other ranks; restart with a smaller --token-budget (now {self.engine.token_budget}) or "
+            f"--prefix-cache-tokens: {str(exc).splitlines()[0] if str(exc) else 'torch.OutOfMemoryError'}"
+        )
 
     def _drain(self) -> None:
         """Run padding batches until no rank has a batch left."""
         while self._sync(0):
-            self.engine.pad_forward(self._real)
+            try:
+                self.engine.pad_forward(self._real)
+            except torch.OutOfMemoryError as e:
+                raise self._decoder_oom(e, 4) from None
 
     def _run_step(self, message: tuple) -> list[tuple[int, Score]] | None:
         """One step of the plan ``message`` on this rank; its scores (index, score), or None for no scores."""
@@ -134,7 +158,7 @@ class LockstepScorer:
         try:
             local = self.engine.score([request for _, request in mine])
         except Exception as e:  # a collective failure propagates from _drain's next all-reduce
-            if _is_transport(e):
+            if _is_transport(e) or isinstance(e, DecoderOutOfMemory):
                 raise
             message_ = f"internal error on rank {self.rank}: {type(e).__name__}: {e}"
             local = [Score(request.id, request.output, error=message_) for _, request in mine]
@@ -152,7 +176,7 @@ class LockstepScorer:
         try:
             while True:
                 box: list[Any] = [None]
-                dist.broadcast_object_list(box, src=0)
+                dist.broadcast_object_list(box, src=0, group=self.control)
                 message = box[0]
                 if message[0] == "stop":
                     return
@@ -160,11 +184,13 @@ class LockstepScorer:
                     continue
                 scores = self._run_step(message)
                 if scores is not None:  # with this rank's counters, for rank 0's per-rank metrics
-                    dist.gather_object((scores, dataclasses.asdict(self.engine.stats)), None, dst=0)
+                    dist.gather_object((scores, dataclasses.asdict(self.engine.stats)), None, dst=0, group=self.control)
                 else:
-                    dist.barrier()
+                    dist.barrier(group=self.control)
                 self.steps += 1
         except Exception as e:
+            if isinstance(e, DecoderOutOfMemory):
+                _tell_rank_0(str(e))  # rank 0 is blocked in a collective: the rendezvous store carries the cause
             raise ServingFailed(f"rank {self.rank} of {self.world_size}: the lockstep broke: {e}") from e
 
     # -- rank 0 ------------------------------------------------------------------------------------------------
@@ -232,10 +258,10 @@ class LockstepScorer:
                 continue
             try:
                 if item == "noop":
-                    dist.broadcast_object_list([("noop",)], src=0)
+                    dist.broadcast_object_list([("noop",)], src=0, group=self.control)
                     continue
                 if item is None:
-                    dist.broadcast_object_list([("stop",)], src=0)
+                    dist.broadcast_object_list([("stop",)], src=0, group=self.control)
                     return
                 job, future = item
                 try:
@@ -247,19 +273,20 @@ class LockstepScorer:
                 self._fail(e)
 
     def _fail(self, exc: BaseException) -> None:
+        cause = _told_by_a_rank()
         self.failed = (
             f"AEP serving failed on rank 0 of {self.world_size}: a rank died, hung for longer than the process "
             f"group's timeout, or failed; no more requests can be scored (restart the ranks): "
-            f"{type(exc).__name__}: {exc}"
+            f"{type(exc).__name__}: {exc}" + (f" (the cause, from another rank: {cause})" if cause else "")
         )
         traceback.print_exc()
 
     def _step0(self, job: tuple) -> Any:
         """One step driven by rank 0: check and route, broadcast the plan, run the local share, gather."""
         if job[0] in ("warmup", "reset"):
-            dist.broadcast_object_list([job], src=0)
+            dist.broadcast_object_list([job], src=0, group=self.control)
             self._run_step(job)
-            dist.barrier()
+            dist.barrier(group=self.control)
             self.steps += 1
             return 0
         requests = job[1]
@@ -273,10 +300,10 @@ class LockstepScorer:
                 plan.append((i, request, self.router.assign(prepared.tokens, prepared.limit, len(prepared.reads)).rank))
         if plan:
             message = ("score", plan)
-            dist.broadcast_object_list([message], src=0)
+            dist.broadcast_object_list([message], src=0, group=self.control)
             local = self._run_step(message)
             gathered: list[Any] = [None] * self.world_size
-            dist.gather_object((local, None), gathered, dst=0)
+            dist.gather_object((local, None), gathered, dst=0, group=self.control)
             gathered[0] = (local, dataclasses.asdict(self.engine.stats))
             for rank, (part, stats) in enumerate(gathered):
                 for i, score in part:
@@ -292,3 +319,28 @@ def _is_transport(exc: BaseException) -> bool:
     from ..runtime.dist import CollectiveError, _is_collective_failure
 
     return isinstance(exc, CollectiveError) or _is_collective_failure(exc)
+
+
+#: the rendezvous store's key under which a failing rank leaves its cause for rank 0
+_FAILURE_KEY = "moe_compile/lockstep_failure"
+
+
+def _store() -> Any:
+    from torch.distributed import distributed_c10d  # NOTE: the default group's store (torch-private accessor)
+
+    return distributed_c10d._get_default_store()
+
+
+def _tell_rank_0(message: str) -> None:
+    """Leave ``message`` in the rendezvous store for rank 0's failure report (best effort)."""
+    with contextlib.suppress(Exception):  # the store may be gone with the group: the failure is raised anyway
+        _store().set(_FAILURE_KEY, message)
+
+
+def _told_by_a_rank() -> str | None:
+    """The cause another rank left in the store (:func:`_tell_rank_0`), or None."""
+    try:
+        store = _store()
+        return store.get(_FAILURE_KEY).decode() if store.check([_FAILURE_KEY]) else None
+    except Exception:  # noqa: BLE001
+        return None

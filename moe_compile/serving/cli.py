@@ -54,6 +54,20 @@ def at_least(kind: type, low: float, high: float | None = None):
     return parse
 
 
+def or_auto(parse):
+    """An argparse ``type``: ``"auto"``, else ``parse(text)`` (its error naming both)."""
+
+    def parse_or_auto(text: str):
+        if text == "auto":
+            return "auto"
+        try:
+            return parse(text)
+        except argparse.ArgumentTypeError as e:
+            raise argparse.ArgumentTypeError(f"{e} (or auto)") from None
+
+    return parse_or_auto
+
+
 def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
     """Add ``score`` and ``serve`` to the ``moe-compile`` parser's subcommands."""
     p = subparsers.add_parser("score", help="score a JSON-lines file of prefill requests")
@@ -118,10 +132,15 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                    help="weights and compute (default: auto on CUDA, the checkpoint's own dtype; float32 on the "
                    "CPU, where scores do not depend on batching; bfloat16/float16/auto are faster but "
                    "batch-dependent, see docs/serving.md)")  # fmt: skip
-    p.add_argument("--token-budget", type=at_least(int, 1), default=2048,
-                   help="padded tokens per forward pass (default 2048)")  # fmt: skip
-    p.add_argument("--prefix-cache-tokens", type=at_least(int, 0), default=65536,
-                   help="prefix cache capacity (0: off)")  # fmt: skip
+    p.add_argument("--token-budget", type=or_auto(at_least(int, 1)), default=2048,
+                   help="padded tokens per forward pass (default 2048); auto: sized from free CUDA memory after "
+                   "the model loads (the CPU keeps 2048)")  # fmt: skip
+    p.add_argument("--prefix-cache-tokens", type=or_auto(at_least(int, 0)), default=65536,
+                   help="prefix cache capacity (default 65536; 0: off); auto: the free CUDA memory left after the "
+                   "weights and a batch of --token-budget (the CPU keeps 65536)")  # fmt: skip
+    p.add_argument("--gpu-memory-utilization", type=at_least(float, 0.01, 1.0), default=0.9,
+                   help="fraction of each GPU's total memory a rank may fill, weights included, when a size is "
+                   "auto (vLLM's flag; default 0.9)")  # fmt: skip
     p.add_argument("--block-size", type=at_least(int, 1), default=16,
                    help="prefix cache block size in tokens (default 16)")  # fmt: skip
     p.add_argument("--no-compile", action="store_true", help="run the model eagerly (no moe_prefill compile)")
@@ -152,7 +171,10 @@ def _device(args: argparse.Namespace):
 
 
 def _engine(args: argparse.Namespace):
+    import dataclasses
+
     import torch
+    import torch.distributed as dist
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -194,16 +216,47 @@ def _engine(args: argparse.Namespace):
         options = {"parallel": "aep"}
         if device.type == "cpu":
             options["inductor"] = False
+    from .sizing import DEFAULT_PREFIX_CACHE_TOKENS, DEFAULT_TOKEN_BUDGET, resolve
+
+    auto_budget, auto_cache = args.token_budget == "auto", args.prefix_cache_tokens == "auto"
     with torch.no_grad():
-        return PrefillEngine(
+        engine = PrefillEngine(
             model,
             tokenizer=tokenizer,
-            token_budget=args.token_budget,
+            token_budget=DEFAULT_TOKEN_BUDGET if auto_budget else args.token_budget,
             compile=not args.no_compile,
             options=options,
-            prefix_cache_tokens=args.prefix_cache_tokens,
+            prefix_cache_tokens=DEFAULT_PREFIX_CACHE_TOKENS if auto_cache else args.prefix_cache_tokens,
             block_size=args.block_size,
         )
+    command = f"moe-compile {args.func.__name__.removeprefix('cmd_')}"
+    problem = None
+    try:  # auto: sized from the free device memory now that the weights are loaded (serving/sizing.py)
+        sizing = resolve(engine, args.token_budget, args.prefix_cache_tokens, args.gpu_memory_utilization)
+    except ValueError as e:
+        sizing, problem = None, str(e)
+    if (auto_budget or auto_cache) and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        from ..runtime.dist import control_group
+
+        mine = problem if sizing is None else (sizing.token_budget, sizing.prefix_cache_tokens)
+        every: list = [None] * dist.get_world_size()
+        dist.all_gather_object(every, mine, group=control_group())  # NOTE: every rank reports before any stops
+        failed = [(r, p) for r, p in enumerate(every) if isinstance(p, str)]
+        if failed:
+            raise SystemExit(f"{command}: rank {failed[0][0]} of {len(every)}: {failed[0][1]}")
+        budget, cache = min(t for t, _ in every), min(c for _, c in every)  # the smallest rank's, on every rank
+        if (budget, cache) != mine:
+            engine.resize(budget, cache)
+            sizing = dataclasses.replace(sizing, token_budget=budget, prefix_cache_tokens=cache,
+                                         how=sizing.how + "; the smallest rank's figures")  # fmt: skip
+            engine.sizing = sizing.to_json()
+    if problem is not None:
+        raise SystemExit(f"{command}: {problem}")
+    if sizing is not None:  # the router and the front end read the resolved figures from args
+        args.token_budget, args.prefix_cache_tokens = sizing.token_budget, sizing.prefix_cache_tokens
+        print(f"--token-budget {sizing.token_budget}, --prefix-cache-tokens {sizing.prefix_cache_tokens} "
+              f"({sizing.how})", file=sys.stderr)  # fmt: skip
+    return engine
 
 
 def _init_ranks(args: argparse.Namespace) -> tuple[int, int]:
@@ -240,7 +293,9 @@ def cmd_score(args: argparse.Namespace) -> int:
     done = output.done if output is not None else set()
     if world_size > 1:
         shared = [done, problem]
-        dist.broadcast_object_list(shared, src=0)  # NOTE: rank 0 read the output before anyone writes
+        from ..runtime.dist import control_group
+
+        dist.broadcast_object_list(shared, src=0, group=control_group())  # NOTE: rank 0 read the output first
         done, problem = shared
     if problem is not None:
         if world_size > 1:

@@ -8,6 +8,8 @@ scores only its own requests with its own engine (its own prefix cache), and one
 group it is plain routing bookkeeping around ``engine.score``.
 
 Bad requests (those the engine answers with an error) are not routed: rank 0 answers them.
+The scores travel over the control group (:func:`~moe_compile.runtime.dist.control_group`): gloo,
+also beside an NCCL default group, so that a lost rank is a bounded error.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from collections.abc import Sequence
 
 import torch.distributed as dist
 
+from ..runtime.dist import control_group
 from .engine import PrefillEngine
 from .requests import Request, Score
 from .routing import Router
@@ -24,8 +27,14 @@ from .routing import Router
 def score_routed(
     engine: PrefillEngine, requests: Sequence[Request], router: Router, group: dist.ProcessGroup | None = None
 ) -> list[Score]:
-    """Scores of ``requests`` in order, each computed on the rank the router chose (see the module docstring)."""
+    """Scores of ``requests`` in order, each computed on the rank the router chose (see the module docstring).
+
+    ``group``: where the scores are gathered (default: :func:`~moe_compile.runtime.dist.control_group`, gloo
+    beside an NCCL default group).
+    """
     distributed = dist.is_available() and dist.is_initialized()
+    if distributed and group is None:
+        group = control_group()
     rank = dist.get_rank(group) if distributed else 0
     world_size = dist.get_world_size(group) if distributed else 1
     if router.world_size != world_size:

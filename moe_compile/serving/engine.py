@@ -30,7 +30,9 @@ state-space layers) run without the prefix cache; ``engine.prefix_cache_off`` sa
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
 import time
 from collections.abc import Iterable
 from typing import Any
@@ -45,6 +47,8 @@ from .prefix_cache import BlockKV, PrefixCache, shared_prefixes
 from .readout import LogitHead
 from .requests import Request, Score
 from .routing import reuse_limit
+
+log = logging.getLogger(__name__)
 
 #: tokens in the prompt that checks the serving head against the model's own logits
 PROBE_TOKENS = 8
@@ -62,6 +66,7 @@ class EngineStats:
     padded_tokens: int = 0  # tokens run, padding included
     batches: int = 0
     padding_batches: int = 0  # decoder calls on padding only (lockstep AEP serving: a rank with nothing to run)
+    oom_batches: int = 0  # batches that ran out of device memory (their requests got the error)
     forward_s: float = 0.0  # wall time of the decoder calls
 
     @property
@@ -131,6 +136,8 @@ class PrefillEngine:
         self.cache = None if self.prefix_cache_off else PrefixCache(prefix_cache_tokens, block_size)
         self.stats = EngineStats()
         self._kv_template = self._check_head()  # per layer ([Hkv, 0, Dk], [Hkv, 0, Dv])
+        #: how ``auto`` sizes were chosen (:func:`moe_compile.serving.sizing.resolve`), or None
+        self.sizing: dict[str, Any] | None = None
 
     # -- public ------------------------------------------------------------------------------------------------
 
@@ -139,6 +146,17 @@ class PrefillEngine:
         if self.cache is not None:
             self.cache = PrefixCache(self.cache.capacity_blocks * self.cache.block_size, self.cache.block_size)
         self.stats = EngineStats()
+
+    def resize(self, token_budget: int, prefix_cache_tokens: int) -> None:
+        """Set the token budget and the prefix cache's capacity (emptied; 0: off) before serving."""
+        if token_budget < 1:
+            raise ValueError(f"token_budget must be >= 1, got {token_budget}")
+        self.token_budget = token_budget
+        if self.cache is not None:
+            block = self.cache.block_size
+            self.cache = PrefixCache(prefix_cache_tokens, block) if prefix_cache_tokens > 0 else None
+            if self.cache is None:
+                self.prefix_cache_off = "prefix_cache_tokens is 0"
 
     @torch.no_grad()
     def warmup(self) -> int:
@@ -280,10 +298,29 @@ class PrefillEngine:
             rows.append(Row(item.tokens, cached, kv))
         scores: list[Score | None] = [None] * len(items)
         for members in plan_batches(rows, self.token_budget):
-            batch_rows = [rows[i] for i in members]
-            for i, score in zip(members, self._forward(batch_rows, [items[i] for i in members]), strict=True):
+            batch_rows, batch_items = [rows[i] for i in members], [items[i] for i in members]
+            out = None
+            with contextlib.suppress(torch.OutOfMemoryError):  # torch.cuda's too: this batch fails, the rest run
+                out = self._forward(batch_rows, batch_items)
+            if out is None:  # out of memory; here its traceback, and with it the batch's tensors, are gone
+                out = self._out_of_memory(batch_rows, batch_items)
+            for i, score in zip(members, out, strict=True):
                 scores[i] = score
         return scores
+
+    def _out_of_memory(self, rows: list[Row], items: list[PreparedRequest]) -> list[Score | None]:
+        """The errors of a batch that ran out of device memory; the allocator's cached blocks are freed."""
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        self.stats.oom_batches += 1
+        padded = len(rows) * max(r.new for r in rows)
+        cached = sum(r.cached for r in rows)
+        message = (f"out of device memory running this request's batch ({len(rows)} prompts, {padded} padded tokens, "
+                   f"{cached} cached prefix tokens); the server goes on serving: retry, or lower --token-budget "
+                   f"(now {self.token_budget}) or --prefix-cache-tokens")  # fmt: skip
+        log.warning("a batch ran out of device memory: %s", message)
+        return [None if it.request is None else
+                Score(it.request.id, it.request.output, error=message, out_of_memory=True) for it in items]  # fmt: skip
 
     def _forward(self, rows: list[Row], items: list[PreparedRequest]) -> list[Score | None]:
         """One decoder call on a batch; store its new blocks, read its outputs."""

@@ -197,8 +197,19 @@ def create_app(
         finally:
             in_flight[0] -= 1
 
-    async def run(call: HTTPRequest, requests: list[Request]) -> list[Score]:
-        """The scores of ``requests``, scored in the queue's shared steps (429 past the concurrency limit)."""
+    async def run(call: HTTPRequest, requests: list[Request], per_item: bool = False) -> list[Score]:
+        """The scores of ``requests``, scored in the queue's shared steps (429 past the concurrency limit).
+
+        A request whose batch ran out of device memory fails the call with 503 and the batch's figures, unless
+        ``per_item`` (``POST /score``: it becomes that request's error record).
+        """
+        scores = await queued(call, requests)
+        oom = next((s for s in scores if s.out_of_memory), None)
+        if oom is not None and not per_item:
+            raise HTTPException(503, oom.error)
+        return scores
+
+    async def queued(call: HTTPRequest, requests: list[Request]) -> list[Score]:
         if failure() is not None:
             raise HTTPException(503, failure())
         if state.get("draining"):
@@ -253,7 +264,7 @@ def create_app(
         if len(objects) > max_requests:
             raise HTTPException(413, f"{len(objects)} requests in one call; at most {max_requests}")
         records, valid = check_call(objects)
-        scores = await run(call, [request for _, request in valid])
+        scores = await run(call, [request for _, request in valid], per_item=True)
         for (i, _), s in zip(valid, scores, strict=True):
             records[i] = s.to_json()
         return {"scores": records}
@@ -271,8 +282,10 @@ def create_app(
             return JSONResponse(body, status_code=503 if state["status"] == "failed" else 200)
         stats = dataclasses.asdict(engine.stats)
         memory = memory_accounting(engine)  # per rank, tensor bytes (serving/memory.py)
+        capacity = engine.cache.capacity_blocks * engine.cache.block_size if engine.cache is not None else 0
         return {"status": "ok", "model": model, "version": __version__, "hit_rate": engine.stats.hit_rate, **stats,
-                "memory": memory}  # fmt: skip
+                "memory": memory, "token_budget": engine.token_budget, "prefix_cache_tokens": capacity,
+                "sizing": engine.sizing}  # fmt: skip
 
     @app.get("/ready")
     def ready():  # readiness: 200 only when a call would be scored now

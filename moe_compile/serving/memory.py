@@ -53,9 +53,7 @@ def memory_accounting(engine: Any, prefetch_depth: int | None = None) -> dict[st
     ring = (depth + 1) * max(blocks.values(), default=0)
     cache = 0
     if engine.cache is not None and engine._kv_template is not None:
-        per_token = sum(k.shape[0] * k.shape[2] * k.element_size() + v.shape[0] * v.shape[2] * v.element_size()
-                        for k, v in engine._kv_template)  # fmt: skip
-        cache = engine.cache.capacity_blocks * engine.cache.block_size * per_token
+        cache = engine.cache.capacity_blocks * engine.cache.block_size * kv_bytes_per_token(engine)
     return {
         "dense_bytes": dense,
         "expert_bytes": expert,
@@ -64,6 +62,13 @@ def memory_accounting(engine: Any, prefetch_depth: int | None = None) -> dict[st
         "total_bytes": dense + expert + ring + cache,
         "prefetch_depth": depth if blocks else 0,
     }
+
+
+def kv_bytes_per_token(engine: Any) -> int:
+    """Bytes of keys and values one token takes in the prefix cache, every layer (0 without a cache template)."""
+    template = engine._kv_template or ()
+    return sum(k.shape[0] * k.shape[2] * k.element_size() + v.shape[0] * v.shape[2] * v.element_size()
+               for k, v in template)  # fmt: skip
 
 
 def _compiled_depth() -> int:

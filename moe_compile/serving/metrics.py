@@ -17,6 +17,7 @@ metric                                      type       meaning
 ``moe_compile:prefix_cache_hits_total``     counter    of which found, per ``rank``
 ``moe_compile:request_success_total``       counter    engine requests scored, per ``rank``
 ``moe_compile:request_errors_total``        counter    engine requests answered with an error, per ``rank``
+``moe_compile:batches_out_of_memory_total`` counter    batches that ran out of device memory, per ``rank``
 ==========================================  =========  ==================================================
 
 The engine counters are read from :class:`~moe_compile.serving.engine.EngineStats` at scrape
@@ -86,6 +87,7 @@ class _EngineCollector:
             ("prefix_cache_hits", "prompt tokens found in the prefix cache", "cached_tokens"),
             ("request_success", "engine requests scored", None),
             ("request_errors", "engine requests answered with an error", "errors"),
+            ("batches_out_of_memory", "batches that ran out of device memory (their requests failed)", "oom_batches"),
         ]
         for name, doc, key in series:
             family = CounterMetricFamily(PREFIX + name, doc, labels=["rank"])

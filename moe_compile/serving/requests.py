@@ -116,6 +116,7 @@ class Score:
     cached_tokens: int = 0  # prompt tokens whose keys/values came from the prefix cache
     rank: int = 0  # the data-parallel rank that scored it
     error: str | None = None
+    out_of_memory: bool = False  # the error is its batch running out of device memory (HTTP: 503; engine.py)
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict: the value as nested lists under :data:`JSON_KEYS` ``[output]``, or the error."""
