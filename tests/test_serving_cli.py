@@ -426,3 +426,30 @@ def test_health_reports_a_failed_warmup(checkpoint, monkeypatch):
         status, body = http(f"{url}/score", {"requests": [{"id": 1, "tokens": [5, 6]}]})
         assert status == 503 and "warm-up failed" in body["detail"]
         assert http(f"{url}/ready") == (503, {"status": "failed"})
+
+
+def test_inductor_flag_maps_to_the_backend_option(checkpoint, tmp_path, capsys, monkeypatch):
+    from moe_compile.serving import engine as engine_module
+
+    model_dir, _ = checkpoint
+    requests, output = tmp_path / "requests.jsonl", tmp_path / "scores.jsonl"
+    write_requests(requests)
+    refused(["serve", "--model", str(model_dir), "--inductor", "yes"], capsys,
+            "argument --inductor: invalid choice: 'yes' (choose from ", "auto", "on", "off")  # fmt: skip
+    refused(score_argv(model_dir, requests, output, "--inductor", "on"), capsys,
+            "argument --inductor on: nothing is compiled with --no-compile; drop one")  # fmt: skip
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def engine(model, **kwargs):
+        seen.append(kwargs["options"])
+        raise Stop
+
+    monkeypatch.setattr(engine_module, "PrefillEngine", engine)
+    argv = ["score", "--model", str(model_dir), "--input", str(requests), "--output", str(output), "--quiet"]
+    for flag, value in (("auto", "auto"), ("on", True), ("off", False)):
+        with pytest.raises(Stop):
+            run_cli([*argv, "--inductor", flag])
+        assert seen[-1] == {"inductor": value}
