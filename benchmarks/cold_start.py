@@ -13,7 +13,13 @@ a restart costs. Configurations:
   serve the second launch: the moe_prefill passes have a stable identity, moe_compile/inductor_cache.py);
 - ``2 AEP ranks``: ``torchrun --nproc-per-node 2 -m moe_compile.cli serve --parallel aep`` (gloo;
   ``parallel`` graphs are never cached, see docs/benchmarks.md "Cold start");
-- ``2 AEP ranks, inductor`` (``--aep-inductor``): the same with ``--inductor on``.
+- ``2 AEP ranks, inductor`` (``aep-inductor``): the same with ``--inductor on``.
+
+``--trace-once`` also measures, in this process, what one compile of the engine's decoder costs with
+and without Dynamo's ``specialize_float`` (the engine's default since this benchmark; without it
+AOTAutograd restarts each frame's analysis to make the model's float attributes constants, so each
+graph is traced twice): a fresh engine on the tiny model, one batch of three prompts, compiled from
+scratch (``torch._dynamo.reset()``), alternating the two ``--repeat`` times; minimum of each.
 
 Printed per launch: launch-to-ready seconds, the warm-up's own seconds and its compile counts (the
 server's "warm-up done" line: graphs compiled, cache hits, misses and bypasses), the load average
@@ -21,6 +27,7 @@ at launch; per configuration the ratio second / first. Every process gets ``OMP_
 
     python benchmarks/cold_start.py                      # the three configurations (10-20 min on 2 loaded cores)
     python benchmarks/cold_start.py --configs 1rank-inductor --json out.json
+    python benchmarks/cold_start.py --configs --trace-once         # only the in-process compile comparison
 """
 
 from __future__ import annotations
@@ -115,14 +122,54 @@ def stop(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
+def trace_once(repeat: int) -> dict:
+    """Seconds of one decoder compile (first call) with and without ``specialize_float``, alternated."""
+    import torch
+    from torch._dynamo.utils import counters
+
+    from moe_compile.loading import load_model
+    from moe_compile.serving import PrefillEngine, Request
+
+    torch.set_num_threads(1)
+    model = load_model(str(MODEL), device=torch.device("cpu"), dtype=None)
+    requests = [Request(id=i, tokens=tuple(range(3, 23 + 5 * i)), labels=(5, 6)) for i in range(3)]
+    times: dict[str, list[float]] = {"traced twice (before)": [], "traced once (specialize_float)": []}
+    traces: dict[str, int] = {}
+    for _ in range(repeat):
+        for name in times:
+            torch._dynamo.reset()
+            counters.clear()
+            with torch.no_grad():
+                engine = PrefillEngine(model, prefix_cache_tokens=0)
+            if name.startswith("traced twice"):
+                engine._decoder = engine._decoder.compiled  # the compiled decoder without the patch
+            start = time.perf_counter()
+            engine.score(requests)
+            times[name].append(time.perf_counter() - start)
+            traces[name] = counters["aot_autograd"]["total"]
+            print(f"  {name:<32} {times[name][-1]:6.1f} s  (AOTAutograd traces: {traces[name]}; load "
+                  f"{[round(x, 2) for x in os.getloadavg()]})", flush=True)  # fmt: skip
+    return {name: {"min_s": min(t), "aot_traces": traces[name]} for name, t in times.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--configs", nargs="+", choices=tuple(CONFIGS), default=["1rank", "1rank-inductor", "aep"])
+    parser.add_argument("--configs", nargs="*", choices=tuple(CONFIGS), default=["1rank", "1rank-inductor", "aep"])
     parser.add_argument("--timeout", type=float, default=1800, help="seconds a launch may take to get ready")
     parser.add_argument("--json", default=None, help="also write the results here")
     parser.add_argument("--keep", action="store_true", help="keep the cache directories and logs (printed)")
+    parser.add_argument(
+        "--trace-once",
+        action="store_true",
+        help="also time one decoder compile with and without specialize_float (in this process)",
+    )
+    parser.add_argument("--repeat", type=int, default=2, help="--trace-once: compiles of each kind (default 2)")
     args = parser.parse_args()
 
+    once = None
+    if args.trace_once:
+        print("one compile of the engine's decoder (tiny model, a batch of 3 prompts):", flush=True)
+        once = trace_once(args.repeat)
     results = []
     with tempfile.TemporaryDirectory(prefix="cold_start_") as tmp:
         work = Path(tempfile.mkdtemp(prefix="cold_start_")) if args.keep else Path(tmp)
@@ -151,8 +198,12 @@ def main() -> None:
     for row in results:
         print(f"{row['config']:<24} {row['first']['ready_s']:>11.1f} s {row['second']['ready_s']:>12.1f} s "
               f"{row['ratio']:>13.2f}")  # fmt: skip
+    if once is not None:
+        before, after = once.values()
+        print(f"\none decoder compile: {before['min_s']:.1f} s traced twice, {after['min_s']:.1f} s traced once "
+              f"(specialize_float): {after['min_s'] / before['min_s']:.2f}x")  # fmt: skip
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
+        Path(args.json).write_text(json.dumps({"launches": results, "trace_once": once}, indent=2))
 
 
 if __name__ == "__main__":
