@@ -448,3 +448,30 @@ def test_auto_sizes_are_reported_by_score_and_health(checkpoint, tmp_path, capsy
     assert status == 200 and health["sizing"] == sizing.to_json()
     assert (health["token_budget"], health["prefix_cache_tokens"]) == (sizing.token_budget, sizing.prefix_cache_tokens)
     assert health["memory"]["prefix_cache_bytes"] > 0 and "64 MiB free of 100 MiB" in health["sizing"]["how"]
+
+
+def test_inductor_flag_maps_to_the_backend_option(checkpoint, tmp_path, capsys, monkeypatch):
+    from moe_compile.serving import engine as engine_module
+
+    model_dir, _ = checkpoint
+    requests, output = tmp_path / "requests.jsonl", tmp_path / "scores.jsonl"
+    write_requests(requests)
+    refused(["serve", "--model", str(model_dir), "--inductor", "yes"], capsys,
+            "argument --inductor: invalid choice: 'yes' (choose from ", "auto", "on", "off")  # fmt: skip
+    refused(score_argv(model_dir, requests, output, "--inductor", "on"), capsys,
+            "argument --inductor on: nothing is compiled with --no-compile; drop one")  # fmt: skip
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def engine(model, **kwargs):
+        seen.append(kwargs["options"])
+        raise Stop
+
+    monkeypatch.setattr(engine_module, "PrefillEngine", engine)
+    argv = ["score", "--model", str(model_dir), "--input", str(requests), "--output", str(output), "--quiet"]
+    for flag, value in (("auto", "auto"), ("on", True), ("off", False)):
+        with pytest.raises(Stop):
+            run_cli([*argv, "--inductor", flag])
+        assert seen[-1] == {"inductor": value}

@@ -205,3 +205,18 @@ def test_after_warmup_serving_compiles_nothing(model, prefix_cache_tokens):
     with torch.compiler.set_stance("fail_on_recompile"):  # any compile from here on raises
         for requests in calls:
             assert max_error(model, requests, engine.score(requests)) < TOL
+
+
+def test_each_batch_graph_is_traced_once(model):
+    """Under dynamic=True Dynamo would trace the model's floats (RMSNorm's eps, attention's scaling) as symbols,
+    and AOTAutograd would then restart the frame's analysis to make them constants: every graph traced twice."""
+    import torch
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    engine = PrefillEngine(model, token_budget=96, prefix_cache_tokens=0)
+    requests = [Request(id=i, tokens=tuple(range(3, 9 + 2 * i)), labels=(5, 6)) for i in range(3)]
+    assert max_error(model, requests, engine.score(requests)) < TOL
+    assert counters["stats"]["unique_graphs"] == 1
+    assert counters["aot_autograd"]["total"] == counters["aot_autograd"]["ok"] == 1, dict(counters["aot_autograd"])

@@ -33,6 +33,9 @@ from pathlib import Path
 CHUNK = 256
 
 
+#: --inductor choices -> the backend's ``inductor`` option
+INDUCTOR = {"auto": "auto", "on": True, "off": False}
+
 #: --dtype choices; the default, float32, gives scores that do not depend on batching (docs/serving.md)
 DTYPES = ("float32", "bfloat16", "float16", "auto")
 
@@ -144,6 +147,10 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--block-size", type=at_least(int, 1), default=16,
                    help="prefix cache block size in tokens (default 16)")  # fmt: skip
     p.add_argument("--no-compile", action="store_true", help="run the model eagerly (no moe_prefill compile)")
+    p.add_argument("--inductor", choices=tuple(INDUCTOR), default="auto",
+                   help="run the compiled graphs through Inductor: auto (default: on CUDA only), on, off; with "
+                   "Inductor its caches (TORCHINDUCTOR_CACHE_DIR) make a second launch faster, see "
+                   "docs/serving.md")  # fmt: skip
     p.add_argument("--parallel", choices=("none", "aep"), default="none",
                    help="none (default): every torchrun rank is a full replica; aep: every rank holds 1/W of the "
                    "experts and gathers them ahead of use, all ranks step in lockstep behind rank 0 "
@@ -186,6 +193,8 @@ def _engine(args: argparse.Namespace):
     parallel = "aep" if getattr(args, "parallel", "none") == "aep" else None
     if parallel and args.no_compile:
         args.parser.error("argument --parallel aep: the experts are sharded by the compile; drop --no-compile")
+    if args.no_compile and args.inductor != "auto":
+        args.parser.error(f"argument --inductor {args.inductor}: nothing is compiled with --no-compile; drop one")
     restore = not sys.stderr.isatty() and hf_logging.is_progress_bar_enabled()
     if restore:
         hf_logging.disable_progress_bar()  # a log file gets no "Loading weights" bar
@@ -211,11 +220,9 @@ def _engine(args: argparse.Namespace):
             hf_logging.enable_progress_bar()
     has_tokenizer = any((path / name).exists() for name in ("tokenizer.json", "tokenizer_config.json"))
     tokenizer = AutoTokenizer.from_pretrained(str(path)) if has_tokenizer else None
-    options = None
+    options = {"inductor": INDUCTOR[args.inductor]}  # auto: Inductor on CUDA, the graphs run eagerly on the CPU
     if parallel:
-        options = {"parallel": "aep"}
-        if device.type == "cpu":
-            options["inductor"] = False
+        options["parallel"] = "aep"
     from .sizing import DEFAULT_PREFIX_CACHE_TOKENS, DEFAULT_TOKEN_BUDGET, resolve
 
     auto_budget, auto_cache = args.token_budget == "auto", args.prefix_cache_tokens == "auto"
