@@ -109,6 +109,7 @@ def test_bf16_matches_eager(name):
     _compare(model, input_ids, tol=2e-2)
 
 
+@pytest.mark.slow  # a compile per router kind (over 10 s)
 def test_router_kinds_are_described():
     expected = {
         "mixtral": "softmax -> top-k -> renormalise",
@@ -163,6 +164,7 @@ def test_debug_mode_writes_graphs_and_summary(tmp_path):
     assert "| 1 | canonicalize_moe | yes |" in summary and "model.layers.1.mlp" in summary
 
 
+@pytest.mark.slow  # a fresh interpreter imports torch and compiles (over 10 s)
 def test_backend_entry_point_without_import():
     code = (
         "import torch\n"

@@ -113,6 +113,7 @@ def test_bad_options_name_the_problem(options, message):
 # --- the shipped model, trained predictor ----------------------------------------------------------
 
 
+@pytest.mark.slow  # trains a predictor, then compiles (over 10 s)
 def test_trained_predictor_drives_prefetch_exactly(tiny, trained_file, heldout, harness):
     report = _compile_and_compare(tiny, heldout, {"offload": "cpu", "predictor": str(trained_file)}, harness)
     (gm,) = harness.final_graphs()

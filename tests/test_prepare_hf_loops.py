@@ -25,6 +25,8 @@ from moe_compile.prepare.probe import is_interface_experts
 from moe_compile.testing import coverage
 from moe_compile.verify import tolerance
 
+pytestmark = pytest.mark.slow  # a family sweep of prepare's loop forms, fp32 and bf16 (seconds each)
+
 
 def _needs_family(family: str) -> None:
     """Skip, naming the reason, on a transformers that has no such family (the lowest-versions lane)."""

@@ -90,6 +90,7 @@ def test_cases_cover_every_selectable_config(dtype_name):
         assert ("reduce", "-", cc) in layouts
 
 
+@pytest.mark.slow  # real ptxas compiles (over 10 s)
 def test_real_compiles_are_flagged(tmp_path):
     """Deliberately bad configs, compiled for real: a spilling tile and one over Hopper's shared memory."""
     spilling = Case("down", KernelConfig(128, 256, 32, 8, 4, 2), "fp32", "standard", 80)  # 256 fp32 acc/thread
