@@ -155,13 +155,7 @@ def _load(path, device, dtype, world_size, rank, parallel, hot_experts, routing_
     hot = _hot_sets(model, experts, hot_experts, routing_stats) if hot_experts else {}
     if world_size > 1:
         for name, E in experts.items():
-            R = len(hot.get(name, ()))
-            if (E - R) % world_size:
-                what = f"E={E} experts" if not R else f"E - R = {E - R} experts not resident (hot_experts={R})"
-                raise ValueError(
-                    f"{name}: {what} do not divide evenly over {world_size} ranks; use a world size that divides "
-                    f"{E - R}" + (" or another hot_experts" if R else "")
-                )
+            check_divides(name, E, len(hot.get(name, ())), world_size)
     found = sources(model, checkpoint)
     info = LoadInfo(str(dev), str(compute).removeprefix("torch."), world_size, rank, 0, 0, 0, len(experts))
     for name, param in list(model.named_parameters()):
@@ -200,6 +194,16 @@ def _load(path, device, dtype, world_size, rank, parallel, hot_experts, routing_
         )
     model.moe_compile_load = info
     return model
+
+
+def check_divides(name: str, E: int, R: int, world_size: int) -> None:
+    """ValueError unless the ``E - R`` experts of ``name`` that are not resident divide over ``world_size`` ranks."""
+    if (E - R) % world_size:
+        what = f"E={E} experts" if not R else f"E - R = {E - R} experts not resident (hot_experts={R})"
+        raise ValueError(
+            f"{name}: {what} do not divide evenly over {world_size} ranks; use a world size that divides "
+            f"{E - R}" + (" or another hot_experts" if R else "")
+        )
 
 
 def _read_checked(checkpoint: Checkpoint, source: Source, like: torch.Tensor) -> torch.Tensor:

@@ -42,7 +42,7 @@ import torch
 import torch.nn as nn
 
 from ..loading.checkpoint import Checkpoint, CheckpointError, is_fp8_checkpoint, quantization_config
-from ..loading.model import LoadInfo, on_every_rank, placed
+from ..loading.model import LoadInfo, check_divides, on_every_rank, placed
 from ..runtime import dist as rdist
 from ..runtime import shards
 from .fp8 import FP8_DTYPE, SUPPORTED_BLOCKS, check_weight_scales, scales_to_float32
@@ -253,10 +253,7 @@ def _load(path: Path, dtype: torch.dtype, parallel: str | None, W: int, r: int, 
     for name, module in model.named_modules():
         if isinstance(module, FP8Experts):
             E = module.num_experts
-            if E % W:
-                raise ValueError(
-                    f"{name}: E={E} experts do not divide evenly over {W} ranks; use a world size that divides {E}"
-                )
+            check_divides(name, E, 0, W)
             start, stop = shards.expert_range(E, W, r)
             for role, value in _read_experts(checkpoint, name, module, block, start, stop).items():
                 value = placed(value, value.dtype, dev)

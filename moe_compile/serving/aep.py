@@ -218,7 +218,7 @@ class LockstepScorer:
             policy=old.policy,
             slack=old.slack,
             block_size=cache.block_size,
-            cache_tokens=cache.capacity_blocks * cache.block_size,
+            cache_tokens=cache.capacity_tokens,
         )
 
     def score(self, requests: Sequence[Request]) -> list[Score]:

@@ -29,6 +29,8 @@ import sys
 import time
 from pathlib import Path
 
+from .sizing import DEFAULT_PREFIX_CACHE_TOKENS, DEFAULT_TOKEN_BUDGET, GPU_MEMORY_UTILIZATION
+
 #: requests per chunk: scored, then written, before the next chunk is read
 CHUNK = 256
 
@@ -135,13 +137,13 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                    help="weights and compute (default: auto on CUDA, the checkpoint's own dtype; float32 on the "
                    "CPU, where scores do not depend on batching; bfloat16/float16/auto are faster but "
                    "batch-dependent, see docs/serving.md)")  # fmt: skip
-    p.add_argument("--token-budget", type=or_auto(at_least(int, 1)), default=2048,
+    p.add_argument("--token-budget", type=or_auto(at_least(int, 1)), default=DEFAULT_TOKEN_BUDGET,
                    help="padded tokens per forward pass (default 2048); auto: sized from free CUDA memory after "
                    "the model loads (the CPU keeps 2048)")  # fmt: skip
-    p.add_argument("--prefix-cache-tokens", type=or_auto(at_least(int, 0)), default=65536,
+    p.add_argument("--prefix-cache-tokens", type=or_auto(at_least(int, 0)), default=DEFAULT_PREFIX_CACHE_TOKENS,
                    help="prefix cache capacity (default 65536; 0: off); auto: the free CUDA memory left after the "
                    "weights and a batch of --token-budget (the CPU keeps 65536)")  # fmt: skip
-    p.add_argument("--gpu-memory-utilization", type=at_least(float, 0.01, 1.0), default=0.9,
+    p.add_argument("--gpu-memory-utilization", type=at_least(float, 0.01, 1.0), default=GPU_MEMORY_UTILIZATION,
                    help="fraction of each GPU's total memory a rank may fill, weights included, when a size is "
                    "auto (vLLM's flag; default 0.9)")  # fmt: skip
     p.add_argument("--block-size", type=at_least(int, 1), default=16,
@@ -223,7 +225,7 @@ def _engine(args: argparse.Namespace):
     options = {"inductor": INDUCTOR[args.inductor]}  # auto: Inductor on CUDA, the graphs run eagerly on the CPU
     if parallel:
         options["parallel"] = "aep"
-    from .sizing import DEFAULT_PREFIX_CACHE_TOKENS, DEFAULT_TOKEN_BUDGET, resolve
+    from .sizing import resolve
 
     auto_budget, auto_cache = args.token_budget == "auto", args.prefix_cache_tokens == "auto"
     with torch.no_grad():

@@ -54,9 +54,8 @@ def score_routed(
     if world_size == 1:
         return local
     gathered: list[list[tuple[int, Score]] | None] = [None] * world_size
-    dist.all_gather_object(
-        gathered, list(zip(mine, local, strict=True)), group=group
-    )  # NOTE: collective, blocks every rank
+    pairs = list(zip(mine, local, strict=True))
+    dist.all_gather_object(gathered, pairs, group=group)  # NOTE: collective, blocks every rank
     scores: list[Score | None] = [None] * len(requests)
     for part in gathered:
         for i, score in part:

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import logging
 import time
 from collections.abc import Iterable
@@ -164,7 +165,7 @@ class PrefillEngine:
     def reset(self) -> None:
         """Empty the prefix cache and zero the counters (the compiled decoder is kept)."""
         if self.cache is not None:
-            self.cache = PrefixCache(self.cache.capacity_blocks * self.cache.block_size, self.cache.block_size)
+            self.cache = PrefixCache(self.cache.capacity_tokens, self.cache.block_size)
         self.stats = EngineStats()
 
     def resize(self, token_budget: int, prefix_cache_tokens: int) -> None:
@@ -399,7 +400,7 @@ class PrefillEngine:
         if mask.any():
             lse[mask] = self.head.log_normaliser(read[mask.to(read.device)]).cpu()
         scores: list[Score | None] = []
-        for item, row, lo, hi in zip(items, rows, offsets, offsets[1:], strict=False):
+        for item, row, (lo, hi) in zip(items, rows, itertools.pairwise(offsets), strict=True):
             if item.request is None:
                 scores.append(None)
                 continue

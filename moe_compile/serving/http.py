@@ -284,7 +284,7 @@ def create_app(
             return JSONResponse(body, status_code=503 if state["status"] == "failed" else 200)
         stats = dataclasses.asdict(engine.stats)
         memory = memory_accounting(engine)  # per rank, tensor bytes (serving/memory.py)
-        capacity = engine.cache.capacity_blocks * engine.cache.block_size if engine.cache is not None else 0
+        capacity = engine.cache.capacity_tokens if engine.cache is not None else 0
         return {"status": "ok", "model": model, "version": __version__, "hit_rate": engine.stats.hit_rate, **stats,
                 "memory": memory, "token_budget": engine.token_budget, "prefix_cache_tokens": capacity,
                 "sizing": engine.sizing}  # fmt: skip

@@ -53,7 +53,7 @@ def memory_accounting(engine: Any, prefetch_depth: int | None = None) -> dict[st
     ring = (depth + 1) * max(blocks.values(), default=0)
     cache = 0
     if engine.cache is not None and engine._kv_template is not None:
-        cache = engine.cache.capacity_blocks * engine.cache.block_size * kv_bytes_per_token(engine)
+        cache = engine.cache.capacity_tokens * kv_bytes_per_token(engine)
     return {
         "dense_bytes": dense,
         "expert_bytes": expert,

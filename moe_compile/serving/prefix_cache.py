@@ -66,6 +66,11 @@ class BlockStore:
         self._blocks: collections.OrderedDict[int, _Block] = collections.OrderedDict()  # LRU first
         self.evicted_blocks = 0
 
+    @property
+    def capacity_tokens(self) -> int:
+        """The capacity in tokens: whole blocks of ``block_size``."""
+        return self.capacity_blocks * self.block_size
+
     def __len__(self) -> int:
         """Number of cached blocks."""
         return len(self._blocks)
