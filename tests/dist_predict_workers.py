@@ -33,7 +33,9 @@ class OpCounts(GraphFacts):
         return [collections.Counter(op_name(n) for n in gm.graph.nodes) for gm in self.final_graphs()]
 
 
-def predicted_gather_worker(rank: int, world_size: int, families: tuple[str, ...], tmpdir: str) -> dict:
+def predicted_gather_worker(
+    rank: int, world_size: int, families: tuple[str, ...], tmpdir: str, kinds: tuple[str, ...] = KINDS
+) -> dict:
     from predictor_helpers import constant_predictors, nan_filling, routed_experts
 
     import moe_compile
@@ -62,7 +64,7 @@ def predicted_gather_worker(rank: int, world_size: int, families: tuple[str, ...
             # experts nobody routes to; when fewer than K are left, filled with ones this rank does not route to
             "wrong": {l: (rest + sorted(set(range(E)) - routed[rank][l]))[:K] for l, rest in nobody.items()},
         }
-        for kind in KINDS:
+        for kind in kinds:
             torch._dynamo.reset()
             counts.clear()
             options = {"parallel": "aep", "inductor": False}
