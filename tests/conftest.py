@@ -47,10 +47,22 @@ def one_rank():
     dist.destroy_process_group()
 
 
+#: modules whose tests pytest-xdist may spread over its workers one by one: no module-scoped fixture, many slow
+#: tests (one per family) that fill the workers' last minutes evenly
+SPREAD = {"test_coverage.py"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook, which reads the xdist_group marks into the ids
 def pytest_collection_modifyitems(config, items):
-    """Tests marked ``ranks`` start a group of processes that each want a core: under pytest-xdist
-    (``--dist loadgroup``) they all run on one worker, one group at a time, while the other workers run the
-    single-process tests."""
+    """The units pytest-xdist (``--dist loadgroup``) hands to a worker whole.
+
+    Tests marked ``ranks`` start a group of processes that each want a core: they all run on one worker, one
+    group at a time, while the other worker runs the single-process tests. The tests of any other module run
+    on one worker too, so that its module-scoped fixtures (compiled engines, a trained predictor, the GPU
+    suite's smoke run) are made once, except the modules in :data:`SPREAD`.
+    """
     for item in items:
         if item.get_closest_marker("ranks") is not None:
             item.add_marker(pytest.mark.xdist_group("ranks"))
+        elif item.path.name not in SPREAD:
+            item.add_marker(pytest.mark.xdist_group(str(item.path.relative_to(config.rootpath))))

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import transformers
+from test_zoo_parity import ON_COVERAGE, assert_detected_and_exact
 
 from moe_compile.testing import coverage
 from moe_compile.testing.coverage import KNOWN_GAPS, Gap, Row, check_rows
@@ -87,9 +88,14 @@ def _stale(what: str) -> str:
 def test_family_is_exact_or_a_known_gap(family, one_torch_thread):
     if coverage.family_entry(family) is None and not _docs_current():
         pytest.skip(f"{family} is not a MoE family of the installed transformers (docs/coverage.md: {DOCS_VERSION})")
-    row = coverage.check_one(family)
+    kept = {}
+    row = coverage.check_one(family, kept)
     problems = check_rows([row])
     assert not problems, "\n".join(problems)
+    zoo_name = next((name for name, row_family in ON_COVERAGE.items() if row_family == family), None)
+    if zoo_name is not None:  # the zoo's model: test_zoo_parity's checks, on this compile
+        assert row.prepared == "", row  # prepare left it as built: the compile is of the zoo's model itself
+        assert_detected_and_exact(zoo_name, kept["model"], kept["errors"], kept["report"])
     if _docs_current():
         got = dict(zip(coverage.HEADER, row.cells(), strict=True))
         for cell in STABLE_CELLS:

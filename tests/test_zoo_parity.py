@@ -1,6 +1,13 @@
-"""Every zoo family: one block per MoE layer, and compiled logits equal eager's."""
+"""Every zoo family: one block per MoE layer, and compiled logits equal eager's.
+
+Each zoo family with the experts interface is also a row of the coverage table, whose sweep builds
+the zoo's model for it: its checks (:func:`assert_detected_and_exact`) run in
+``test_coverage.py::test_family_is_exact_or_a_known_gap`` on the compile that test makes anyway (one
+compile per family, not two). Here: the edge cases of top-k.
+"""
 
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +21,18 @@ pytestmark = (
 )  # a compile per zoo family (a family sweep, like the coverage tests): the quick lane keeps test_backend's
 
 INTERFACE = [n for n in zoo.names() if zoo.get(n).interface]
+
+
+def coverage_rows() -> dict[str, str]:
+    """Zoo family -> the coverage row (model type) whose per-family test builds the zoo's model for it."""
+    from moe_compile.testing.coverage import documented_rows
+    from moe_compile.testing.coverage.configs import _zoo_entry
+
+    _, documented = documented_rows(str(Path(__file__).resolve().parents[1] / "docs" / "coverage.md"))
+    return {entry.name: family for family in documented if (entry := _zoo_entry(family)) and entry.interface}
+
+
+ON_COVERAGE = coverage_rows()
 
 
 def _layer_of(path: str) -> int:
@@ -40,10 +59,9 @@ def _compiled_at_two_lengths(model, options=None):
     return errors, reports[0]
 
 
-@pytest.mark.parametrize("name", INTERFACE)
-def test_family_detected_and_exact(name):
-    model = zoo.build(name)
-    errors, report = _compiled_at_two_lengths(model)
+def assert_detected_and_exact(name, model, errors, report):
+    """One block per MoE layer of zoo family ``name`` (its top-k, shared experts, verified on probes), and
+    compiled logits within 1e-5 of eager's at each length."""
     expected_layers = zoo.moe_layer_indices(name, model.config)
     assert report.skipped == [], report
     assert sorted(_layer_of(b.path) for b in report.blocks) == sorted(expected_layers), report
@@ -53,6 +71,15 @@ def test_family_detected_and_exact(name):
         assert block.shared_experts == entry.shared_experts, report
         assert block.verified.startswith("probe rel err"), block
     assert max(errors) < 1e-5, errors
+
+
+def test_every_zoo_family_is_checked_on_its_coverage_row():
+    """Each zoo family's checks run in the coverage test of its row; a family without a row would be unchecked."""
+    missing = [name for name in INTERFACE if name not in ON_COVERAGE]
+    assert not missing, (
+        f"zoo families with no coverage row to check them: {missing}; give them one, or check them here with "
+        "_compiled_at_two_lengths and assert_detected_and_exact"
+    )
 
 
 #: (family, config overrides, experts implementation): top-1 routing with and without renormalisation,

@@ -161,12 +161,14 @@ def _output(out: Any):
     raise TypeError(f"no tensor output in {type(out).__name__}")
 
 
-def check_family(model_type: str) -> Row:
+def check_family(model_type: str, keep: dict[str, Any] | None = None) -> Row:
     """Build, prepare, explain, compile and compare one family; never raises (a failure is a not-built row).
 
     The model is run the way the README tells a user to: ``moe_compile.prepare(model)`` (which
     rewrites the expert loops it can prove equal, in place) and then ``torch.compile``. The
     reference is the eager model *as built*, before ``prepare``: the row checks both steps.
+    ``keep``, a dict, receives the ``model``, the first compile's ``report`` and the ``errors`` per
+    length, for callers that check more than the row (the per-family tests).
     """
     import torch
 
@@ -196,7 +198,7 @@ def check_family(model_type: str) -> Row:
         row.seconds = time.perf_counter() - start
         return row
     try:
-        from ...backend import collect_reports
+        from ...backend import collect_reports, register_root
         from ...prepare import prepare, prepare_report
 
         with _quiet():
@@ -207,6 +209,7 @@ def check_family(model_type: str) -> Row:
         refused = [f"prepare left {name} alone: {what.removeprefix('left alone: ')}"
                    for name, what in done if what.startswith("left alone")]  # fmt: skip
         torch._dynamo.reset()
+        register_root(model)  # block paths read as the model's module paths, as explain() gives them
         compiled = torch.compile(model, backend="moe_prefill", options={"inductor": False})
         errs = []
         with torch.no_grad(), _quiet():
@@ -224,6 +227,8 @@ def check_family(model_type: str) -> Row:
                 want = expected[seq].double()
                 errs.append(verify.rel_err(got, want))
         row.blocks = len(report.blocks)
+        if keep is not None:
+            keep.update(model=model, report=report, errors=errs)
         reasons = list(dict.fromkeys(s.reason for s in report.skipped))
         row.rel_err = max(errs)
         if not row.rel_err < TOLERANCE:

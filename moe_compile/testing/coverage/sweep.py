@@ -36,9 +36,10 @@ def unbuildable_row(model_type: str, entry: str | None) -> Row | None:
     return None
 
 
-def check_one(model_type: str) -> Row:
-    """One family's row in this process, as :func:`run_coverage` gives it (the per-family tests use it)."""
-    return unbuildable_row(model_type, family_entry(model_type)) or check_family(model_type)
+def check_one(model_type: str, keep: dict | None = None) -> Row:
+    """One family's row in this process, as :func:`run_coverage` gives it (the per-family tests use it);
+    ``keep`` as :func:`~.family.check_family`'s."""
+    return unbuildable_row(model_type, family_entry(model_type)) or check_family(model_type, keep)
 
 
 def run_coverage(
