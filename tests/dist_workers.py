@@ -136,7 +136,7 @@ def _entry(
     timeout_s: float,
     environ: dict[str, str],
 ) -> None:
-    os.environ.clear()  # the forkserver's environment is the parent's when the server started: take today's
+    os.environ.clear()  # the forkserver kept the parent's environment of when it started: take the current one
     os.environ.update(environ)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size))
     os.environ.update(TORCHELASTIC_USE_AGENT_STORE="True")  # the store at MASTER_PORT is spawn()'s: join as a client

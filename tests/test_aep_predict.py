@@ -45,8 +45,9 @@ def _check_exact_and_graphs(
 def test_predicted_gather_exact_and_moves_fewer_bytes(tmp_path):
     world_size = 2
     families = ("qwen3_moe", "mixtral", "deepseek_v3")  # deepseek_v3: a dense first layer, shared experts
-    # plain AEP (no predictor) on these families at 2 ranks, recompiled after the release, is
-    # test_aep_dist.py::test_aep_and_ep_match_eager_on_every_rank[2]; here only on 4 ranks (below)
+    # plain AEP (no predictor) on these families at 2 ranks is checked by
+    # test_aep_dist.py::test_aep_and_ep_match_eager_on_every_rank[2] (exact, one gather per layer, the first
+    # family recompiled after the release); here only on 4 ranks (below)
     kinds = ("right", "wrong")
     results = spawn(predicted_gather_worker, world_size, families, str(tmp_path), kinds)
     _check_exact_and_graphs(results, families, world_size, kinds)
