@@ -92,7 +92,7 @@ def test_family_is_exact_or_a_known_gap(family, one_torch_thread):
     row = coverage.check_one(family, kept)
     problems = check_rows([row])
     assert not problems, "\n".join(problems)
-    zoo_name = next((name for name, row_family in ON_COVERAGE.items() if row_family == family), None)
+    zoo_name = ON_COVERAGE.get(family)
     if zoo_name is not None:  # the zoo's model: test_zoo_parity's checks, on this compile
         assert row.prepared == "", row  # prepare left it as built: the compile is of the zoo's model itself
         assert_detected_and_exact(zoo_name, kept["model"], kept["errors"], kept["report"])
