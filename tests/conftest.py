@@ -20,7 +20,7 @@ from gc_tuning import fewer_collections  # noqa: E402
 import moe_compile  # noqa: E402,F401  (registers the backend and the op)
 from moe_compile.verify import rel_err  # noqa: F401  (the tests' rel_err is the library's)
 
-fewer_collections()  # ~7% less CPU in compiles (tests/gc_tuning.py); the ranks set it too (dist_workers._entry)
+fewer_collections()  # ~7% less CPU in compiles (tests/gc_tuning.py); not in the ranks: see there
 
 
 @pytest.fixture(autouse=True)

@@ -29,7 +29,6 @@ import torch
 import torch.distributed as dist
 import torch.fx as fx
 import torch.multiprocessing as mp
-from gc_tuning import fewer_collections
 
 from moe_compile.testing.pass_harness import PassHarness
 from moe_compile.verify import rel_err
@@ -145,7 +144,6 @@ def _entry(
     faulthandler.dump_traceback_later(timeout_s + 5, exit=False)
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # W ranks share two cores
     torch.set_num_threads(1)
-    fewer_collections()  # as in pytest's processes (tests/gc_tuning.py): the forkserver is a fresh interpreter
     try:
         if group_timeout_s is not None:
             dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=group_timeout_s))
