@@ -15,12 +15,9 @@ if os.environ.get("PYTEST_XDIST_WORKER"):  # pytest -n W: W workers share the co
     torch.set_num_threads(1)
 
 import pytest  # noqa: E402
-from gc_tuning import fewer_collections  # noqa: E402
 
 import moe_compile  # noqa: E402,F401  (registers the backend and the op)
 from moe_compile.verify import rel_err  # noqa: F401  (the tests' rel_err is the library's)
-
-fewer_collections()  # ~7% less CPU in compiles (tests/gc_tuning.py); not in the ranks: see there
 
 
 @pytest.fixture(autouse=True)
