@@ -99,7 +99,7 @@ def spawn(
         while len(results) < procs:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                finished = "; ".join(f"rank {r}: {st}: {str(p)[-300:]}" for r, (st, p) in sorted(results.items()))
+                finished = "; ".join(f"rank {r}: {st}: {_brief(p)}" for r, (st, p) in sorted(results.items()))
                 load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
                 raise RanksHung(
                     f"ranks {sorted(set(range(procs)) - set(results))} did not finish in {timeout_s} s "
@@ -125,6 +125,17 @@ def spawn(
     return [results[r][1] for r in range(procs)]
 
 
+def _brief(payload: Any) -> str:
+    """What a finished rank reported, short: a worker's per-case errors when it returns a dict of cases."""
+    if isinstance(payload, dict):
+        errors = {k: v for k, v in payload.items() if isinstance(v, dict) and v.get("error")}
+        if errors:
+            return "errors by case: " + "; ".join(
+                f"{k}: {str(v['error'])[:400]} (at {''.join(v.get('where', []))})" for k, v in errors.items()
+            )
+    return str(payload)[-600:]
+
+
 def _entry(
     fn,
     rank: int,
@@ -140,8 +151,10 @@ def _entry(
     os.environ.update(environ)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size))
     os.environ.update(TORCHELASTIC_USE_AGENT_STORE="True")  # the store at MASTER_PORT is spawn()'s: join as a client
-    # a rank still running after the parent gave up prints where it is (the parent kills it 30 s later)
+    # a rank still running after the parent gave up prints where it is (the parent kills it 30 s later); one that
+    # crashes (a fatal signal: SIGSEGV, SIGABRT from malloc's checks) prints its threads' Python stacks
     faulthandler.dump_traceback_later(timeout_s + 5, exit=False)
+    faulthandler.enable(all_threads=True)
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # W ranks share two cores
     torch.set_num_threads(1)
     try:
@@ -404,7 +417,8 @@ def hot_experts_worker(rank: int, world_size: int, families: tuple[str, ...], ho
                 try:
                     got = compiled(batch).logits
                 except Exception as exc:
-                    return {"error": f"{type(exc).__name__}: {exc}"}
+                    where = traceback.extract_tb(exc.__traceback__)[-4:]  # for RanksHung's message
+                    return {"error": f"{type(exc).__name__}: {exc}", "where": traceback.format_list(where)}
         return {
             "error": None,
             "rel_err": rel_err(got, expected),

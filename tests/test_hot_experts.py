@@ -152,6 +152,31 @@ def test_hot_experts_on_one_rank_are_exact(one_rank, tmp_path, hot):
     assert graph["gathers"] == (0 if hot == 8 else 2)
 
 
+def test_the_ranks_agree_on_the_hot_sets_at_the_first_call_not_while_compiling(one_rank, tmp_path, monkeypatch):
+    from moe_compile.runtime import dist as rdist
+
+    checks = []
+
+    def recorded(value, what):  # the real check, noting whether it runs under compilation's dispatch state
+        python_dispatcher = torch._C._dispatch_tls_is_dispatch_key_included(torch._C.DispatchKey.PythonDispatcher)
+        checks.append((value, what, python_dispatcher, torch._guards.TracingContext.try_get() is not None))
+        return real(value, what)
+
+    real = rdist.check_same_on_all_ranks
+    monkeypatch.setattr(rdist, "check_same_on_all_ranks", recorded)
+    monkeypatch.setattr(rdist, "_AGREED", set())  # this process's earlier tests agreed on other files
+    model = zoo.build("qwen3_moe", seed=0)
+    stats = collect_routing_stats(model, _samples(model))
+    path = tmp_path / "stats.safetensors"
+    stats.save(path)
+    batches = zoo.make_inputs(model, seq=5, seed=1), zoo.make_inputs(model, batch=1, seq=9, seed=2)  # 2 compiles
+    err, graphs, _ = _compile(model, {"hot_experts": 2, "routing_stats": str(path)}, *batches)
+    assert err < 1e-5 and len(graphs) == 2
+    # once per process and file, outside any compile (no Python dispatcher, no tracing context)
+    what = f"the hot_experts=2 sets chosen from routing_stats={str(path)!r}"
+    assert checks == [(stats.checksum(2), what, False, False)]
+
+
 def test_stats_of_another_model_are_a_clear_error(one_rank, tmp_path):
     other = zoo.build("qwen3_moe", seed=1)  # same architecture, other weights
     path = tmp_path / "other.safetensors"

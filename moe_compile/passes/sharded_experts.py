@@ -24,8 +24,10 @@ in graph order, it:
 5. lets the subclass rewrite the calls (:meth:`ShardedExpertsPass.rewrite`);
 6. releases the storage of every full expert tensor that no node reads any more
    (the eager model cannot run afterwards) and asks the backend to check the
-   world size before every call of the compiled graph
-   (``ctx.wrap_compiled``, :func:`moe_compile.runtime.dist.guard_compiled`).
+   world size before every call of the compiled graph, and, with ``hot_experts``, that
+   every rank chose the same hot sets before its first call's gathers
+   (``ctx.wrap_compiled``, :func:`moe_compile.runtime.dist.guard_compiled`). Compiling
+   issues no collective.
 
 A call in ``ctx.presharded`` (a recognised expert-parallel block,
 :mod:`.recognize_expert_parallel`) already takes this rank's shards: they are used as
@@ -94,7 +96,7 @@ class ShardedExpertsPass(GraphPass):
         order = {n: i for i, n in enumerate(gm.graph.nodes)}
         first = next(n for n in gm.graph.nodes if n.op != "placeholder")  # the shards' get_attrs go before it
         calls = sorted(calls, key=lambda c: order[c[0]])
-        hot = self._hot_experts(ctx, calls, world)
+        hot, agreement = self._hot_experts(ctx, calls, world)
         blocks = []
         for node, report in calls:
             block = self._shard(gm, ctx, node, report, world, first, len(blocks), hot.get(report.path, ()))
@@ -105,7 +107,7 @@ class ShardedExpertsPass(GraphPass):
         self.rewrite(gm, ctx, blocks, world, start=first.prev)
         released = self._release(ctx, blocks)
         ctx.report.released_bytes += released
-        ctx.wrap_compiled = functools.partial(rdist.guard_compiled, mode=self.mode, world=world)
+        ctx.wrap_compiled = functools.partial(rdist.guard_compiled, mode=self.mode, world=world, agree=agreement)
         shard_mb = sum(b.shard_bytes for b in blocks) / 2**20
         ctx.report.notes.append(
             f"parallel={self.mode}: rank {world.rank} of {world.size}, {len(blocks)} MoE block(s) sharded, "
@@ -115,11 +117,15 @@ class ShardedExpertsPass(GraphPass):
         )
         return True
 
-    def _hot_experts(self, ctx: PassContext, calls: list[MoEBlock], world: rdist.World) -> dict[str, tuple[int, ...]]:
-        """Block path -> its resident experts (``hot_experts``), checked against the graph and across ranks."""
+    def _hot_experts(
+        self, ctx: PassContext, calls: list[MoEBlock], world: rdist.World
+    ) -> tuple[dict[str, tuple[int, ...]], rdist.Agreement | None]:
+        """Block path -> its resident experts (``hot_experts``), checked against the graph; and what the ranks must
+        agree on before the compiled graph's first gather (checked at its first call, see :func:`rdist.guard_compiled`).
+        """
         r = ctx.options.hot_experts
         if r == 0:
-            return {}
+            return {}, None
         path = ctx.options.routing_stats
         with unset_fake_temporarily():
             stats = RoutingStats.load(path)
@@ -133,15 +139,13 @@ class ShardedExpertsPass(GraphPass):
             }
             for _, report in calls:
                 stats.check_block(report.path, report.num_experts, params)
-            checksum = stats.checksum(r)  # of every block's hot set in the file, not only this graph's
-            key = (checksum, world.size, world.group_name)
-            if key not in _AGREED:
-                # NOTE: collectives at compile time (once per process and hot sets): every rank compiles on
-                # its first call, so these pair up; a recompile finds the key and issues none.
-                what = f"the hot_experts={r} sets chosen from routing_stats={str(path)!r}"
-                rdist.check_same_on_all_ranks(checksum, what)
-                _AGREED.add(key)
-            return {report.path: stats.hot(report.path, r) for _, report in calls}
+            # NOTE: no collective here: compiling runs under Dynamo's and AOTAutograd's dispatch state (the Python
+            # dispatcher on; gloo ranks were seen stuck issuing one here), and a cache hit skips it on some ranks only
+            agreement = rdist.Agreement(
+                value=stats.checksum(r),  # of every block's hot set in the file, not only this graph's
+                what=f"the hot_experts={r} sets chosen from routing_stats={str(path)!r}",
+            )
+            return {report.path: stats.hot(report.path, r) for _, report in calls}, agreement
 
     def _shard(
         self,
@@ -237,10 +241,6 @@ class ShardedExpertsPass(GraphPass):
                         ctx.report.notes.append(note)
                     released += freed
         return released
-
-
-#: (checksum of the hot sets, world size, group) the ranks were checked to agree on
-_AGREED: set[tuple] = set()
 
 
 def _already_sharded(

@@ -85,13 +85,35 @@ def check_world(mode: str, compiled_for: World) -> None:
         )
 
 
-def guard_compiled(compiled: Callable, mode: str, world: World) -> Callable:
-    """``compiled`` preceded by :func:`check_world`, with collective failures given context."""
+@dataclasses.dataclass(frozen=True)
+class Agreement:
+    """A value every rank must hold before a compiled graph's collectives can pair up (e.g. a checksum of the
+    hot-expert sets), and what it stands for (for the error)."""
+
+    value: int
+    what: str
+
+
+#: (value, world size, group) of the agreements the ranks were checked to hold, in this process
+_AGREED: set[tuple[int, int, str]] = set()
+
+
+def guard_compiled(compiled: Callable, mode: str, world: World, agree: Agreement | None = None) -> Callable:
+    """``compiled`` preceded by :func:`check_world` (and, until it once passed in this process, by the check that
+    every rank holds ``agree``), with collective failures given context.
+
+    The agreement is checked at the first call, not while compiling: every rank calls the compiled model at the
+    same point of its collectives (see the module docstring), while compiles happen under Dynamo's dispatch state
+    and a compile served from a cache runs no pass.
+    """
 
     @functools.wraps(compiled)
     def run(*args: Any) -> Any:
         check_world(mode, world)
         try:
+            if agree is not None and (key := (agree.value, world.size, world.group_name)) not in _AGREED:
+                check_same_on_all_ranks(agree.value, agree.what)  # NOTE: two small collectives, once per process
+                _AGREED.add(key)
             return compiled(*args)
         except RuntimeError as exc:
             if isinstance(exc, WorldSizeMismatch) or not _is_collective_failure(exc):
