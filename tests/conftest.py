@@ -10,6 +10,8 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# every process a test starts (torchrun's ranks, servers, CLI runs) prints its threads' Python stacks if it crashes
+os.environ.setdefault("PYTHONFAULTHANDLER", "1")
 if os.environ.get("PYTEST_XDIST_WORKER"):  # pytest -n W: W workers share the cores, one torch thread each
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # and in the processes a test starts (ranks, servers)
     torch.set_num_threads(1)
