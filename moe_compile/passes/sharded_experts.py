@@ -96,7 +96,7 @@ class ShardedExpertsPass(GraphPass):
         order = {n: i for i, n in enumerate(gm.graph.nodes)}
         first = next(n for n in gm.graph.nodes if n.op != "placeholder")  # the shards' get_attrs go before it
         calls = sorted(calls, key=lambda c: order[c[0]])
-        hot, agreement = self._hot_experts(ctx, calls, world)
+        hot, agreement = self._hot_experts(ctx, calls)
         blocks = []
         for node, report in calls:
             block = self._shard(gm, ctx, node, report, world, first, len(blocks), hot.get(report.path, ()))
@@ -118,7 +118,7 @@ class ShardedExpertsPass(GraphPass):
         return True
 
     def _hot_experts(
-        self, ctx: PassContext, calls: list[MoEBlock], world: rdist.World
+        self, ctx: PassContext, calls: list[MoEBlock]
     ) -> tuple[dict[str, tuple[int, ...]], rdist.Agreement | None]:
         """Block path -> its resident experts (``hot_experts``), checked against the graph; and what the ranks must
         agree on before the compiled graph's first gather (checked at its first call, see :func:`rdist.guard_compiled`).
